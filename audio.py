@@ -16,6 +16,8 @@ import soundfile as sf
 import torch
 import torch.nn.functional as F
 
+from errors import InvalidInputError
+
 TOKENIZER_SR = 16000  # wav2token and the CAM++ speaker fbank work at 16 kHz
 VOCODER_SR = 24000  # the prompt mel and the generated speech are 24 kHz
 PROMPT_PEAK = 0.6  # the reference limits prompt peaks to this before any feature
@@ -24,7 +26,7 @@ RESAMPLE_LOWPASS_WIDTH = 6
 RESAMPLE_ROLLOFF = 0.99
 
 
-class AudioError(ValueError):
+class AudioError(InvalidInputError):
     """Audio that cannot be used: undecodable, empty, silent, non-finite or too short."""
 
 
