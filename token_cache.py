@@ -1,0 +1,733 @@
+"""Persistent, content-addressed cache of named numpy arrays (wav2token tokens and friends).
+
+Why: tokenizing a prompt costs seconds (paraformer encoder + S3 tokenizer), and a server
+sees the same reference voice again and again. The cache makes a repeated prompt a
+millisecond disk read, survives restarts and is shared by every server process pointed at
+the same directory.
+
+Layout under ``<directory>/wav2token/``::
+
+    index.sqlite3        SQLite (WAL) index: one row per entry (key, fingerprint, bytes,
+                         sha256 of the payload, array names/dtypes/shapes, compute seconds,
+                         LRU sequence number), plus running totals kept by triggers.
+    ab/<key>.npz         the payload: an uncompressed-header zip of ``.npy`` members
+                         (``np.savez_compressed``, read back with ``allow_pickle=False``).
+
+Design decisions:
+
+* **Key** = :func:`content_key` of the decoded, prepared samples and their sample rate, never a
+  file name. The **fingerprint** (:func:`fingerprint_of`: model files, codebook, ONNX,
+  preprocessing settings, :data:`FORMAT_VERSION`) is stored in the row; a row with another
+  fingerprint is a miss and the next ``put`` overwrites it, so new weights never serve stale
+  tokens.
+* **Atomic writes**: the payload is written to a temp file in the shard directory, fsynced,
+  then ``os.replace``-d into place *inside* the index's write transaction, so the file that
+  sits under a key and the checksum in its row change together. ``put`` merges with what is
+  already stored (the vocoder adds ``prompt_mel``/``spk_emb`` to the tokens' key); the merge
+  is optimistic: if another process changed the row since we read it, we re-read and retry,
+  so concurrent merges are never lost.
+* **LRU across restarts and processes**: every hit bumps the row's sequence number (a logical
+  clock, ``MAX(seq) + 1`` inside a write transaction, so it is strictly ordered across
+  processes and immune to wall-clock ties). Eviction walks the ``seq`` index from the oldest
+  row until the byte total (kept by triggers) is within budget: cost is proportional to what
+  is evicted, never a directory scan. The budget counts payload bytes (the files), not the
+  small index.
+* **Damage is a miss, never a crash or a wrong answer**: every read checks size and sha256
+  against the row, then decodes with ``allow_pickle=False`` and checks names, dtypes and
+  shapes. A damaged/missing file or a row without file is a miss whose row is dropped
+  (logged as a repair); a file without row is simply overwritten by the next ``put``. A
+  corrupt index is rebuilt empty (under a file lock, so only one process does it) and the
+  then-orphaned payload files are removed. Operational failures (disk full, a lock held past
+  the busy timeout) are logged and turn into a miss / a skipped write: the cache is an
+  optimisation and must never fail a request.
+* **Threads**: one SQLite connection per cache object, guarded by a lock; file reads and
+  payload encoding happen outside it. A forked child reconnects.
+
+Known limit: the index relies on SQLite WAL, i.e. POSIX locks and shared memory on one host;
+do not share the directory between hosts over a network file system.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import sqlite3
+import threading
+import time
+import zipfile
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from filelock import FileLock
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1  # bump when the payload layout or the meaning of stored arrays changes
+SCHEMA_VERSION = 1  # SQLite ``user_version`` of the index
+NAMESPACE = "wav2token"  # sub-directory of the cache directory owned by this cache
+INDEX_NAME = "index.sqlite3"
+LOCK_NAME = "index.lock"  # file lock taken only to rebuild a corrupt index
+PAYLOAD_SUFFIX = ".npz"
+TEMP_SUFFIX = ".tmp"
+STALE_TEMP_SECONDS = 600.0  # a temp file older than this belongs to a crashed writer
+BUSY_TIMEOUT_MS = 30_000  # how long a process waits for another's write transaction
+MERGE_RETRIES = 8  # optimistic-merge attempts before a put gives up (logged)
+EVICT_BATCH = 64  # rows fetched per eviction query
+
+# fingerprint_of: files up to FULL_HASH_LIMIT are hashed entirely (codebook, configs, small
+# ONNX); bigger ones (multi-GB weights) by identity + their first and last EDGE_BYTES, so a
+# server start does not read gigabytes. size + mtime_ns catch an in-place replacement whose
+# edges happen to be equal.
+FULL_HASH_LIMIT = 64 * 1024**2  # 64 MiB
+EDGE_BYTES = 4 * 1024**2  # 4 MiB
+_READ_CHUNK = 1024**2
+
+_KEY_RE = re.compile(r"^[0-9A-Za-z_-]{8,128}$")
+_NAME_RE = re.compile(r"^[A-Za-z_][0-9A-Za-z_]{0,63}$")
+
+
+# --------------------------------------------------------------------------- keys + fingerprints
+
+
+def content_key(wav: Any, sample_rate: int) -> str:
+    """sha256 hex of the prepared samples (as little-endian float32) and their sample rate.
+
+    ``wav`` is a numpy array or torch tensor; leading/trailing singleton axes are ignored, so a
+    ``(1, n)`` prompt and its ``(n,)`` view share a key, while the shape after squeezing is
+    hashed so that ``(2, n)`` and ``(1, 2n)`` do not collide.
+    """
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
+        raise ValueError(f"sample_rate must be a positive integer, got {sample_rate!r}")
+    if hasattr(wav, "detach"):  # torch.Tensor, without importing torch here
+        wav = wav.detach().cpu().float().numpy()
+    samples = np.ascontiguousarray(np.squeeze(np.asarray(wav)), dtype="<f4")
+    h = hashlib.sha256()
+    h.update(b"step-audio-content-key-v1\0")
+    h.update(json.dumps([int(sample_rate), list(samples.shape)]).encode())
+    h.update(samples.tobytes())
+    return h.hexdigest()
+
+
+_file_digest_memo: dict[tuple[str, int, int, int, int], str] = {}
+_memo_lock = threading.Lock()
+
+
+def _file_digest(path: Path) -> str:
+    """Content digest of one file (see FULL_HASH_LIMIT / EDGE_BYTES), memoised per identity."""
+    st = path.stat()
+    ident = (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    with _memo_lock:
+        if ident in _file_digest_memo:
+            return _file_digest_memo[ident]
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        if st.st_size <= FULL_HASH_LIMIT:
+            h.update(b"full\0")
+            while chunk := f.read(_READ_CHUNK):
+                h.update(chunk)
+        else:
+            h.update(f"edges\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+            h.update(f.read(EDGE_BYTES))
+            f.seek(st.st_size - EDGE_BYTES)
+            h.update(f.read(EDGE_BYTES))
+    digest = h.hexdigest()
+    with _memo_lock:
+        _file_digest_memo[ident] = digest
+    return digest
+
+
+def fingerprint_of(paths: Iterable[Path | str], **settings: Any) -> str:
+    """Stable hash of the files (or directories, recursively) and settings that shape the tokens.
+
+    Files are identified by their name relative to the given path (not the absolute location,
+    so moving a bundle keeps its cache) and their content digest: full sha256 below 64 MiB,
+    size + mtime_ns + first/last 4 MiB above. ``settings`` must be JSON-able (others are
+    ``str()``-ed); :data:`FORMAT_VERSION` is always included.
+    """
+    h = hashlib.sha256()
+    h.update(f"step-audio-cache-fingerprint\0format={FORMAT_VERSION}\0".encode())
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            files = sorted(q for q in p.rglob("*") if q.is_file())
+            h.update(f"dir\0{p.name}\0{len(files)}\0".encode())
+            for q in files:
+                h.update(f"{q.relative_to(p).as_posix()}\0{_file_digest(q)}\0".encode())
+        elif p.is_file():
+            h.update(f"file\0{p.name}\0{_file_digest(p)}\0".encode())
+        else:
+            raise FileNotFoundError(f"fingerprint_of: {p} does not exist")
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- payload codec
+
+
+def _encode(arrays: Mapping[str, np.ndarray]) -> tuple[bytes, dict[str, list[Any]]]:
+    """Arrays -> (npz bytes, {name: [dtype, shape]}) without pickle."""
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    layout = {name: [a.dtype.str, list(a.shape)] for name, a in sorted(arrays.items())}
+    return buf.getvalue(), layout
+
+
+def _decode(payload: bytes, layout: Mapping[str, list[Any]]) -> dict[str, np.ndarray]:
+    """npz bytes -> arrays, checked against the row's layout; raises ValueError when they differ."""
+    with np.load(io.BytesIO(payload), allow_pickle=False) as npz:
+        if sorted(npz.files) != sorted(layout):
+            raise ValueError(f"array names {sorted(npz.files)} != index {sorted(layout)}")
+        out = {name: npz[name] for name in npz.files}
+    for name, a in out.items():
+        dtype, shape = layout[name]
+        if a.dtype.str != dtype or list(a.shape) != list(shape):
+            raise ValueError(f"{name}: {a.dtype.str}{list(a.shape)} != index {dtype}{shape}")
+    return out
+
+
+def _checked_arrays(arrays: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Validate names and dtypes of arrays handed to put (a caller bug raises ValueError)."""
+    out: dict[str, np.ndarray] = {}
+    for name, value in arrays.items():
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise ValueError(f"cache array name must be an identifier, got {name!r}")
+        a = np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value)
+        if a.dtype.hasobject or a.dtype.kind not in "biufc":
+            raise ValueError(f"cache array {name!r} has unsupported dtype {a.dtype}")
+        out[name] = np.ascontiguousarray(a)
+    return out
+
+
+# --------------------------------------------------------------------------- stats
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """Counters of one cache object (hits/misses/time saved: this process) and index totals."""
+
+    hits: int
+    misses: int
+    entries: int
+    bytes: int
+    max_bytes: int
+    time_saved_s: float
+
+    @property
+    def hit_ratio(self) -> float:
+        """Hits over lookups; 0.0 before the first lookup."""
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+    def as_dict(self) -> dict[str, int | float]:
+        """JSON-ready view (adds ``hit_ratio``)."""
+        d: dict[str, int | float] = asdict(self)
+        d["time_saved_s"] = round(self.time_saved_s, 6)
+        d["hit_ratio"] = round(self.hit_ratio, 6)
+        return d
+
+
+@dataclass(frozen=True)
+class _Row:
+    """One index row as read."""
+
+    key: str
+    fingerprint: str
+    bytes: int
+    sha256: str
+    layout: dict[str, list[Any]]
+    compute: list[list[Any]]  # [[names..., seconds]] per put that contributed arrays
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    key TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    layout TEXT NOT NULL,
+    compute TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    created REAL NOT NULL,
+    last_used REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS entries_seq ON entries(seq);
+CREATE TABLE IF NOT EXISTS totals (id INTEGER PRIMARY KEY CHECK (id = 0),
+                                   entries INTEGER NOT NULL, bytes INTEGER NOT NULL);
+INSERT OR IGNORE INTO totals VALUES (0, 0, 0);
+CREATE TRIGGER IF NOT EXISTS entries_ins AFTER INSERT ON entries BEGIN
+    UPDATE totals SET entries = entries + 1, bytes = bytes + NEW.bytes WHERE id = 0; END;
+CREATE TRIGGER IF NOT EXISTS entries_del AFTER DELETE ON entries BEGIN
+    UPDATE totals SET entries = entries - 1, bytes = bytes - OLD.bytes WHERE id = 0; END;
+CREATE TRIGGER IF NOT EXISTS entries_upd AFTER UPDATE OF bytes ON entries BEGIN
+    UPDATE totals SET bytes = bytes - OLD.bytes + NEW.bytes WHERE id = 0; END;
+"""
+
+
+def _is_corruption(exc: sqlite3.Error) -> bool:
+    """True for 'file is not a database' / 'database disk image is malformed'."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+    return type(exc) is sqlite3.DatabaseError
+
+
+class _ConflictError(Exception):
+    """The row changed between our read and our write transaction (optimistic merge)."""
+
+
+# --------------------------------------------------------------------------- the cache
+
+
+class TokenCache:
+    """Disk cache: content key -> named numpy arrays, fingerprinted, LRU-bounded, multi-process safe."""
+
+    def __init__(self, directory: Path, max_bytes: int, fingerprint: str) -> None:
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+            raise ValueError(f"max_bytes must be a non-negative integer, got {max_bytes!r}")
+        if not isinstance(fingerprint, str) or not fingerprint:
+            raise ValueError("fingerprint must be a non-empty string")
+        self.directory = Path(directory)
+        self.root = self.directory / NAMESPACE
+        self.max_bytes = max_bytes
+        self.fingerprint = fingerprint
+        self._index_path = self.root / INDEX_NAME
+        self._file_lock = FileLock(str(self.root / LOCK_NAME))
+        self._lock = threading.RLock()
+        self._conn: sqlite3.Connection | None = None
+        self._conn_ident: tuple[int, int, int] | None = None  # (pid, st_dev, st_ino)
+        self._hits = 0
+        self._misses = 0
+        self._time_saved = 0.0
+        self._last_totals = (0, 0)
+        self.root.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            self._connection()
+
+    # ------------------------------------------------------------------ public API
+
+    def get(self, key: str, names: Iterable[str] | None = None) -> dict[str, np.ndarray] | None:
+        """The arrays stored under ``key``, or None (absent, other fingerprint, damaged, or
+        lacking one of ``names``). A hit refreshes the entry's LRU position."""
+        _check_key(key)
+        wanted = None if names is None else set(names)
+        result: dict[str, np.ndarray] | None = None
+        saved = 0.0
+        try:
+            result, saved = self._lookup(key, wanted)
+        except (sqlite3.Error, OSError) as exc:
+            logger.warning("token cache: lookup of %s… failed (%s); treating as a miss", key[:8], exc)
+        with self._lock:
+            if result is None:
+                self._misses += 1
+            else:
+                self._hits += 1
+                self._time_saved += saved
+        return result
+
+    def put(self, key: str, arrays: Mapping[str, Any], compute_seconds: float | None = None) -> None:
+        """Store ``arrays`` under ``key``, merged over the arrays already there (new names win).
+
+        ``compute_seconds`` is what producing these arrays cost (the measured miss); later hits
+        add it to ``time_saved_s``. Failures (disk full, lock timeout) are logged, not raised.
+        """
+        _check_key(key)
+        new = _checked_arrays(arrays)
+        if not new:
+            return
+        seconds = float(compute_seconds) if compute_seconds is not None else 0.0
+        if not np.isfinite(seconds) or seconds < 0:
+            raise ValueError(f"compute_seconds must be a finite non-negative number, got {compute_seconds!r}")
+        try:
+            for _attempt in range(MERGE_RETRIES):
+                try:
+                    self._put_once(key, new, seconds)
+                    return
+                except _ConflictError:
+                    continue
+            logger.warning("token cache: put of %s… gave up after %d conflicting writers", key[:8],
+                           MERGE_RETRIES)
+        except (sqlite3.Error, OSError) as exc:
+            logger.warning("token cache: could not store %s… (%s); continuing uncached", key[:8], exc)
+
+    def delete(self, key: str) -> None:
+        """Drop one entry (row and file), if present."""
+        _check_key(key)
+        with self._write() as conn:
+            conn.execute("DELETE FROM entries WHERE key = ?", (key,))
+            _unlink(self._path(key))
+
+    def stats(self) -> CacheStats:
+        """Counters of this object plus the shared index's entry and byte totals."""
+        try:
+            with self._lock:
+                row = self._connection().execute("SELECT entries, bytes FROM totals WHERE id = 0").fetchone()
+                self._last_totals = (int(row[0]), int(row[1])) if row else (0, 0)
+        except sqlite3.Error as exc:
+            if _is_corruption(exc):
+                self._repair_index(exc)
+            else:
+                logger.warning("token cache: stats unavailable (%s); reporting last known totals", exc)
+        with self._lock:
+            return CacheStats(self._hits, self._misses, self._last_totals[0], self._last_totals[1],
+                              self.max_bytes, self._time_saved)
+
+    def clear(self) -> None:
+        """Remove every entry (rows and files, also orphans) and reset this object's counters."""
+        with self._write() as conn:
+            conn.execute("DELETE FROM entries")
+            removed = self._remove_payload_files(keep=set())
+        with self._lock:
+            self._hits = self._misses = 0
+            self._time_saved = 0.0
+            self._last_totals = (0, 0)
+        logger.info("token cache: cleared %d files under %s", removed, self.root)
+
+    def close(self) -> None:
+        """Close the index connection (a later call reopens it)."""
+        with self._lock:
+            if self._conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.close()
+            self._conn = None
+            self._conn_ident = None
+
+    def __repr__(self) -> str:
+        return f"TokenCache({str(self.root)!r}, max_bytes={self.max_bytes}, fingerprint={self.fingerprint[:12]}…)"
+
+    # ------------------------------------------------------------------ lookups
+
+    def _lookup(self, key: str, wanted: set[str] | None) -> tuple[dict[str, np.ndarray] | None, float]:
+        """(arrays, seconds saved) or (None, 0.0); repairs what it finds damaged."""
+        for _attempt in range(3):
+            row = self._read_row(key)
+            if row is None or row.fingerprint != self.fingerprint:
+                return None, 0.0
+            if wanted is not None and not wanted <= set(row.layout):
+                return None, 0.0
+            arrays, problem = self._load(key, row)
+            if arrays is not None:
+                self._touch(key)
+                return arrays, _saved_seconds(row.compute, wanted)
+            # The file may have been replaced by another writer between our two reads: only a
+            # row that is unchanged after a re-read really points at a damaged file.
+            again = self._read_row(key)
+            if again is not None and again.sha256 == row.sha256:
+                self._drop_damaged(key, row.sha256, problem)
+                return None, 0.0
+        return None, 0.0
+
+    def _load(self, key: str, row: _Row) -> tuple[dict[str, np.ndarray] | None, str]:
+        """Read and verify the payload of ``row``; (None, reason) if it is missing or damaged."""
+        path = self._path(key)
+        try:
+            payload = path.read_bytes()
+        except FileNotFoundError:
+            return None, "file missing"
+        if len(payload) != row.bytes:
+            return None, f"size {len(payload)} != {row.bytes}"
+        if hashlib.sha256(payload).hexdigest() != row.sha256:
+            return None, "checksum mismatch"
+        try:
+            return _decode(payload, row.layout), ""
+        except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+            return None, f"undecodable ({exc})"
+
+    def _read_row(self, key: str) -> _Row | None:
+        with self._lock:
+            try:
+                r = self._connection().execute(
+                    "SELECT fingerprint, bytes, sha256, layout, compute FROM entries WHERE key = ?", (key,)
+                ).fetchone()
+            except sqlite3.Error as exc:
+                if not _is_corruption(exc):
+                    raise
+                self._repair_index(exc)
+                return None
+        if r is None:
+            return None
+        try:
+            return _Row(key, r[0], int(r[1]), r[2], json.loads(r[3]), json.loads(r[4]))
+        except (ValueError, TypeError):
+            return _Row(key, r[0], int(r[1]), r[2], {}, [])  # undecodable metadata: _load fails it
+
+    def _touch(self, key: str) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE entries SET seq = (SELECT COALESCE(MAX(seq), 0) + 1 FROM entries), last_used = ? "
+                "WHERE key = ?", (time.time(), key))
+
+    def _drop_damaged(self, key: str, sha: str, problem: str) -> None:
+        with self._write() as conn:
+            cur = conn.execute("DELETE FROM entries WHERE key = ? AND sha256 = ?", (key, sha))
+            if cur.rowcount:
+                _unlink(self._path(key))
+                logger.warning("token cache: dropped damaged entry %s… (%s); it will be recomputed",
+                               key[:8], problem)
+
+    # ------------------------------------------------------------------ writes
+
+    def _put_once(self, key: str, new: dict[str, np.ndarray], seconds: float) -> None:
+        """One optimistic attempt: read base, encode merged payload, commit if base unchanged."""
+        base = self._read_row(key)
+        merged: dict[str, np.ndarray] = {}
+        compute: list[list[Any]] = []
+        if base is not None and base.fingerprint == self.fingerprint:
+            old, _problem = self._load(key, base)
+            if old is not None:
+                merged.update(old)
+                for *names, secs in base.compute:
+                    kept = [n for n in names if n not in new]
+                    if kept:
+                        compute.append([*kept, secs])
+        merged.update(new)
+        compute.append([*sorted(new), seconds])
+        payload, layout = _encode(merged)
+        if len(payload) > self.max_bytes:
+            logger.info("token cache: entry %s… (%d bytes) exceeds the budget of %d bytes; not stored",
+                        key[:8], len(payload), self.max_bytes)
+            return
+        sha = hashlib.sha256(payload).hexdigest()
+        path = self._path(key)
+        tmp = self._write_temp(path, payload)
+        try:
+            with self._write() as conn:
+                cur = conn.execute("SELECT sha256 FROM entries WHERE key = ?", (key,)).fetchone()
+                if (cur[0] if cur else None) != (base.sha256 if base else None):
+                    raise _ConflictError
+                os.replace(tmp, path)
+                tmp = None
+                _fsync_dir(path.parent)
+                now = time.time()
+                conn.execute(
+                    "INSERT INTO entries (key, fingerprint, bytes, sha256, layout, compute, seq, created,"
+                    " last_used) VALUES (?, ?, ?, ?, ?, ?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM entries),"
+                    " ?, ?) ON CONFLICT(key) DO UPDATE SET fingerprint = excluded.fingerprint,"
+                    " bytes = excluded.bytes, sha256 = excluded.sha256, layout = excluded.layout,"
+                    " compute = excluded.compute, seq = excluded.seq, last_used = excluded.last_used",
+                    (key, self.fingerprint, len(payload), sha, json.dumps(layout), json.dumps(compute),
+                     now, now))
+                self._evict(conn, keep=key)
+        finally:
+            if tmp is not None:
+                _unlink(tmp)
+
+    def _write_temp(self, path: Path, payload: bytes) -> Path:
+        """Write ``payload`` durably to a unique temp file beside ``path``."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}{TEMP_SUFFIX}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            _unlink(tmp)
+            raise
+        return tmp
+
+    def _evict(self, conn: sqlite3.Connection, keep: str) -> None:
+        """Drop least-recently-used rows (and files) until the byte total fits the budget."""
+        total = conn.execute("SELECT bytes FROM totals WHERE id = 0").fetchone()[0]
+        while total > self.max_bytes:
+            victims = conn.execute("SELECT key, bytes FROM entries WHERE key != ? ORDER BY seq LIMIT ?",
+                                   (keep, EVICT_BATCH)).fetchall()
+            if not victims:
+                break
+            for victim, size in victims:
+                conn.execute("DELETE FROM entries WHERE key = ?", (victim,))
+                _unlink(self._path(victim))
+                total -= size
+                logger.debug("token cache: evicted %s… (%d bytes); total now %d of %d",
+                             victim[:8], size, total, self.max_bytes)
+                if total <= self.max_bytes:
+                    break
+
+    # ------------------------------------------------------------------ index plumbing
+
+    def _path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}{PAYLOAD_SUFFIX}"
+
+    def _connection(self) -> sqlite3.Connection:
+        """The open index connection; (re)opened after a fork or when the index file was replaced."""
+        try:
+            st = os.stat(self._index_path)
+            ident = (os.getpid(), st.st_dev, st.st_ino)
+        except FileNotFoundError:
+            ident = None
+        if self._conn is not None and ident == self._conn_ident:
+            return self._conn
+        if self._conn is not None and self._conn_ident is not None and self._conn_ident[0] == os.getpid():
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.close()
+        self._conn = None
+        try:
+            self._conn = self._open()
+        except sqlite3.Error as exc:
+            if not _is_corruption(exc):
+                raise
+            self._repair_index(exc)
+            assert self._conn is not None
+        return self._conn
+
+    def _open(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self._index_path, timeout=BUSY_TIMEOUT_MS / 1000,
+                               isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version not in (0, SCHEMA_VERSION):
+                raise sqlite3.DatabaseError(f"index schema {version} is not {SCHEMA_VERSION}")
+            if version == 0 or not _has_schema(conn):
+                conn.execute("BEGIN IMMEDIATE")
+                for statement in _split_sql(_SCHEMA):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                conn.execute("COMMIT")
+        except BaseException:
+            conn.close()
+            raise
+        st = os.stat(self._index_path)
+        self._conn_ident = (os.getpid(), st.st_dev, st.st_ino)
+        return conn
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A ``BEGIN IMMEDIATE`` transaction (the cross-process write lock), committed on success."""
+        with self._lock:
+            conn = self._connection()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                if not _is_corruption(exc):
+                    raise
+                self._repair_index(exc)
+                conn = self._connection()
+                conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error) and _is_corruption(exc):
+                    self._repair_index(exc)
+                raise
+
+    def _repair_index(self, exc: BaseException) -> None:
+        """Rebuild a corrupt index empty (one process at a time) and drop the orphaned files."""
+        with self._lock:
+            self.close()
+            with self._file_lock:
+                try:  # another process may have rebuilt it while we waited for the lock
+                    self._conn = self._open()
+                    if self._conn.execute("PRAGMA quick_check").fetchone()[0] == "ok":
+                        return
+                    raise sqlite3.DatabaseError("quick_check failed")
+                except sqlite3.Error as again:
+                    if not _is_corruption(again):
+                        raise
+                    self.close()
+                logger.warning("token cache: index %s is damaged (%s); rebuilding it empty",
+                               self._index_path, exc)
+                for suffix in ("", "-wal", "-shm"):
+                    _unlink(Path(f"{self._index_path}{suffix}"))
+                self._conn = self._open()
+                conn = self._conn
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    keep = {r[0] for r in conn.execute("SELECT key FROM entries")}
+                    removed = self._remove_payload_files(keep)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                    raise
+                logger.warning("token cache: removed %d payload files orphaned by the damaged index", removed)
+
+    def _remove_payload_files(self, keep: set[str]) -> int:
+        """Delete payload files whose key is not in ``keep`` and stale temp files; returns the count.
+
+        Called inside a write transaction, so no other process can commit a file meanwhile.
+        """
+        removed = 0
+        now = time.time()
+        for shard in self.root.iterdir():
+            if not shard.is_dir():
+                continue
+            for f in shard.iterdir():
+                if f.suffix == PAYLOAD_SUFFIX and f.stem not in keep:
+                    _unlink(f)
+                    removed += 1
+                elif f.name.endswith(TEMP_SUFFIX):
+                    with contextlib.suppress(FileNotFoundError):
+                        if now - f.stat().st_mtime > STALE_TEMP_SECONDS:
+                            _unlink(f)
+                            removed += 1
+        return removed
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_key(key: str) -> None:
+    if not isinstance(key, str) or not _KEY_RE.match(key):
+        raise ValueError(f"cache key must be 8-128 characters of [0-9A-Za-z_-], got {key!r}")
+
+
+def _saved_seconds(compute: list[list[Any]], wanted: set[str] | None) -> float:
+    """Compute seconds of the puts whose arrays this hit returned (all, or those in ``wanted``)."""
+    total = 0.0
+    for *names, secs in compute:
+        if wanted is None or wanted.intersection(names):
+            total += float(secs)
+    return total
+
+
+def _has_schema(conn: sqlite3.Connection) -> bool:
+    r = conn.execute("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name IN ('entries', 'totals')")
+    return r.fetchone()[0] == 2
+
+
+def _split_sql(script: str) -> list[str]:
+    """Split the schema script into statements (triggers contain ';' inside BEGIN … END)."""
+    statements: list[str] = []
+    current: list[str] = []
+    for line in script.strip().splitlines():
+        current.append(line)
+        joined = "\n".join(current).strip()
+        in_trigger = joined.upper().startswith("CREATE TRIGGER")
+        if joined.endswith(";") and (not in_trigger or joined.upper().endswith("END;")):
+            statements.append(joined)
+            current = []
+    return statements
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (best effort where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
