@@ -1,0 +1,273 @@
+"""The flow's token encoder: dual-codebook embedding and the upsampling conformer (25 Hz -> 50 Hz).
+
+Parameter names reproduce the official ``flow.pt`` keys under ``input_embedding.`` and ``encoder.``
+(see checkpoint-keys.md §2). The conformer is ESPnet's: relative-position self-attention
+("rel_selfattn" with ``pos_bias_u``/``pos_bias_v``/``linear_pos`` and the relative shift) over the
+"rel_pos_espnet" sinusoidal table, pre-norm blocks without macaron FFN or convolution module.
+Only the non-streaming path is implemented; every module is stateless, so a chunked path with an
+explicit cache object can be added beside ``forward`` without touching the weights.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Upstream names of the only layer variants the released checkpoint uses.
+SUPPORTED_INPUT_LAYER = "linear"
+SUPPORTED_POS_ENC = "rel_pos_espnet"
+SUPPORTED_SELF_ATTN = "rel_selfattn"
+SUPPORTED_ACTIVATION = "swish"
+CONFORMER_NORM_EPS = 1e-12  # norm_mha / norm_ff (wenet convention)
+POS_ENC_BASE = 10000.0
+
+
+def padding_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    """``True`` at valid frames: (B,) lengths -> (B, 1, max_len) bool."""
+    steps = torch.arange(max_len, device=lengths.device)
+    return (steps[None, :] < lengths[:, None]).unsqueeze(1)
+
+
+class DualCodebookEmbedding(nn.Module):
+    """One table shared by both code streams; the two halves are concatenated (vq02 first)."""
+
+    def __init__(self, vocab_size: int, input_size: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, input_size // 2)
+
+    def forward(self, token: torch.Tensor) -> torch.Tensor:
+        """token: (B, T, 2) int64 flow ids -> (B, T, input_size)."""
+        return torch.cat([self.embedding(token[..., 0]), self.embedding(token[..., 1])], dim=-1)
+
+
+@lru_cache(maxsize=16)
+def _rel_pos_table(d_model: int, length: int) -> torch.Tensor:
+    """The ESPnet relative table for offsets +(length-1) .. -(length-1): (1, 2*length-1, d_model).
+
+    Row k holds the encoding of relative position ``(length - 1) - k`` (query index minus key
+    index), sin on even and cos on odd channels, computed in fp32 like the reference.
+    """
+    position = torch.arange(0, length, dtype=torch.float32).unsqueeze(1)
+    div_term = torch.exp(
+        torch.arange(0, d_model, 2, dtype=torch.float32) * -(math.log(POS_ENC_BASE) / d_model)
+    )
+    positive = torch.zeros(length, d_model)
+    negative = torch.zeros(length, d_model)
+    positive[:, 0::2] = torch.sin(position * div_term)
+    positive[:, 1::2] = torch.cos(position * div_term)
+    negative[:, 0::2] = torch.sin(-1 * position * div_term)
+    negative[:, 1::2] = torch.cos(-1 * position * div_term)
+    return torch.cat([torch.flip(positive, [0]), negative[1:]], dim=0).unsqueeze(0)
+
+
+class RelPositionalEncoding(nn.Module):
+    """Scales the input by sqrt(d) and returns the relative table for its length (no parameters)."""
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.d_model = d_model
+        self.xscale = math.sqrt(d_model)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, T, D) -> (x * sqrt(D), pos_emb (1, 2T-1, D))."""
+        pos_emb = _rel_pos_table(self.d_model, x.size(1)).to(device=x.device, dtype=x.dtype)
+        return x * self.xscale, pos_emb
+
+
+class LinearInput(nn.Module):
+    """``input_layer: linear``: Linear + LayerNorm (keys ``out.0``, ``out.1``), then the position table."""
+
+    def __init__(self, idim: int, odim: int) -> None:
+        super().__init__()
+        self.out = nn.Sequential(nn.Linear(idim, odim), nn.LayerNorm(odim, eps=1e-5))
+        self.pos_enc = RelPositionalEncoding(odim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, T, idim) -> (B, T, odim) scaled, pos_emb (1, 2T-1, odim)."""
+        return self.pos_enc(self.out(x))
+
+
+class RelPositionMultiHeadedAttention(nn.Module):
+    """Self-attention with Transformer-XL style relative positions (ESPnet "rel_selfattn").
+
+    scores = ((q + u) k^T + shift((q + v) p^T)) / sqrt(d_k), where p = linear_pos(pos_emb) and the
+    shift turns the (T, 2T-1) offset scores into (T, T) query/key scores.
+    """
+
+    def __init__(self, n_head: int, n_feat: int, key_bias: bool = True) -> None:
+        super().__init__()
+        self.h = n_head
+        self.d_k = n_feat // n_head
+        self.linear_q = nn.Linear(n_feat, n_feat)
+        self.linear_k = nn.Linear(n_feat, n_feat, bias=key_bias)
+        self.linear_v = nn.Linear(n_feat, n_feat)
+        self.linear_out = nn.Linear(n_feat, n_feat)
+        self.linear_pos = nn.Linear(n_feat, n_feat, bias=False)
+        self.pos_bias_u = nn.Parameter(torch.zeros(n_head, self.d_k))
+        self.pos_bias_v = nn.Parameter(torch.zeros(n_head, self.d_k))
+
+    @staticmethod
+    def rel_shift(x: torch.Tensor) -> torch.Tensor:
+        """(B, H, T, 2T-1) scores per offset -> (B, H, T, T): out[i, j] = x[i, (T-1) - i + j]."""
+        t = x.size(2)
+        steps = torch.arange(t, device=x.device)
+        index = (t - 1) - steps[:, None] + steps[None, :]
+        return torch.gather(x, -1, index.expand(x.size(0), x.size(1), t, t))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, pos_emb: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, D); mask: (B, 1, T) bool (True = valid) or None; pos_emb: (1, 2T-1, D)."""
+        b, t, _ = x.shape
+        q = self.linear_q(x).view(b, t, self.h, self.d_k)
+        k = self.linear_k(x).view(b, t, self.h, self.d_k).transpose(1, 2)
+        v = self.linear_v(x).view(b, t, self.h, self.d_k).transpose(1, 2)
+        p = self.linear_pos(pos_emb).view(pos_emb.size(0), -1, self.h, self.d_k).transpose(1, 2)
+        matrix_ac = torch.matmul((q + self.pos_bias_u).transpose(1, 2), k.transpose(-2, -1))
+        matrix_bd = self.rel_shift(torch.matmul((q + self.pos_bias_v).transpose(1, 2), p.transpose(-2, -1)))
+        scores = (matrix_ac + matrix_bd) / math.sqrt(self.d_k)  # (B, H, T, T)
+        if mask is not None:
+            invalid = ~mask.unsqueeze(1)  # (B, 1, 1, T)
+            attn = torch.softmax(scores.masked_fill(invalid, -float("inf")), dim=-1).masked_fill(invalid, 0.0)
+        else:
+            attn = torch.softmax(scores, dim=-1)
+        out = torch.matmul(attn, v).transpose(1, 2).reshape(b, t, self.h * self.d_k)
+        return self.linear_out(out)
+
+
+class PositionwiseFeedForward(nn.Module):
+    """w_2(swish(w_1(x)))."""
+
+    def __init__(self, idim: int, hidden_units: int) -> None:
+        super().__init__()
+        self.w_1 = nn.Linear(idim, hidden_units)
+        self.w_2 = nn.Linear(hidden_units, idim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, D) -> (B, T, D)."""
+        return self.w_2(F.silu(self.w_1(x)))
+
+
+class ConformerEncoderLayer(nn.Module):
+    """Pre-norm block: x += MHA(LN(x)); x += FFN(LN(x)). No macaron FFN, no conv module."""
+
+    def __init__(self, size: int, attention_heads: int, linear_units: int, key_bias: bool) -> None:
+        super().__init__()
+        self.self_attn = RelPositionMultiHeadedAttention(attention_heads, size, key_bias)
+        self.feed_forward = PositionwiseFeedForward(size, linear_units)
+        self.norm_ff = nn.LayerNorm(size, eps=CONFORMER_NORM_EPS)
+        self.norm_mha = nn.LayerNorm(size, eps=CONFORMER_NORM_EPS)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, pos_emb: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, D) -> (B, T, D)."""
+        x = x + self.self_attn(self.norm_mha(x), mask, pos_emb)
+        return x + self.feed_forward(self.norm_ff(x))
+
+
+class PreLookaheadLayer(nn.Module):
+    """Residual look-ahead: right-pad ``pre_lookahead_len`` zeros, conv k=len+1, leaky ReLU, causal conv k=3."""
+
+    def __init__(self, channels: int, pre_lookahead_len: int) -> None:
+        super().__init__()
+        self.pre_lookahead_len = pre_lookahead_len
+        self.conv1 = nn.Conv1d(channels, channels, kernel_size=pre_lookahead_len + 1)
+        self.conv2 = nn.Conv1d(channels, channels, kernel_size=3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, C) -> (B, T, C)."""
+        h = F.pad(x.transpose(1, 2), (0, self.pre_lookahead_len))
+        h = F.pad(F.leaky_relu(self.conv1(h)), (self.conv2.kernel_size[0] - 1, 0))
+        return self.conv2(h).transpose(1, 2) + x
+
+
+class Upsample1D(nn.Module):
+    """Nearest x``scale_factor``, left-pad 2*stride zeros, conv k=2*stride+1."""
+
+    def __init__(self, channels: int, out_channels: int, stride: int, scale_factor: float) -> None:
+        super().__init__()
+        self.stride = stride
+        self.scale_factor = float(scale_factor)
+        self.conv = nn.Conv1d(channels, out_channels, stride * 2 + 1)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, C, T) -> (B, C', T*scale), lengths * stride."""
+        h = F.interpolate(x, scale_factor=self.scale_factor, mode="nearest")
+        return self.conv(F.pad(h, (self.stride * 2, 0))), lengths * self.stride
+
+
+class UpsampleConformerEncoderV2(nn.Module):
+    """Token frames (25 Hz) -> conformer -> x2 upsample -> conformer -> (B, 2T, output_size) at 50 Hz.
+
+    Takes the yaml block's arguments by name; dropout rates are accepted and unused (inference only).
+    """
+
+    def __init__(
+        self,
+        *,
+        input_size: int,
+        output_size: int = 256,
+        input_layer: str = SUPPORTED_INPUT_LAYER,
+        pre_lookahead_len: int = 3,
+        num_blocks: int = 6,
+        num_up_blocks: int = 4,
+        up_stride: int = 2,
+        up_scale_factor: float = 2,
+        attention_heads: int = 4,
+        pos_enc_layer_type: str = SUPPORTED_POS_ENC,
+        selfattention_layer_type: str = SUPPORTED_SELF_ATTN,
+        key_bias: bool = True,
+        linear_units: int = 2048,
+        dropout_rate: float = 0.1,
+        positional_dropout_rate: float = 0.1,
+        attention_dropout_rate: float = 0.0,
+        normalize_before: bool = True,
+        activation_type: str = SUPPORTED_ACTIVATION,
+    ) -> None:
+        super().__init__()
+        for name, value, supported in (
+            ("input_layer", input_layer, SUPPORTED_INPUT_LAYER),
+            ("pos_enc_layer_type", pos_enc_layer_type, SUPPORTED_POS_ENC),
+            ("selfattention_layer_type", selfattention_layer_type, SUPPORTED_SELF_ATTN),
+            ("activation_type", activation_type, SUPPORTED_ACTIVATION),
+            ("normalize_before", normalize_before, True),
+        ):
+            if value != supported:
+                raise ValueError(f"UpsampleConformerEncoderV2: {name}={value!r} is not supported "
+                                 f"(only {supported!r}, as in the released CosyVoice-300M-25Hz)")
+        if output_size % attention_heads:
+            raise ValueError(f"output_size {output_size} is not divisible by attention_heads {attention_heads}")
+        self._output_size = output_size
+        self.embed = LinearInput(input_size, output_size)
+        self.pre_lookahead_layer = PreLookaheadLayer(output_size, pre_lookahead_len)
+        self.encoders = nn.ModuleList(
+            ConformerEncoderLayer(output_size, attention_heads, linear_units, key_bias) for _ in range(num_blocks)
+        )
+        self.up_layer = Upsample1D(output_size, output_size, up_stride, up_scale_factor)
+        self.up_embed = LinearInput(input_size, output_size)
+        self.up_encoders = nn.ModuleList(
+            ConformerEncoderLayer(output_size, attention_heads, linear_units, key_bias)
+            for _ in range(num_up_blocks)
+        )
+        self.after_norm = nn.LayerNorm(output_size, eps=1e-5)
+
+    def output_size(self) -> int:
+        return self._output_size
+
+    def forward(self, xs: torch.Tensor, xs_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """xs: (B, T, input_size), xs_lens: (B,) -> (B, T*up, output_size), mask (B, 1, T*up) bool."""
+        mask = padding_mask(xs_lens, xs.size(1))
+        attn_mask = None if bool(mask.all()) else mask
+        xs, pos_emb = self.embed(xs)
+        xs = self.pre_lookahead_layer(xs)
+        for layer in self.encoders:
+            xs = layer(xs, attn_mask, pos_emb)
+        up, xs_lens = self.up_layer(xs.transpose(1, 2), xs_lens)
+        xs = up.transpose(1, 2)
+        mask = padding_mask(xs_lens, xs.size(1))
+        attn_mask = None if bool(mask.all()) else mask
+        xs, pos_emb = self.up_embed(xs)
+        for layer in self.up_encoders:
+            xs = layer(xs, attn_mask, pos_emb)
+        return self.after_norm(xs), mask
