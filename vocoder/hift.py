@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -404,7 +405,7 @@ def load_hift_state_dict(model: HiFTGenerator, state_dict: Mapping[str, torch.Te
     if isinstance(state_dict, Path):
         try:
             state_dict = torch.load(state_dict, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, ValueError) as exc:
+        except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
             raise ModelLoadError(f"cannot read HiFT weights {state_dict}: {exc}") from exc
     if not isinstance(state_dict, Mapping):
         raise ModelLoadError(f"HiFT weights must be a state dict, got {type(state_dict).__name__}")
