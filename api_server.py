@@ -1,16 +1,44 @@
-"""Entry point: settings -> app -> uvicorn. The HTTP layer lands with the API issue."""
+"""Entry point: settings (CLI > env > defaults) -> ``api.create_app`` -> uvicorn.
+
+    python api_server.py --model-path /models --enable-auto-transcribe --api-port 8003
+    python api_server.py --demo --api-port 8003      # tiny random-weight bundle: noise, for trying the API
+
+The port is bound at once; the models load in the background (``/readyz`` says when).
+"""
 
 from __future__ import annotations
 
-import sys
+import logging
 
+import uvicorn
+
+from api.app import DEMO_NOTICE, create_app
 from settings import Settings
+
+logger = logging.getLogger("api_server")
 
 
 def main(argv: list[str] | None = None) -> int:
-    Settings.from_cli(argv)
-    print("api_server: the HTTP API is not built yet (see issue 5); nothing to serve.", file=sys.stderr)
-    return 2
+    settings = Settings.from_cli(argv)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.demo:
+        banner = "=" * 78
+        logger.warning(
+            "\n%s\nDEMO MODE: %s.\nEvery response carries the header X-Step-Audio-Demo.\n"
+            "Serve real weights with --model-path (see models/README.md).\n%s",
+            banner,
+            DEMO_NOTICE,
+            banner,
+        )
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=settings.api_host,
+        port=settings.api_port,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=10,
+    )
+    return 0
 
 
 if __name__ == "__main__":

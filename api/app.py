@@ -1,0 +1,171 @@
+"""The app factory: ``create_app(settings)`` binds at once and loads the models in the background.
+
+``/healthz`` answers as soon as the process serves; ``/readyz`` (and every route that needs
+the engine) answers 503 until the loader thread has built the engine. In demo mode the loader
+first writes the tiny random-weight bundle under ``<cache_dir>/demo-bundle`` and every
+response carries ``X-Step-Audio-Demo`` saying the audio is noise.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.errors import install_error_handlers
+from api.metrics import Metrics
+from api.routes import speech, system, voices
+from api.state import AppState, Engine
+from engine.service import InferenceService
+from engine.types import AudioInput
+from engine.voices import DEFAULT_VOICE_NAME, Voice, VoiceStore
+from settings import Settings
+
+logger = logging.getLogger(__name__)
+
+DEMO_HEADER = "X-Step-Audio-Demo"
+DEMO_NOTICE = "random-weight demo bundle: the audio is noise, not speech"
+DEMO_BUNDLE_DIR = "demo-bundle"
+_JSON_OVERHEAD_BYTES = 1 << 20  # room for the text fields beside base64 audio
+
+EngineFactory = Callable[[Settings], Engine]
+
+
+def create_app(settings: Settings, *, engine_factory: EngineFactory | None = None) -> FastAPI:
+    """A new app around ``settings``; ``engine_factory`` defaults to ``engine.tts.build_engine``."""
+    voices_dir = settings.voices_dir or settings.cache_dir / "voices"
+    service = InferenceService(queue_size=settings.queue_size)
+    state: AppState
+
+    def live_metrics() -> dict[str, Any]:
+        values: dict[str, Any] = {
+            "step_audio_queue_depth": ("Requests waiting for a worker.", service.queued),
+            "step_audio_requests_running": ("Requests being computed.", service.running),
+            "step_audio_ready": ("1 once the models are loaded.", int(state.engine is not None)),
+        }
+        if state.engine is not None:
+            try:
+                stats = state.engine.cache_stats()
+            except Exception:  # scraping never fails on the engine's bookkeeping
+                stats = {}
+            hits, misses = int(stats.get("hits", 0)), int(stats.get("misses", 0))
+            values["step_audio_cache_hits"] = ("Token-cache hits since start.", hits)
+            values["step_audio_cache_misses"] = ("Token-cache misses since start.", misses)
+            values["step_audio_cache_hit_ratio"] = (
+                "Token-cache hits / lookups since start.",
+                hits / (hits + misses) if hits + misses else 0.0,
+            )
+        return values
+
+    state = AppState(
+        settings=settings,
+        service=service,
+        voices=VoiceStore(voices_dir),
+        metrics=Metrics(live_metrics),
+        started_at=time.time(),
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        service.start()
+        loader = threading.Thread(target=_load_engine, args=(state, engine_factory), name="model-loader", daemon=True)
+        loader.start()
+        try:
+            yield
+        finally:
+            service.stop()
+
+    app = FastAPI(
+        title="Step-Audio-EditX speech server",
+        version="1.0",
+        description="OpenAI-compatible voice cloning and speech editing with Step-Audio-EditX.",
+        lifespan=lifespan,
+        # 413 past this (Content-Length first, then counted while reading): two base64 clips + text
+        max_body_size=3 * settings.max_upload_bytes + _JSON_OVERHEAD_BYTES,
+    )
+    app.state.step_audio = state
+    install_error_handlers(app)
+    app.include_router(system.health_router)
+    app.include_router(system.router)
+    app.include_router(speech.router)
+    app.include_router(voices.router)
+    if settings.demo:
+        app.add_middleware(HeaderMiddleware, name=DEMO_HEADER, value=DEMO_NOTICE)
+    return app
+
+
+def _load_engine(state: AppState, factory: EngineFactory | None) -> None:
+    """Background loader: (demo bundle,) engine, default voice; failures land in /readyz."""
+    settings = state.settings
+    try:
+        if settings.demo:
+            state.loading_stage = "writing the demo bundle"
+            settings = demo_settings(settings)
+        state.loading_stage = "loading models"
+        if factory is None:
+            from engine.tts import build_engine
+
+            factory = build_engine
+        begin = time.perf_counter()
+        engine = factory(settings)
+        state.voices.default_voice = _default_voice(engine)
+        state.engine = engine
+        state.ready_at = time.time()
+        state.loading_stage = "ready"
+        logger.info("models loaded in %.1f s; variants: %s", time.perf_counter() - begin, ", ".join(engine.variants))
+        if settings.demo:
+            logger.warning("DEMO MODE: %s", DEMO_NOTICE)
+    except Exception as exc:
+        state.load_error = f"{exc.__class__.__name__}: {exc}"
+        logger.exception("loading the models failed")
+
+
+def _default_voice(engine: Engine) -> Voice | None:
+    """The engine's shipped voice behind OpenAI's voice names (None when it has none)."""
+    get = getattr(engine, "default_voice", None)
+    if get is None:
+        logger.warning("the engine ships no default voice; OpenAI voice names will be refused")
+        return None
+    try:
+        audio, transcript = get()
+    except (OSError, ValueError) as exc:
+        logger.warning("the default voice could not be read (%s); OpenAI voice names will be refused", exc)
+        return None
+    if not isinstance(audio, AudioInput):
+        raise TypeError(f"default_voice() returned {type(audio).__name__}, expected AudioInput")
+    return Voice(name=DEFAULT_VOICE_NAME, audio=audio, transcript=transcript, builtin=True)
+
+
+def demo_settings(settings: Settings) -> Settings:
+    """Write (once) the tiny random-weight bundle under the cache dir and point the settings at it."""
+    from bundles import write_bundle
+
+    root = write_bundle(settings.cache_dir / DEMO_BUNDLE_DIR, size="tiny")  # reused once written
+    logger.warning("DEMO MODE: serving %s (%s)", root, DEMO_NOTICE)
+    return settings.model_copy(update={"model_path": root, "tokenizer_model_id": "Step-Audio-Tokenizer"})
+
+
+class HeaderMiddleware:
+    """Adds one header to every HTTP response (the demo notice)."""
+
+    def __init__(self, app: ASGIApp, *, name: str, value: str) -> None:
+        self.app = app
+        self.header = (name.lower().encode("latin-1"), value.encode("latin-1"))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_header(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_header)

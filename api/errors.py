@@ -1,0 +1,167 @@
+"""The one error path of the HTTP layer: typed errors to statuses, always in OpenAI's envelope.
+
+Every response that is not a success looks like OpenAI's::
+
+    {"error": {"message": "...", "type": "invalid_request_error", "param": "input", "code": "too_large"}}
+
+Statuses come from the error's class (never from its message text). Request validation
+errors become 400, as OpenAI and vLLM answer them; anything unexpected is a logged 500.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from errors import (
+    BusyError,
+    InvalidInputError,
+    ModelLoadError,
+    NotFoundError,
+    NotReadyError,
+    StepAudioError,
+    TooLargeError,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class UnauthorizedError(StepAudioError):
+    """Missing or wrong API key (401)."""
+
+    code = "invalid_api_key"
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error envelope; routes declare it so the OpenAPI document shows it."""
+
+    error: ErrorInfo
+
+
+# Most specific class first: TooLargeError is an InvalidInputError.
+_STATUS: tuple[tuple[type[StepAudioError], int], ...] = (
+    (TooLargeError, 413),
+    (InvalidInputError, 400),
+    (UnauthorizedError, 401),
+    (NotFoundError, 404),
+    (BusyError, 429),
+    (NotReadyError, 503),
+    (ModelLoadError, 503),
+)
+
+_TYPE_OF_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+}
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 503)
+}
+
+
+def status_of(exc: StepAudioError) -> int:
+    for cls, status in _STATUS:
+        if isinstance(exc, cls):
+            return status
+    return 500
+
+
+def error_response(
+    status: int,
+    message: str,
+    *,
+    code: str | None = None,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = ErrorResponse(
+        error=ErrorInfo(
+            message=message,
+            type=_TYPE_OF_STATUS.get(status, "server_error" if status >= 500 else "invalid_request_error"),
+            param=param,
+            code=code,
+        )
+    )
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def response_for(exc: StepAudioError) -> JSONResponse:
+    """The envelope for one domain error (also used outside handlers, e.g. by middleware)."""
+    status = status_of(exc)
+    headers: dict[str, str] = {}
+    if isinstance(exc, BusyError):
+        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    if isinstance(exc, UnauthorizedError):
+        headers["WWW-Authenticate"] = "Bearer"
+    if status >= 500:
+        logger.warning("%s: %s", exc.__class__.__name__, exc)
+    return error_response(status, str(exc), code=exc.code, param=getattr(exc, "param", None), headers=headers or None)
+
+
+def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
+    """('body', 'step_audio', 'mode') -> 'step_audio.mode' (OpenAI names the field in `param`)."""
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header", "form")]
+    return ".".join(parts) or None
+
+
+def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """One readable sentence from pydantic's error list, and the first offending field."""
+    parts = []
+    for err in errors[:5]:
+        param = _loc_to_param(tuple(err.get("loc", ())))
+        msg = err.get("msg", "invalid value")
+        parts.append(f"{param}: {msg}" if param else msg)
+    first = _loc_to_param(tuple(errors[0].get("loc", ()))) if errors else None
+    return "; ".join(parts) or "invalid request", first
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the one handler per error family on ``app``."""
+
+    @app.exception_handler(StepAudioError)
+    async def _domain(_: Request, exc: StepAudioError) -> JSONResponse:
+        return response_for(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _request_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = list(exc.errors())
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return error_response(400, "the request body is not valid JSON", code="invalid_json")
+        message, param = validation_message(errors)
+        return error_response(400, message, code="invalid_value", param=param)
+
+    @app.exception_handler(ValidationError)
+    async def _pydantic(_: Request, exc: ValidationError) -> JSONResponse:
+        # Raised by our own model_validate calls (e.g. the multipart `payload` JSON).
+        message, param = validation_message(list(exc.errors()))
+        return error_response(400, message, code="invalid_value", param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status_code)
+        return error_response(exc.status_code, str(exc.detail), code=code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error: %s", exc)
+        return error_response(500, "internal server error", code="server_error")

@@ -1,0 +1,75 @@
+"""Prometheus metrics of one app (own ``CollectorRegistry``, so several apps can live in a process).
+
+Per mode (clone, emotion, ...): requests by status, latency, time to first byte, real-time
+factor (compute seconds / audio seconds), queue wait. Cache hit ratio and queue depth are read
+from the engine and the service when Prometheus scrapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
+_RTF_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10)
+
+
+class _LiveCollector(Collector):
+    """Gauges computed at scrape time from callables (engine cache stats, queue state)."""
+
+    def __init__(self, read: Callable[[], dict[str, Any]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        values = self._read()
+        for name, (doc, value) in values.items():
+            yield GaugeMetricFamily(name, doc, value=float(value))
+
+
+class Metrics:
+    def __init__(self, live: Callable[[], dict[str, Any]]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "step_audio_requests", "Speech requests by mode and HTTP status.", ["mode", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "step_audio_request_latency_seconds",
+            "Time from request to the last byte.",
+            ["mode"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttfb = Histogram(
+            "step_audio_time_to_first_byte_seconds",
+            "Time from request to the first audio byte.",
+            ["mode"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.rtf = Histogram(
+            "step_audio_real_time_factor",
+            "Inference seconds per second of audio produced (lower is faster).",
+            ["mode"],
+            buckets=_RTF_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "step_audio_queue_wait_seconds",
+            "Time a request waited for an inference worker.",
+            ["mode"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.audio_seconds = Counter("step_audio_audio_seconds", "Seconds of audio produced.", ["mode"], registry=r)
+        self.cache_lookups = Counter(
+            "step_audio_request_cache_lookups",
+            "Prompt-token cache lookups seen by requests, by mode and result (hit, miss).",
+            ["mode", "result"],
+            registry=r,
+        )
+        r.register(_LiveCollector(live))

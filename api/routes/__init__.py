@@ -1,0 +1,1 @@
+"""HTTP routers: speech, voices, system (health, models, tags, cache, metrics)."""

@@ -1,0 +1,79 @@
+"""Voices: register (multipart clip + transcript), list, get, delete."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Form, UploadFile
+from starlette.concurrency import run_in_threadpool
+
+from api.errors import ERROR_RESPONSES
+from api.inputs import decode_audio_bytes, read_upload
+from api.schemas import VoiceCard, VoiceList
+from api.state import ReadyEngine, State, require_api_key
+from engine.voices import DEFAULT_VOICE_NAME, OPENAI_VOICES, Voice, validate_voice_name
+from errors import InvalidInputError, NotFoundError
+
+router = APIRouter(
+    prefix="/v1/voices", tags=["voices"], dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES
+)
+
+
+def _card(voice: Voice, aliases: list[str] | None = None) -> VoiceCard:
+    return VoiceCard(
+        id=voice.name,
+        transcript=voice.transcript,
+        seconds=round(voice.seconds, 3),
+        sample_rate=voice.audio.sample_rate,
+        source="builtin" if voice.builtin else "registered",
+        aliases=aliases or [],
+        created=voice.created,
+    )
+
+
+@router.get("")
+async def list_voices(state: State) -> VoiceList:
+    store = state.voices
+    names = await run_in_threadpool(store.names)
+    cards = [_card(v) for v in await run_in_threadpool(lambda: [store.get(n) for n in names])]
+    if store.default_voice is not None:
+        free = [a for a in OPENAI_VOICES if a not in names]
+        cards.append(_card(store.default_voice, aliases=free))
+    return VoiceList(data=cards)
+
+
+@router.post("", status_code=201)
+async def register_voice(
+    state: State,
+    engine: ReadyEngine,
+    name: Annotated[str, Form(description="1-64 letters, digits, '-' or '_'.")],
+    file: Annotated[UploadFile, File(description="The reference clip (any common audio format).")],
+    transcript: Annotated[str | None, Form(description="What the clip says.")] = None,
+) -> VoiceCard:
+    """Store a voice; its clip is tokenized once now, so later requests hit the cache."""
+    validate_voice_name(name)
+    if name == DEFAULT_VOICE_NAME:
+        raise InvalidInputError(f"{name!r} is reserved for the built-in voice", param="name")
+    if not transcript or not transcript.strip():
+        raise InvalidInputError("a voice needs the transcript of its clip", param="transcript")
+    data = await read_upload(file, max_bytes=state.settings.max_upload_bytes, param="file")
+    audio = await decode_audio_bytes(data, settings=state.settings, param="file")
+    voice, _ = await state.service.submit(
+        "voice", lambda: state.voices.register(name, audio, transcript, prepare=engine.prepare_voice)
+    )
+    return _card(voice)
+
+
+@router.get("/{voice_id}")
+async def get_voice(state: State, voice_id: str) -> VoiceCard:
+    try:
+        voice = await run_in_threadpool(state.voices.resolve, voice_id)
+    except InvalidInputError as exc:  # a lookup by id: absent is 404, not a bad request
+        raise NotFoundError(str(exc)) from exc
+    return _card(voice)
+
+
+@router.delete("/{voice_id}")
+async def delete_voice(state: State, voice_id: str) -> dict[str, object]:
+    await run_in_threadpool(state.voices.delete, voice_id)
+    return {"id": voice_id, "object": "voice", "deleted": True}

@@ -1,0 +1,133 @@
+"""Pydantic request/response bodies of the HTTP API (the contract of DESIGN.md §4).
+
+Only shape and range checks live here; limits that depend on the settings (text length,
+bytes, seconds, iterations) and checks that need the engine (loaded variants, edit_info
+per mode, voices) live in the routes, so they can answer 413 or list what is available.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ResponseFormat = Literal["wav", "mp3", "opus", "aac", "flac", "pcm"]
+StreamFormat = Literal["audio", "sse"]
+Mode = Literal["clone", "emotion", "style", "paralinguistic", "speed", "denoise", "vad"]
+Variant = Literal["base", "awq", "bnb"]
+
+MODEL_ID = "step-audio-editx"
+# Names OpenAI clients send by default; all mean "the Step-Audio-EditX model".
+MODEL_ALIASES = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
+EDIT_MODES: tuple[str, ...] = ("emotion", "style", "paralinguistic", "speed", "denoise", "vad")
+INTENSITY_MIN, INTENSITY_MAX = 0.1, 3.0
+N_EDIT_ITER_MAX = 4
+SPEED_MIN, SPEED_MAX = 0.25, 4.0
+
+
+class StepAudioOptions(BaseModel):
+    """The ``step_audio`` object: everything OpenAI's body has no field for."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Mode = Field("clone", description="clone, or one of the edit modes.")
+    model_variant: Variant | None = Field(
+        None, description="LLM variant (must be loaded); default: the one `model` names, else base."
+    )
+    prompt_text: str | None = Field(None, description="Transcript of the clone reference clip.")
+    prompt_audio_base64: str | None = Field(None, description="Clone reference clip (overrides `voice`).")
+    prompt_audio_url: str | None = Field(None, description="Clone reference clip by URL (when enabled).")
+    input_audio_base64: str | None = Field(None, description="Audio to edit.")
+    input_audio_url: str | None = Field(None, description="Audio to edit, by URL (when enabled).")
+    audio_text: str | None = Field(None, description="Transcript of the audio to edit.")
+    edit_info: str | None = Field(None, description="Edit option of the mode (GET /v1/tags).")
+    intensity: float = Field(
+        1.0,
+        ge=INTENSITY_MIN,
+        le=INTENSITY_MAX,
+        description="Guidance scale on the LLM's conditioning; 1.0 is exactly the reference model. "
+        "Other values are an inference-time technique StepFun did not train or validate.",
+    )
+    n_edit_iter: int = Field(1, ge=1, le=N_EDIT_ITER_MAX, description="Edit iterations, each on the previous output.")
+    seed: int | None = Field(None, ge=0, le=2**31 - 1, description="Seed for reproducible output.")
+    return_iterations: bool = Field(
+        False,
+        description="Answer JSON with every edit iteration's audio (base64) instead of the final audio.",
+    )
+
+
+class VoiceRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+
+
+class SpeechRequest(BaseModel):
+    """OpenAI's ``/v1/audio/speech`` body plus ``step_audio``.
+
+    Unknown top-level fields are ignored (newer OpenAI clients may send more); unknown
+    fields inside ``step_audio`` are refused, so a typo is an error and not a silent no-op.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(MODEL_ID, description=f"{MODEL_ID} (or an alias: {', '.join(MODEL_ALIASES)}).")
+    input: str = Field("", description="Target text (clone; paralinguistic: the tagged transcript).")
+    voice: str | VoiceRef | None = Field(None, description="A registered voice or an OpenAI voice name.")
+    response_format: ResponseFormat | None = Field(None, description="Default: the server's (wav).")
+    speed: float = Field(1.0, ge=SPEED_MIN, le=SPEED_MAX, description="Tempo, pitch unchanged.")
+    stream_format: StreamFormat | None = Field(
+        None, description="audio: chunked audio; sse: speech.audio.delta / speech.audio.done events."
+    )
+    instructions: str | None = Field(None, description="Accepted for OpenAI compatibility; unused.")
+    step_audio: StepAudioOptions = Field(default_factory=StepAudioOptions)
+
+    @property
+    def voice_name(self) -> str | None:
+        return self.voice.id if isinstance(self.voice, VoiceRef) else self.voice
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "stepfun-ai"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class VoiceCard(BaseModel):
+    id: str
+    object: Literal["voice"] = "voice"
+    transcript: str
+    seconds: float
+    sample_rate: int
+    source: Literal["registered", "builtin"]
+    aliases: list[str] = Field(default_factory=list)
+    created: int | None = None
+
+
+class VoiceList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[VoiceCard]
+
+
+class IterationAudio(BaseModel):
+    index: int
+    audio_base64: str
+    seconds: float
+
+
+class IterationsResponse(BaseModel):
+    """``step_audio.return_iterations``: every edit iteration, the last one being the final audio."""
+
+    object: Literal["speech.iterations"] = "speech.iterations"
+    format: ResponseFormat
+    sample_rate: int
+    seed: int
+    intensity: float
+    transcript: str | None
+    iterations: list[IterationAudio]
