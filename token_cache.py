@@ -90,6 +90,9 @@ FULL_HASH_LIMIT = 64 * 1024**2  # 64 MiB
 EDGE_BYTES = 4 * 1024**2  # 4 MiB
 _READ_CHUNK = 1024**2
 
+# Connections inherited through os.fork are kept referenced (never closed nor collected) in the child.
+_INHERITED_CONNECTIONS: list[sqlite3.Connection] = []
+
 _KEY_RE = re.compile(r"^[0-9A-Za-z_-]{8,128}$")
 _NAME_RE = re.compile(r"^[A-Za-z_][0-9A-Za-z_]{0,63}$")
 
@@ -310,6 +313,10 @@ class TokenCache:
         self.root.mkdir(parents=True, exist_ok=True)
         with self._lock:
             self._connection()
+        try:
+            self.reconcile()
+        except (sqlite3.Error, OSError) as exc:
+            logger.warning("token cache: start-up check of %s skipped (%s)", self.root, exc)
 
     # ------------------------------------------------------------------ public API
 
@@ -352,8 +359,7 @@ class TokenCache:
                     return
                 except _ConflictError:
                     continue
-            logger.warning("token cache: put of %s… gave up after %d conflicting writers", key[:8],
-                           MERGE_RETRIES)
+            logger.warning("token cache: put of %s… gave up after %d conflicting writers", key[:8], MERGE_RETRIES)
         except (sqlite3.Error, OSError) as exc:
             logger.warning("token cache: could not store %s… (%s); continuing uncached", key[:8], exc)
 
@@ -376,8 +382,9 @@ class TokenCache:
             else:
                 logger.warning("token cache: stats unavailable (%s); reporting last known totals", exc)
         with self._lock:
-            return CacheStats(self._hits, self._misses, self._last_totals[0], self._last_totals[1],
-                              self.max_bytes, self._time_saved)
+            return CacheStats(
+                self._hits, self._misses, self._last_totals[0], self._last_totals[1], self.max_bytes, self._time_saved
+            )
 
     def clear(self) -> None:
         """Remove every entry (rows and files, also orphans) and reset this object's counters."""
@@ -390,12 +397,33 @@ class TokenCache:
             self._last_totals = (0, 0)
         logger.info("token cache: cleared %d files under %s", removed, self.root)
 
+    def reconcile(self) -> int:
+        """Make files and index agree after crashes; returns how many files/rows it removed.
+
+        Removes payload files without a row (a write that died between rename and commit, a
+        rebuilt index) and temp files of dead writers, and drops rows whose file is gone. This
+        scans the directory once, so it runs at construction (server start), never per request.
+        """
+        with self._write() as conn:
+            keys = [r[0] for r in conn.execute("SELECT key FROM entries")]
+            removed = self._remove_payload_files(set(keys))
+            for key in keys:
+                if not self._path(key).is_file():
+                    conn.execute("DELETE FROM entries WHERE key = ?", (key,))
+                    removed += 1
+        if removed:
+            logger.warning("token cache: reconciled %s: removed %d orphaned files or rows", self.root, removed)
+        return removed
+
     def close(self) -> None:
         """Close the index connection (a later call reopens it)."""
         with self._lock:
             if self._conn is not None:
-                with contextlib.suppress(sqlite3.Error):
-                    self._conn.close()
+                if self._conn_ident is not None and self._conn_ident[0] == os.getpid():
+                    with contextlib.suppress(sqlite3.Error):
+                        self._conn.close()
+                else:  # inherited through fork: closing it here could disturb the parent's locks
+                    _INHERITED_CONNECTIONS.append(self._conn)
             self._conn = None
             self._conn_ident = None
 
@@ -414,7 +442,10 @@ class TokenCache:
                 return None, 0.0
             arrays, problem = self._load(key, row)
             if arrays is not None:
-                self._touch(key)
+                try:
+                    self._touch(key)
+                except sqlite3.OperationalError as exc:  # busy past the timeout: keep the hit
+                    logger.debug("token cache: LRU refresh of %s… skipped (%s)", key[:8], exc)
                 return arrays, _saved_seconds(row.compute, wanted)
             # The file may have been replaced by another writer between our two reads: only a
             # row that is unchanged after a re-read really points at a damaged file.
@@ -443,9 +474,11 @@ class TokenCache:
     def _read_row(self, key: str) -> _Row | None:
         with self._lock:
             try:
-                r = self._connection().execute(
-                    "SELECT fingerprint, bytes, sha256, layout, compute FROM entries WHERE key = ?", (key,)
-                ).fetchone()
+                r = (
+                    self._connection()
+                    .execute("SELECT fingerprint, bytes, sha256, layout, compute FROM entries WHERE key = ?", (key,))
+                    .fetchone()
+                )
             except sqlite3.Error as exc:
                 if not _is_corruption(exc):
                     raise
@@ -461,16 +494,16 @@ class TokenCache:
     def _touch(self, key: str) -> None:
         with self._write() as conn:
             conn.execute(
-                "UPDATE entries SET seq = (SELECT COALESCE(MAX(seq), 0) + 1 FROM entries), last_used = ? "
-                "WHERE key = ?", (time.time(), key))
+                "UPDATE entries SET seq = (SELECT COALESCE(MAX(seq), 0) + 1 FROM entries), last_used = ? WHERE key = ?",
+                (time.time(), key),
+            )
 
     def _drop_damaged(self, key: str, sha: str, problem: str) -> None:
         with self._write() as conn:
             cur = conn.execute("DELETE FROM entries WHERE key = ? AND sha256 = ?", (key, sha))
             if cur.rowcount:
                 _unlink(self._path(key))
-                logger.warning("token cache: dropped damaged entry %s… (%s); it will be recomputed",
-                               key[:8], problem)
+                logger.warning("token cache: dropped damaged entry %s… (%s); it will be recomputed", key[:8], problem)
 
     # ------------------------------------------------------------------ writes
 
@@ -491,8 +524,12 @@ class TokenCache:
         compute.append([*sorted(new), seconds])
         payload, layout = _encode(merged)
         if len(payload) > self.max_bytes:
-            logger.info("token cache: entry %s… (%d bytes) exceeds the budget of %d bytes; not stored",
-                        key[:8], len(payload), self.max_bytes)
+            logger.info(
+                "token cache: entry %s… (%d bytes) exceeds the budget of %d bytes; not stored",
+                key[:8],
+                len(payload),
+                self.max_bytes,
+            )
             return
         sha = hashlib.sha256(payload).hexdigest()
         path = self._path(key)
@@ -504,7 +541,6 @@ class TokenCache:
                     raise _ConflictError
                 os.replace(tmp, path)
                 tmp = None
-                _fsync_dir(path.parent)
                 now = time.time()
                 conn.execute(
                     "INSERT INTO entries (key, fingerprint, bytes, sha256, layout, compute, seq, created,"
@@ -512,12 +548,15 @@ class TokenCache:
                     " ?, ?) ON CONFLICT(key) DO UPDATE SET fingerprint = excluded.fingerprint,"
                     " bytes = excluded.bytes, sha256 = excluded.sha256, layout = excluded.layout,"
                     " compute = excluded.compute, seq = excluded.seq, last_used = excluded.last_used",
-                    (key, self.fingerprint, len(payload), sha, json.dumps(layout), json.dumps(compute),
-                     now, now))
+                    (key, self.fingerprint, len(payload), sha, json.dumps(layout), json.dumps(compute), now, now),
+                )
                 self._evict(conn, keep=key)
         finally:
             if tmp is not None:
                 _unlink(tmp)
+        # Make the rename durable, outside the write lock: losing it in a crash only loses the
+        # entry (the row's checksum no longer matches the file, which is a miss).
+        _fsync_dir(path.parent)
 
     def _write_temp(self, path: Path, payload: bytes) -> Path:
         """Write ``payload`` durably to a unique temp file beside ``path``."""
@@ -538,16 +577,18 @@ class TokenCache:
         """Drop least-recently-used rows (and files) until the byte total fits the budget."""
         total = conn.execute("SELECT bytes FROM totals WHERE id = 0").fetchone()[0]
         while total > self.max_bytes:
-            victims = conn.execute("SELECT key, bytes FROM entries WHERE key != ? ORDER BY seq LIMIT ?",
-                                   (keep, EVICT_BATCH)).fetchall()
+            victims = conn.execute(
+                "SELECT key, bytes FROM entries WHERE key != ? ORDER BY seq LIMIT ?", (keep, EVICT_BATCH)
+            ).fetchall()
             if not victims:
                 break
             for victim, size in victims:
                 conn.execute("DELETE FROM entries WHERE key = ?", (victim,))
                 _unlink(self._path(victim))
                 total -= size
-                logger.debug("token cache: evicted %s… (%d bytes); total now %d of %d",
-                             victim[:8], size, total, self.max_bytes)
+                logger.debug(
+                    "token cache: evicted %s… (%d bytes); total now %d of %d", victim[:8], size, total, self.max_bytes
+                )
                 if total <= self.max_bytes:
                     break
 
@@ -565,22 +606,19 @@ class TokenCache:
             ident = None
         if self._conn is not None and ident == self._conn_ident:
             return self._conn
-        if self._conn is not None and self._conn_ident is not None and self._conn_ident[0] == os.getpid():
-            with contextlib.suppress(sqlite3.Error):
-                self._conn.close()
-        self._conn = None
+        self.close()
         try:
             self._conn = self._open()
         except sqlite3.Error as exc:
             if not _is_corruption(exc):
                 raise
-            self._repair_index(exc)
-            assert self._conn is not None
+            return self._repair_index(exc)
         return self._conn
 
     def _open(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self._index_path, timeout=BUSY_TIMEOUT_MS / 1000,
-                               isolation_level=None, check_same_thread=False)
+        conn = sqlite3.connect(
+            self._index_path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
+        )
         try:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
@@ -612,8 +650,7 @@ class TokenCache:
             except sqlite3.Error as exc:
                 if not _is_corruption(exc):
                     raise
-                self._repair_index(exc)
-                conn = self._connection()
+                conn = self._repair_index(exc)
                 conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
@@ -625,7 +662,7 @@ class TokenCache:
                     self._repair_index(exc)
                 raise
 
-    def _repair_index(self, exc: BaseException) -> None:
+    def _repair_index(self, exc: BaseException) -> sqlite3.Connection:
         """Rebuild a corrupt index empty (one process at a time) and drop the orphaned files."""
         with self._lock:
             self.close()
@@ -633,14 +670,13 @@ class TokenCache:
                 try:  # another process may have rebuilt it while we waited for the lock
                     self._conn = self._open()
                     if self._conn.execute("PRAGMA quick_check").fetchone()[0] == "ok":
-                        return
+                        return self._conn
                     raise sqlite3.DatabaseError("quick_check failed")
                 except sqlite3.Error as again:
                     if not _is_corruption(again):
                         raise
                     self.close()
-                logger.warning("token cache: index %s is damaged (%s); rebuilding it empty",
-                               self._index_path, exc)
+                logger.warning("token cache: index %s is damaged (%s); rebuilding it empty", self._index_path, exc)
                 for suffix in ("", "-wal", "-shm"):
                     _unlink(Path(f"{self._index_path}{suffix}"))
                 self._conn = self._open()
@@ -655,6 +691,7 @@ class TokenCache:
                         conn.execute("ROLLBACK")
                     raise
                 logger.warning("token cache: removed %d payload files orphaned by the damaged index", removed)
+                return conn
 
     def _remove_payload_files(self, keep: set[str]) -> int:
         """Delete payload files whose key is not in ``keep`` and stale temp files; returns the count.

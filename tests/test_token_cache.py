@@ -23,6 +23,8 @@ from token_cache import TokenCache, content_key, fingerprint_of
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FP = "fingerprint-a"
+HAMMER_ROUNDS = 200  # get-or-put rounds per process in the concurrency test
+MERGE_KEYS = 150  # keys both processes merge into at the same time
 
 
 def _arrays(seed: int) -> dict[str, np.ndarray]:
@@ -301,6 +303,28 @@ def test_damaged_index_is_rebuilt(tmp_path: Path, live: bool, caplog) -> None:
     _assert_consistent(tmp_path)
 
 
+def test_startup_reconciles_orphans_and_rows_without_files(tmp_path: Path) -> None:
+    cache = TokenCache(tmp_path, 10**7, FP)
+    for i in range(3):
+        cache.put(_key(i), _arrays(i))
+    cache.close()
+    orphan = _entry_file(tmp_path, _key(9))  # a file whose commit never happened
+    orphan.parent.mkdir(parents=True, exist_ok=True)
+    orphan.write_bytes(b"PK-partial")
+    stale = orphan.with_name(f".{orphan.stem}.123.456{token_cache.TEMP_SUFFIX}")  # a dead writer's temp
+    stale.write_bytes(b"half")
+    os.utime(stale, (1, 1))
+    fresh = orphan.with_name(f".{orphan.stem}.123.789{token_cache.TEMP_SUFFIX}")  # a live writer's temp
+    fresh.write_bytes(b"in flight")
+    _entry_file(tmp_path, _key(1)).unlink()  # a row whose file is gone
+    restarted = TokenCache(tmp_path, 10**7, FP)
+    assert not orphan.exists() and not stale.exists() and fresh.exists()
+    assert set(_index_rows(tmp_path)) == {_key(0), _key(2)}
+    assert restarted.stats().entries == 2
+    fresh.unlink()
+    _assert_consistent(tmp_path)
+
+
 # --------------------------------------------------------------------------- LRU budget
 
 
@@ -398,13 +422,14 @@ def test_stats_count_and_time_saved_adds_up(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- concurrency
 
 
-def _hammer(cache_dir: str, max_bytes: int, worker: int, rounds: int, errors) -> None:
+def _hammer(cache_dir: str, max_bytes: int, worker: int, errors, start) -> None:
     """One server process: get-or-put on shared and own keys, merging its own array names."""
     cache = TokenCache(Path(cache_dir), max_bytes, FP)
+    start.wait(timeout=60)  # both processes hammer at the same time
     rng = np.random.default_rng(worker)
     mine = f"w{worker}"
     try:
-        for _ in range(rounds):
+        for _ in range(HAMMER_ROUNDS):
             shared = int(rng.integers(0, 6))
             own = 100 + worker * 100 + int(rng.integers(0, 6))
             for i in (shared, own):
@@ -424,7 +449,8 @@ def _hammer(cache_dir: str, max_bytes: int, worker: int, rounds: int, errors) ->
 def test_two_processes_hammering_leave_a_consistent_cache(tmp_path: Path, max_bytes: int) -> None:
     ctx = mp.get_context("spawn")
     errors = ctx.Queue()
-    procs = [ctx.Process(target=_hammer, args=(str(tmp_path), max_bytes, w, 150, errors)) for w in (0, 1)]
+    start = ctx.Barrier(2)
+    procs = [ctx.Process(target=_hammer, args=(str(tmp_path), max_bytes, w, errors, start)) for w in (0, 1)]
     for p in procs:
         p.start()
     for p in procs:
@@ -441,6 +467,29 @@ def test_two_processes_hammering_leave_a_consistent_cache(tmp_path: Path, max_by
         for i in range(6):
             want = _arrays(i) | {f"w{w}": np.full(3, i * 10 + w) for w in (0, 1)}
             _assert_same(cache.get(_key(i)), want)
+
+
+def _merge_race(cache_dir: str, worker: int, start) -> None:
+    """Put this worker's own array name once onto each shared key, in step with the other worker."""
+    cache = TokenCache(Path(cache_dir), 10**8, FP)
+    start.wait(timeout=60)
+    for i in range(MERGE_KEYS):
+        cache.put(_key(i), {f"w{worker}": np.full(4, i * 10 + worker)}, compute_seconds=0.01)
+
+
+def test_concurrent_merges_from_two_processes_are_never_lost(tmp_path: Path) -> None:
+    ctx = mp.get_context("spawn")
+    start = ctx.Barrier(2)
+    procs = [ctx.Process(target=_merge_race, args=(str(tmp_path), w, start)) for w in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    cache = TokenCache(tmp_path, 10**8, FP)
+    for i in range(MERGE_KEYS):
+        _assert_same(cache.get(_key(i)), {f"w{w}": np.full(4, i * 10 + w) for w in (0, 1)})
+    _assert_consistent(tmp_path)
 
 
 def test_threads_share_one_cache_object(tmp_path: Path) -> None:
