@@ -401,8 +401,9 @@ class TokenCache:
         """Make files and index agree after crashes; returns how many files/rows it removed.
 
         Removes payload files without a row (a write that died between rename and commit, a
-        rebuilt index) and temp files of dead writers, and drops rows whose file is gone. This
-        scans the directory once, so it runs at construction (server start), never per request.
+        rebuilt index) and temp files of dead writers, drops rows whose file is gone, and evicts
+        down to this object's budget. This scans the directory once, so it runs at construction
+        (server start), never per request.
         """
         with self._write() as conn:
             keys = [r[0] for r in conn.execute("SELECT key FROM entries")]
@@ -411,6 +412,7 @@ class TokenCache:
                 if not self._path(key).is_file():
                     conn.execute("DELETE FROM entries WHERE key = ?", (key,))
                     removed += 1
+            self._evict(conn, keep="")  # the budget may have shrunk since the last run
         if removed:
             logger.warning("token cache: reconciled %s: removed %d orphaned files or rows", self.root, removed)
         return removed

@@ -366,6 +366,18 @@ def test_lru_order_survives_restart(tmp_path: Path) -> None:
     assert restarted.get(_key(0)) is not None
 
 
+def test_smaller_budget_after_restart_evicts_at_start(tmp_path: Path) -> None:
+    cache = TokenCache(tmp_path, 10**7, FP)
+    for i in range(6):
+        cache.put(_key(i), _arrays(i))
+    entry = cache.stats().bytes // 6
+    cache.close()
+    smaller = TokenCache(tmp_path, 2 * entry + entry // 2, FP)
+    assert smaller.stats().entries == 2
+    assert {i for i in range(6) if smaller.get(_key(i)) is not None} == {4, 5}
+    _assert_consistent(tmp_path)
+
+
 def test_entry_larger_than_budget_is_not_stored(tmp_path: Path, caplog) -> None:
     cache = TokenCache(tmp_path, 200, FP)
     with caplog.at_level(logging.INFO, logger="token_cache"):
@@ -376,6 +388,43 @@ def test_entry_larger_than_budget_is_not_stored(tmp_path: Path, caplog) -> None:
     disabled = TokenCache(tmp_path / "off", 0, FP)  # a zero budget disables the cache
     disabled.put(_key(8), _arrays(8))
     assert disabled.get(_key(8)) is None
+
+
+def test_failed_write_is_logged_not_raised(tmp_path: Path, monkeypatch, caplog) -> None:
+    cache = TokenCache(tmp_path, 10**7, FP)
+
+    def disk_full(fd: int) -> None:  # the OS boundary: a full disk fails the temp file's fsync
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(token_cache.os, "fsync", disk_full)
+    with caplog.at_level(logging.WARNING, logger="token_cache"):
+        cache.put(_key(1), _arrays(1), compute_seconds=1.0)
+    assert "could not store" in caplog.text
+    monkeypatch.undo()
+    assert cache.get(_key(1)) is None
+    _assert_consistent(tmp_path)  # no temp file left behind
+    cache.put(_key(1), _arrays(1))
+    _assert_same(cache.get(_key(1)), _arrays(1))
+
+
+def test_index_held_by_another_process_degrades_gracefully(tmp_path: Path, monkeypatch, caplog) -> None:
+    monkeypatch.setattr(token_cache, "BUSY_TIMEOUT_MS", 50)
+    cache = TokenCache(tmp_path, 10**7, FP)
+    cache.put(_key(1), _arrays(1))
+    blocker = sqlite3.connect(tmp_path / "wav2token" / "index.sqlite3", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # another server holds the write lock past our timeout
+    try:
+        with caplog.at_level(logging.WARNING, logger="token_cache"):
+            _assert_same(cache.get(_key(1)), _arrays(1))  # reads still work; only the LRU bump waits
+            cache.put(_key(2), _arrays(2))  # skipped with a warning, not an exception
+        assert "could not store" in caplog.text
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert cache.get(_key(2)) is None
+    cache.put(_key(2), _arrays(2))
+    _assert_same(cache.get(_key(2)), _arrays(2))
+    _assert_consistent(tmp_path)
 
 
 # --------------------------------------------------------------------------- clear + stats
