@@ -10,8 +10,9 @@ Layout under ``<directory>/wav2token/``::
     index.sqlite3        SQLite (WAL) index: one row per entry (key, fingerprint, bytes,
                          sha256 of the payload, array names/dtypes/shapes, compute seconds,
                          LRU sequence number), plus running totals kept by triggers.
-    ab/<key>.npz         the payload: an uncompressed-header zip of ``.npy`` members
-                         (``np.savez_compressed``, read back with ``allow_pickle=False``).
+    ab/<key>.npz         the payload: a zip of ``.npy`` members (``np.savez_compressed``),
+                         read back with ``allow_pickle=False``; ``ab`` = the key's first two
+                         hex digits, so no directory grows past 1/256 of the entries.
 
 Design decisions:
 
@@ -60,6 +61,7 @@ import sqlite3
 import threading
 import time
 import zipfile
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -470,7 +472,7 @@ class TokenCache:
             return None, "checksum mismatch"
         try:
             return _decode(payload, row.layout), ""
-        except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
             return None, f"undecodable ({exc})"
 
     def _read_row(self, key: str) -> _Row | None:
