@@ -44,8 +44,15 @@ Design decisions:
 * **Threads**: one SQLite connection per cache object, guarded by a lock; file reads and
   payload encoding happen outside it. A forked child reconnects.
 
-Known limit: the index relies on SQLite WAL, i.e. POSIX locks and shared memory on one host;
-do not share the directory between hosts over a network file system.
+* **Stats**: hits, misses and ``time_saved_s`` count this object's lookups (one server
+  process); ``entries`` and ``bytes`` are the shared index's totals. ``time_saved_s`` adds, per
+  hit, the ``compute_seconds`` measured by the puts whose arrays the hit returned (with
+  ``get(key, names=...)`` only the puts that wrote one of those names).
+
+Known limits: the index relies on SQLite WAL, i.e. POSIX locks and shared memory on one host,
+so do not share the directory between hosts over a network file system. Rebuilding a corrupt
+index deletes and recreates the index file; other processes notice the new file (by inode) on
+their next operation and reopen it, but a write racing that switch may be lost (a miss later).
 """
 
 from __future__ import annotations
