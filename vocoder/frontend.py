@@ -180,8 +180,8 @@ def kaldi_fbank(wav16k: torch.Tensor, num_mel_bins: int = FBANK_BINS) -> torch.T
 
 
 def campplus_features(wav: np.ndarray | torch.Tensor, sample_rate: int) -> torch.Tensor:
-    """Prepared prompt (1, n) -> CAM++ input (1, frames, 80): 16 kHz fbank minus its time mean."""
-    x = resample(_as_prompt(wav), int(sample_rate), FBANK_SR)
+    """Prepared prompt (1, n) -> CAM++ input (1, frames, 80) on CPU: 16 kHz fbank minus its time mean."""
+    x = resample(_as_prompt(wav).cpu(), int(sample_rate), FBANK_SR)
     feat = kaldi_fbank(x[0])
     return (feat - feat.mean(dim=0, keepdim=True)).unsqueeze(0)
 
@@ -255,6 +255,6 @@ def prompt_features(
     start = time.perf_counter()
     features = PromptFeatures(prompt_mel(wav, sample_rate, mel_conf), speaker_encoder.embed(wav, sample_rate))
     if cache is not None and key is not None:
-        cache.put(key, {CACHE_MEL: features.prompt_mel.numpy(), CACHE_SPK: features.spk_emb.numpy(),
+        cache.put(key, {CACHE_MEL: features.prompt_mel.cpu().numpy(), CACHE_SPK: features.spk_emb.cpu().numpy(),
                         CACHE_FP: fingerprint}, compute_seconds=time.perf_counter() - start)
     return features
