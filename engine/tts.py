@@ -1,0 +1,514 @@
+"""The engine: clone and edit composed from the three stages (model-spec §5, DESIGN §2).
+
+    clone: prompt audio ─► prepare_prompt ─► wav2token + prompt mel + speaker embedding
+               (cached together under the audio's content key)
+           prompt text + tokens ─► clone prompt ─► Step1 generate(intensity, seed)
+           audio ids + the prompt's tokens/mel/embedding ─► token2wav ─► 24 kHz
+    edit:  the same, with the edit prompt; the audio to edit is the acoustic prompt.
+           ``n_edit_iter`` > 1 feeds each iteration's 24 kHz output into the next (re-tokenised,
+           mel and embedding recomputed, as the reference's history loop does) and returns all.
+
+The engine is called from the service's worker threads: each stage runs under its own lock,
+so two requests can overlap (one in the LLM while another is in the vocoder) without two
+threads entering a stage that keeps per-call state.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from audio import VOCODER_SR, AudioError, prepare_prompt
+from engine.types import AudioInput, CloneRequest, EditRequest, SynthesisResult
+from errors import InvalidInputError, TooLargeError
+from llm import prompts
+from llm.generate import generate_audio_ids
+from token_cache import content_key
+from vocoder.frontend import prompt_features
+
+if TYPE_CHECKING:
+    from engine.transcribe import WhisperTranscriber
+    from settings import Settings
+
+logger = logging.getLogger(__name__)
+
+SAMPLES_PER_MEL_FRAME = 480  # HiFT: 24 kHz / 50 Hz mel
+MEL_FRAMES_PER_TOKEN_FRAME = 2  # the flow upsamples 25 Hz dual-codebook frames to 50 Hz
+TOKENS_PER_GROUP = 5  # 2 vq02 + 3 vq06 codes per 120 ms group
+TOKEN_FRAMES_PER_GROUP = 3
+SAMPLES_PER_GROUP = TOKEN_FRAMES_PER_GROUP * MEL_FRAMES_PER_TOKEN_FRAME * SAMPLES_PER_MEL_FRAME  # 2880
+
+MIN_INTENSITY, MAX_INTENSITY = 0.1, 3.0
+MIN_SPEED, MAX_SPEED = 0.25, 4.0
+MAX_SEED = 2**31 - 1
+PCM16_SCALE = 32767.0  # write scale of float -> 16-bit WAV (libsndfile), read back over 32768
+
+DEFAULT_VOICE_DIR = Path(__file__).resolve().parent / "default_voice"
+
+MODES_WITHOUT_TRANSCRIPT = frozenset({"denoise", "vad"})  # their instruction names no text
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Behaviour knobs of the engine (plain values; ``build_engine`` fills them from settings)."""
+
+    max_audio_seconds: float = 30.0
+    max_edit_iter: int = 4
+    enable_auto_transcribe: bool = False
+    temperature: float = 0.7
+    top_k: int = 50
+    max_length: int = 8192  # total LLM length, prompt included, as the reference
+    max_new_tokens: int | None = None  # cap on generated audio ids (tests keep it small)
+
+
+@dataclass(frozen=True)
+class PromptFeatures:
+    """Everything the LLM prompt and the vocoder need from one prompt audio."""
+
+    key: str
+    tokens: Any  # tokenizer.AudioTokens
+    prompt_mel: torch.Tensor  # (1, T, 80) float32 at 50 Hz
+    spk_emb: torch.Tensor  # (1, 192) float32
+
+
+def pcm16_round_trip(wav: np.ndarray) -> np.ndarray:
+    """The reference saves each edit iteration as a 16-bit WAV and reloads it; do the same in memory."""
+    return (np.round(np.clip(wav, -1.0, 1.0) * PCM16_SCALE) / 32768.0).astype(np.float32)
+
+
+def change_speed(wav: np.ndarray, speed: float) -> np.ndarray:
+    """Play ``wav`` ``speed`` times faster without changing its pitch (phase-vocoder time stretch).
+
+    Output length is ``round(len / speed)``. A phase vocoder smears transients a little at large
+    factors; it is the documented trade-off for a pitch-preserving, dependency-free stretch.
+    """
+    if speed == 1.0 or wav.size == 0:
+        return wav
+    import librosa
+
+    return librosa.effects.time_stretch(wav.astype(np.float32), rate=float(speed)).astype(np.float32)
+
+
+def expected_samples(n_codes: int) -> int:
+    """Samples token2wav makes from ``n_codes`` mixed codes (padded to whole groups)."""
+    return -(-n_codes // TOKENS_PER_GROUP) * SAMPLES_PER_GROUP
+
+
+@lru_cache(maxsize=1)
+def load_default_voice(directory: Path = DEFAULT_VOICE_DIR) -> tuple[AudioInput, str]:
+    """The shipped default voice: its clip (channels, n) and its transcript."""
+    samples, sr = sf.read(directory / "voice.wav", dtype="float32", always_2d=True)
+    transcript = (directory / "transcript.txt").read_text(encoding="utf-8").strip()
+    return AudioInput(np.ascontiguousarray(samples.T), int(sr)), transcript
+
+
+class StepAudioEngine:
+    """Clone and edit requests on loaded stages; thread-safe for the service's workers.
+
+    Parts (all already loaded): ``tokenizer`` (StepAudioTokenizer), ``llms`` (variant name ->
+    Step1ForCausalLM), ``text_tokenizer`` (the LLM's text tokenizer), ``token2wav`` (the
+    vocoder), ``speaker_encoder`` (CAM++), ``cache`` (the TokenCache the tokenizer also writes,
+    or None), ``transcriber`` (Whisper, or None when auto-transcription is off).
+    """
+
+    def __init__(
+        self,
+        *,
+        tokenizer: Any,
+        llms: Mapping[str, Any],
+        text_tokenizer: Any,
+        token2wav: Any,
+        speaker_encoder: Any,
+        cache: Any | None = None,
+        transcriber: WhisperTranscriber | None = None,
+        options: EngineOptions | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if not llms:
+            raise ValueError("the engine needs at least one LLM variant")
+        self.tokenizer = tokenizer
+        self.llms = dict(llms)
+        self.text_tokenizer = text_tokenizer
+        self.token2wav = token2wav
+        self.speaker_encoder = speaker_encoder
+        self.cache = cache
+        self.transcriber = transcriber
+        self.options = options or EngineOptions()
+        self.device = torch.device(device)
+        # the tokenizer and the prompt frontend keep no per-call state; the LLM and the vocoder
+        # run one request at a time each, which bounds (GPU) memory to one activation set per stage
+        self._vocoder_lock = threading.Lock()
+        self._llm_locks = {name: threading.Lock() for name in self.llms}
+
+    # --- catalogue ------------------------------------------------------------------------
+    @property
+    def variants(self) -> list[str]:
+        return list(self.llms)
+
+    @property
+    def auto_transcribe(self) -> bool:
+        return self.options.enable_auto_transcribe and self.transcriber is not None
+
+    def tags(self) -> dict[str, list[str]]:
+        """Edit modes with their allowed ``edit_info`` values, and the paralinguistic tags."""
+        return prompts.catalogue()
+
+    def default_voice(self) -> tuple[AudioInput, str]:
+        return load_default_voice()
+
+    # --- cache ----------------------------------------------------------------------------
+    def cache_stats(self) -> dict[str, Any]:
+        if self.cache is None:
+            return {"enabled": False}
+        return {"enabled": True, **self.cache.stats().as_dict()}
+
+    def clear_cache(self) -> None:
+        if self.cache is not None:
+            self.cache.clear()
+
+    def prepare_voice(self, audio: AudioInput) -> None:
+        """Tokenise a voice's clip and cache its prompt features now (voice registration)."""
+        self._check_audio(audio, "prompt_audio")
+        self._prompt_features(audio.samples, audio.sample_rate, "prompt_audio")
+
+    # --- requests -------------------------------------------------------------------------
+    def clone(self, request: CloneRequest) -> SynthesisResult:
+        """Speak ``request.text`` in the voice of ``request.prompt_audio``."""
+        start = time.perf_counter()
+        timings: dict[str, float] = {}
+        text = (request.text or "").strip()
+        if not text:
+            raise InvalidInputError("the text to speak is empty", param="input")
+        llm = self._llm(request.variant)
+        self._check_controls(request.intensity, request.speed)
+        audio = request.prompt_audio
+        self._check_audio(audio, "prompt_audio")
+        prompt_text = self._transcript(request.prompt_text, audio, "prompt_text", timings)
+        seed = self._seed(request.seed)
+
+        features = self._prompt_features(audio.samples, audio.sample_rate, "prompt_audio", timings)
+        pair = prompts.build_clone_prompt(
+            self.text_tokenizer,
+            speaker=prompts.clone_speaker_id(prompt_text, audio.samples),
+            prompt_text=prompt_text,
+            audio_token_str=features.tokens.token_str,
+            target_text=request.text,
+        )
+        codes = self._generate(llm, request.variant, pair, intensity=request.intensity, seed=seed, timings=timings)
+        wav = self._vocode(codes, features, seed, timings)
+        final = self._apply_speed(wav, request.speed, timings)
+        timings["total"] = time.perf_counter() - start
+        return SynthesisResult(
+            audio=final,
+            sample_rate=VOCODER_SR,
+            seed=seed,
+            intensity=request.intensity,
+            iterations=[final],
+            transcript=prompt_text,
+            n_audio_tokens=int(codes.shape[0]),
+            timings=timings,
+        )
+
+    def edit(self, request: EditRequest) -> SynthesisResult:
+        """Edit ``request.audio`` ``n_edit_iter`` times, each iteration on the previous output."""
+        start = time.perf_counter()
+        timings: dict[str, float] = {}
+        llm = self._llm(request.variant)
+        self._check_controls(request.intensity, request.speed)
+        if not 1 <= request.n_edit_iter <= self.options.max_edit_iter:
+            raise InvalidInputError(
+                f"n_edit_iter must be between 1 and {self.options.max_edit_iter}, got {request.n_edit_iter}",
+                param="n_edit_iter",
+            )
+        edit_info = self._check_edit(request.mode, request.edit_info)
+        target_text = None
+        if request.mode == "paralinguistic":
+            target_text = (request.text or "").strip()
+            if not target_text:
+                raise InvalidInputError(
+                    "paralinguistic editing needs the transcript with inline tags as the input text",
+                    param="input",
+                )
+        audio = request.audio
+        self._check_audio(audio, "input_audio")
+        if request.mode in MODES_WITHOUT_TRANSCRIPT:
+            audio_text = (request.audio_text or "").strip()
+        else:
+            audio_text = self._transcript(request.audio_text, audio, "audio_text", timings)
+        seed = self._seed(request.seed)
+        source_text = audio_text or None
+
+        samples, sample_rate = audio.samples, audio.sample_rate
+        outputs: list[np.ndarray] = []
+        codes = np.zeros(0, dtype=np.int64)
+        for iteration in range(request.n_edit_iter):
+            iter_seed = (seed + iteration) % (MAX_SEED + 1)
+            features = self._prompt_features(samples, sample_rate, "input_audio", timings)
+            pair = prompts.build_edit_prompt(
+                self.text_tokenizer,
+                mode=request.mode,
+                audio_token_str=features.tokens.token_str,
+                edit_info=edit_info,
+                audio_text=audio_text or None,
+                text=target_text,
+            )
+            codes = self._generate(
+                llm, request.variant, pair, intensity=request.intensity, seed=iter_seed, timings=timings
+            )
+            wav = self._vocode(codes, features, iter_seed, timings)
+            outputs.append(wav)
+            # the next iteration edits this output, with the text this one produced
+            samples, sample_rate = pcm16_round_trip(wav)[None], VOCODER_SR
+            if target_text is not None:
+                audio_text = target_text
+        iterations = [self._apply_speed(wav, request.speed, timings) for wav in outputs]
+        timings["total"] = time.perf_counter() - start
+        return SynthesisResult(
+            audio=iterations[-1],
+            sample_rate=VOCODER_SR,
+            seed=seed,
+            intensity=request.intensity,
+            iterations=iterations,
+            transcript=source_text,
+            n_audio_tokens=int(codes.shape[0]),
+            timings=timings,
+        )
+
+    # --- validation -----------------------------------------------------------------------
+    def _llm(self, variant: str) -> Any:
+        if variant not in self.llms:
+            raise InvalidInputError(
+                f"model variant {variant!r} is not loaded; loaded variants: {', '.join(self.llms)}",
+                param="model_variant",
+            )
+        return self.llms[variant]
+
+    @staticmethod
+    def _check_controls(intensity: float, speed: float) -> None:
+        if not MIN_INTENSITY <= intensity <= MAX_INTENSITY:
+            raise InvalidInputError(
+                f"intensity must be between {MIN_INTENSITY} and {MAX_INTENSITY}, got {intensity}",
+                param="intensity",
+            )
+        if not MIN_SPEED <= speed <= MAX_SPEED:
+            raise InvalidInputError(
+                f"speed must be between {MIN_SPEED} and {MAX_SPEED}, got {speed}", param="speed"
+            )
+
+    def _check_audio(self, audio: AudioInput, param: str) -> None:
+        if audio.sample_rate <= 0 or audio.samples.size == 0:
+            raise AudioError("the audio holds no samples", param=param)
+        if audio.seconds > self.options.max_audio_seconds:
+            raise TooLargeError(
+                f"the audio is {audio.seconds:.1f}s long; the limit is {self.options.max_audio_seconds:g}s",
+                param=param,
+            )
+
+    @staticmethod
+    def _check_edit(mode: str, edit_info: str | None) -> str | None:
+        """Mode and edit_info against the catalogue, before any transcript is needed."""
+        options = prompts.EDIT_OPTIONS
+        if mode not in options:
+            raise InvalidInputError(
+                f"unknown edit mode {mode!r}; modes: clone, {', '.join(options)}", param="mode"
+            )
+        allowed = options[mode]
+        info = (edit_info or "").strip().lower() or None
+        if allowed:
+            if info is None:
+                raise InvalidInputError(
+                    f"mode {mode!r} needs edit_info, one of: {', '.join(allowed)}", param="edit_info"
+                )
+            if info not in allowed:
+                raise InvalidInputError(
+                    f"edit_info {info!r} is not valid for mode {mode!r}; valid: {', '.join(allowed)}",
+                    param="edit_info",
+                )
+        elif info is not None:
+            raise InvalidInputError(f"mode {mode!r} takes no edit_info (got {info!r})", param="edit_info")
+        return info
+
+    def _transcript(
+        self, given: str | None, audio: AudioInput, param: str, timings: dict[str, float]
+    ) -> str:
+        """The given transcript, or Whisper's when it is missing and auto-transcription is on."""
+        text = (given or "").strip()
+        if text:
+            return text
+        if not self.auto_transcribe:
+            raise InvalidInputError(
+                f"{param} (the transcript of the audio) is required; "
+                "give it, or start the server with --enable-auto-transcribe",
+                param=param,
+            )
+        begin = time.perf_counter()
+        text = self.transcriber.transcribe(audio.samples, audio.sample_rate).strip()
+        timings["transcribe"] = timings.get("transcribe", 0.0) + time.perf_counter() - begin
+        if not text:
+            raise InvalidInputError(
+                f"no speech was recognised in the audio; give {param} explicitly", param=param
+            )
+        logger.info("Auto-transcribed %s: %r", param, text)
+        return text
+
+    @staticmethod
+    def _seed(seed: int | None) -> int:
+        if seed is None:
+            return secrets.randbelow(MAX_SEED + 1)
+        if not 0 <= seed <= MAX_SEED:
+            raise InvalidInputError(f"seed must be between 0 and {MAX_SEED}, got {seed}", param="seed")
+        return int(seed)
+
+    # --- stages ---------------------------------------------------------------------------
+    def _prompt_features(
+        self, samples: np.ndarray, sample_rate: int, param: str, timings: dict[str, float] | None = None
+    ) -> PromptFeatures:
+        """Tokens, mel and speaker embedding of one prompt; each from the cache when it has them."""
+        begin = time.perf_counter()
+        wav = prepare_prompt(samples, sample_rate)
+        key = content_key(wav, sample_rate)
+        try:
+            with torch.inference_mode():
+                tokens = self.tokenizer.wav2token(wav, sample_rate)
+                features = prompt_features(wav, sample_rate, self.speaker_encoder, cache=self.cache, key=key)
+        except AudioError as exc:
+            exc.param = exc.param or param
+            raise
+        if timings is not None:
+            timings["prompt_features"] = timings.get("prompt_features", 0.0) + time.perf_counter() - begin
+        return PromptFeatures(key, tokens, features.prompt_mel.float(), features.spk_emb.float())
+
+    def _generate(
+        self, llm: Any, variant: str, pair: Any, *, intensity: float, seed: int, timings: dict[str, float]
+    ) -> np.ndarray:
+        begin = time.perf_counter()
+        with self._llm_locks[variant], torch.inference_mode():
+            codes = generate_audio_ids(
+                llm,
+                [pair],
+                intensity=intensity,
+                seed=seed,
+                temperature=self.options.temperature,
+                top_k=self.options.top_k,
+                max_length=self.options.max_length,
+                max_new_tokens=self.options.max_new_tokens,
+            )[0]
+        timings["llm"] = timings.get("llm", 0.0) + time.perf_counter() - begin
+        return np.asarray(codes, dtype=np.int64)
+
+    def _vocode(
+        self, codes: np.ndarray, features: PromptFeatures, seed: int, timings: dict[str, float]
+    ) -> np.ndarray:
+        if codes.size == 0:
+            logger.warning("the LLM produced no audio ids; returning empty audio")
+            return np.zeros(0, dtype=np.float32)
+        begin = time.perf_counter()
+        with self._vocoder_lock, torch.inference_mode():
+            wav = self.token2wav.token2wav(
+                torch.from_numpy(codes),
+                torch.as_tensor(np.asarray(features.tokens.prompt_codes), dtype=torch.long),
+                features.prompt_mel,
+                features.spk_emb,
+                seed=seed,
+            )
+        timings["vocoder"] = timings.get("vocoder", 0.0) + time.perf_counter() - begin
+        return wav.reshape(-1).float().cpu().numpy()
+
+    @staticmethod
+    def _apply_speed(wav: np.ndarray, speed: float, timings: dict[str, float]) -> np.ndarray:
+        if speed == 1.0:
+            return wav
+        begin = time.perf_counter()
+        out = change_speed(wav, speed)
+        timings["speed"] = timings.get("speed", 0.0) + time.perf_counter() - begin
+        return out
+
+
+@dataclass(frozen=True)
+class EngineParts:
+    device: torch.device
+    tokenizer: Any
+    llms: dict[str, Any]
+    text_tokenizer: Any
+    token2wav: Any
+    speaker_encoder: Any
+    cache: Any | None
+
+
+def _load_engine_parts(settings: Settings) -> EngineParts:
+    """TEMPORARY until model_loader.py lands: load the stages straight from the bundle."""
+    from llm.model import Step1ForCausalLM
+    from llm.text_tokenizer import load_text_tokenizer
+    from token_cache import TokenCache
+    from tokenizer import StepAudioTokenizer
+    from vocoder.frontend import SpeakerEncoder
+    from vocoder.token2wav import Token2Wav
+
+    root = Path(settings.model_path)
+    editx = root if (root / "config.json").is_file() else root / "Step-Audio-EditX"
+    tok_dir = Path(settings.tokenizer_model_id)
+    if not tok_dir.is_dir():
+        tok_dir = (root if editx != root else root.parent) / settings.tokenizer_model_id
+    device = torch.device("cpu")
+    tokenizer = StepAudioTokenizer(tok_dir, settings.funasr_model_id, dither=settings.funasr_dither)
+    cache = TokenCache(Path(settings.cache_dir) / "tokens", settings.cache_max_bytes, tokenizer.fingerprint)
+    tokenizer.cache = cache
+    model = Step1ForCausalLM.from_pretrained(editx, dtype=torch.float32).eval()
+    vocoder_dir = editx / "CosyVoice-300M-25Hz"
+    return EngineParts(
+        device=device,
+        tokenizer=tokenizer,
+        llms={"base": model},
+        text_tokenizer=load_text_tokenizer(editx),
+        token2wav=Token2Wav.from_dir(vocoder_dir),
+        speaker_encoder=SpeakerEncoder(vocoder_dir / "campplus.onnx"),
+        cache=cache,
+    )
+
+
+DEMO_MAX_NEW_TOKENS = 250  # random weights rarely sample EOS: cap demo generations at 6 s of audio
+
+
+def build_engine(settings: Settings, *, max_new_tokens: int | None = None) -> StepAudioEngine:
+    """Load every stage named by ``settings`` (blocking; minutes for official weights).
+
+    ``max_new_tokens`` caps the audio ids per generation (default: none, as the reference; the
+    demo's random-weight bundle gets ``DEMO_MAX_NEW_TOKENS``).
+    """
+    if max_new_tokens is None and settings.demo:
+        max_new_tokens = DEMO_MAX_NEW_TOKENS
+    parts = _load_engine_parts(settings)
+    transcriber = None
+    if settings.enable_auto_transcribe:
+        from engine.transcribe import WhisperTranscriber
+
+        transcriber = WhisperTranscriber(settings.whisper_model, device=str(parts.device))
+        transcriber.load()  # at startup, so the first request does not pay for it
+    options = EngineOptions(
+        max_audio_seconds=settings.max_audio_seconds,
+        max_edit_iter=settings.max_edit_iter,
+        enable_auto_transcribe=settings.enable_auto_transcribe,
+        max_new_tokens=max_new_tokens,
+    )
+    return StepAudioEngine(
+        tokenizer=parts.tokenizer,
+        llms=parts.llms,
+        text_tokenizer=parts.text_tokenizer,
+        token2wav=parts.token2wav,
+        speaker_encoder=parts.speaker_encoder,
+        cache=parts.cache,
+        transcriber=transcriber,
+        options=options,
+        device=parts.device,
+    )

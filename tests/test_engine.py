@@ -1,0 +1,276 @@
+"""The engine end to end on the tiny bundle: real tokenizer, Step1, vocoder, cache and Whisper."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from audio import VOCODER_SR, AudioError
+from engine.transcribe import WhisperTranscriber
+from engine.tts import (
+    SAMPLES_PER_GROUP,
+    StepAudioEngine,
+    build_engine,
+    change_speed,
+    expected_samples,
+    load_default_voice,
+)
+from engine.types import AudioInput, CloneRequest, EditRequest
+from errors import InvalidInputError, TooLargeError
+from settings import Settings
+
+MAX_NEW_TOKENS = 10  # two groups: 5760 samples (0.24 s) per generation keeps the suite fast
+PROMPT_SECONDS = 1.5
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> StepAudioEngine:
+    settings = Settings(
+        model_path=tiny_bundle,
+        cache_dir=tmp_path_factory.mktemp("engine-cache"),
+        device="cpu",
+        enable_auto_transcribe=False,
+    )
+    return build_engine(settings, max_new_tokens=MAX_NEW_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def prompt() -> tuple[AudioInput, str]:
+    """The first 1.5 s of the shipped default voice (a real speech clip) and its transcript."""
+    voice, transcript = load_default_voice()
+    n = int(PROMPT_SECONDS * voice.sample_rate)
+    return AudioInput(voice.samples[:, :n].copy(), voice.sample_rate), transcript
+
+
+def clone(engine: StepAudioEngine, prompt: tuple[AudioInput, str], **kwargs) -> np.ndarray:
+    audio, text = prompt
+    fields = {"prompt_audio": audio, "prompt_text": text, "text": "Hello there.", "seed": 5} | kwargs
+    return engine.clone(CloneRequest(**fields)).audio
+
+
+def test_clone_gives_24k_audio_of_the_generated_length(engine: StepAudioEngine, prompt) -> None:
+    audio, text = prompt
+    result = engine.clone(CloneRequest(prompt_audio=audio, prompt_text=text, text="Good morning, everyone."))
+    assert result.sample_rate == VOCODER_SR == 24000
+    assert 0 < result.n_audio_tokens <= MAX_NEW_TOKENS
+    # 480 samples per mel frame, 2 mel frames per dual-codebook frame, 3 frames per group of 5 codes
+    assert SAMPLES_PER_GROUP == 480 * 2 * 3
+    assert result.audio.shape == (expected_samples(result.n_audio_tokens),)
+    assert result.audio.shape[0] == engine.token2wav.mel_frames(result.n_audio_tokens) * 480
+    assert result.audio.dtype == np.float32 and np.isfinite(result.audio).all()
+    assert np.abs(result.audio).max() > 0
+    assert result.iterations == [result.audio]
+    assert isinstance(result.seed, int) and 0 <= result.seed < 2**31  # drawn and reported
+    assert result.transcript == text
+    assert {"prompt_features", "llm", "vocoder", "total"} <= set(result.timings)
+
+
+def test_seed_reproduces_even_from_concurrent_threads(engine: StepAudioEngine, prompt) -> None:
+    results: dict[int, np.ndarray] = {}
+
+    def run(slot: int) -> None:
+        results[slot] = clone(engine, prompt, seed=11)
+
+    threads = [threading.Thread(target=run, args=(slot,)) for slot in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    np.testing.assert_array_equal(results[0], results[1])
+    np.testing.assert_array_equal(results[0], clone(engine, prompt, seed=11))
+    other = clone(engine, prompt, seed=12)
+    assert other.shape != results[0].shape or not np.array_equal(other, results[0])
+
+
+def test_intensity_changes_the_output(engine: StepAudioEngine, prompt) -> None:
+    audio, text = prompt
+    low = engine.clone(CloneRequest(prompt_audio=audio, prompt_text=text, text="Hi.", seed=3, intensity=0.1))
+    high = engine.clone(CloneRequest(prompt_audio=audio, prompt_text=text, text="Hi.", seed=3, intensity=3.0))
+    assert (low.intensity, high.intensity) == (0.1, 3.0)
+    assert low.audio.shape != high.audio.shape or not np.array_equal(low.audio, high.audio)
+
+
+EDIT_CASES = [
+    ("emotion", "happy", None),
+    ("style", "whisper", None),
+    ("speed", "more faster", None),
+    ("paralinguistic", None, "[Laughter] Hello, I am the default voice."),
+    ("denoise", None, None),
+    ("vad", None, None),
+]
+
+
+@pytest.mark.parametrize(("mode", "edit_info", "text"), EDIT_CASES)
+def test_every_edit_mode(engine: StepAudioEngine, prompt, mode: str, edit_info: str | None, text: str | None) -> None:
+    audio, transcript = prompt
+    audio_text = None if mode in {"denoise", "vad"} else transcript  # those two need no transcript
+    result = engine.edit(
+        EditRequest(audio=audio, audio_text=audio_text, mode=mode, edit_info=edit_info, text=text, seed=1)
+    )
+    assert result.sample_rate == VOCODER_SR
+    assert 0 < result.n_audio_tokens <= MAX_NEW_TOKENS
+    assert result.audio.shape == (expected_samples(result.n_audio_tokens),)
+    assert len(result.iterations) == 1 and result.iterations[-1] is result.audio
+
+
+def test_n_edit_iter_runs_every_iteration_on_the_previous_output(
+    engine: StepAudioEngine, prompt, caplog: pytest.LogCaptureFixture
+) -> None:
+    audio, transcript = prompt
+    request = EditRequest(audio=audio, audio_text=transcript, mode="style", edit_info="whisper", n_edit_iter=3, seed=2)
+    with caplog.at_level(logging.INFO, logger="tokenizer"):
+        result = engine.edit(request)
+    assert len(result.iterations) == 3
+    assert result.audio is result.iterations[-1]
+    for wav in result.iterations:
+        assert wav.shape[0] % SAMPLES_PER_GROUP == 0 and wav.shape[0] > 0
+    # iterations 2 and 3 tokenise the previous 24 kHz output: new audio, so new cache keys
+    assert sum("[FunASR Cache MISS]" in r.getMessage() for r in caplog.records) >= 2
+    assert not np.array_equal(result.iterations[0], result.iterations[1])
+
+
+def test_speed_halves_the_duration(engine: StepAudioEngine, prompt) -> None:
+    normal = clone(engine, prompt, seed=4)
+    fast = clone(engine, prompt, seed=4, speed=2.0)
+    assert abs(fast.shape[0] / normal.shape[0] - 0.5) <= 0.025
+
+
+def test_speed_keeps_the_pitch() -> None:
+    t = np.arange(VOCODER_SR) / VOCODER_SR
+    tone = (0.5 * np.sin(2 * np.pi * 440.0 * t)).astype(np.float32)
+    for speed in (0.5, 2.0):
+        out = change_speed(tone, speed)
+        assert abs(out.shape[0] - round(tone.shape[0] / speed)) <= 1
+        spectrum = np.abs(np.fft.rfft(out * np.hanning(out.shape[0])))
+        peak_hz = np.argmax(spectrum) * VOCODER_SR / out.shape[0]
+        assert abs(peak_hz - 440.0) < 5.0
+
+
+def test_second_request_with_the_same_prompt_hits_the_cache(
+    engine: StepAudioEngine, prompt, caplog: pytest.LogCaptureFixture
+) -> None:
+    voice, _ = load_default_voice()
+    # a prompt no other test uses (seconds 2.0 to 3.5 of the default voice)
+    audio = AudioInput(voice.samples[:, 2 * voice.sample_rate : int(3.5 * voice.sample_rate)].copy(), voice.sample_rate)
+    request = CloneRequest(prompt_audio=audio, prompt_text="the default voice", text="Cache me.", seed=9)
+    before = engine.cache_stats()
+    engine.clone(request)
+    after_first = engine.cache_stats()
+    assert after_first["misses"] >= before["misses"] + 2  # tokens, then the mel + speaker embedding
+    with caplog.at_level(logging.INFO, logger="tokenizer"):
+        second = engine.clone(request)
+    after_second = engine.cache_stats()
+    assert after_second["misses"] == after_first["misses"]  # nothing was computed again
+    assert after_second["hits"] == after_first["hits"] + 2  # tokens and prompt features both reused
+    assert after_second["time_saved_s"] > after_first["time_saved_s"]
+    assert any("[FunASR Cache HIT]" in r.getMessage() for r in caplog.records)
+    assert second.audio.shape[0] > 0
+
+
+def test_prepare_voice_fills_the_cache(engine: StepAudioEngine) -> None:
+    voice, _ = load_default_voice()
+    audio = AudioInput(voice.samples[:, voice.sample_rate : 2 * voice.sample_rate].copy(), voice.sample_rate)
+    engine.prepare_voice(audio)
+    before = engine.cache_stats()
+    engine.prepare_voice(audio)
+    after = engine.cache_stats()
+    assert after["misses"] == before["misses"] and after["hits"] == before["hits"] + 2
+
+
+def test_clear_cache(engine: StepAudioEngine, prompt) -> None:
+    engine.prepare_voice(prompt[0])
+    assert engine.cache_stats()["entries"] > 0
+    engine.clear_cache()
+    assert engine.cache_stats()["entries"] == 0
+
+
+def test_missing_transcripts_without_auto_transcription(engine: StepAudioEngine, prompt) -> None:
+    audio, _ = prompt
+    assert not engine.auto_transcribe
+    with pytest.raises(InvalidInputError, match="--enable-auto-transcribe") as err:
+        engine.clone(CloneRequest(prompt_audio=audio, prompt_text=None, text="Hello."))
+    assert err.value.param == "prompt_text"
+    with pytest.raises(InvalidInputError) as err:
+        engine.edit(EditRequest(audio=audio, audio_text="  ", mode="emotion", edit_info="sad"))
+    assert err.value.param == "audio_text"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param", "message"),
+    [
+        ({"variant": "awq"}, "model_variant", "loaded variants: base"),
+        ({"mode": "emotion", "edit_info": "whisper"}, "edit_info", "not valid for mode 'emotion'"),
+        ({"mode": "style", "edit_info": None}, "edit_info", "needs edit_info"),
+        ({"mode": "denoise", "edit_info": "happy"}, "edit_info", "takes no edit_info"),
+        ({"mode": "shout"}, "mode", "unknown edit mode"),
+        ({"mode": "paralinguistic", "edit_info": None, "text": None}, "input", "inline tags"),
+        ({"n_edit_iter": 0}, "n_edit_iter", "between 1 and 4"),
+        ({"n_edit_iter": 5}, "n_edit_iter", "between 1 and 4"),
+        ({"intensity": 3.5}, "intensity", "between 0.1 and 3.0"),
+        ({"speed": 0.1}, "speed", "between 0.25 and 4.0"),
+        ({"seed": -1}, "seed", "seed must be"),
+    ],
+)
+def test_bad_edit_requests(engine: StepAudioEngine, prompt, kwargs: dict, param: str, message: str) -> None:
+    audio, transcript = prompt
+    fields = {"audio": audio, "audio_text": transcript, "mode": "emotion", "edit_info": "happy"} | kwargs
+    with pytest.raises(InvalidInputError, match=message) as err:
+        engine.edit(EditRequest(**fields))
+    assert err.value.param == param
+
+
+def test_bad_clone_requests(engine: StepAudioEngine, prompt) -> None:
+    audio, transcript = prompt
+    with pytest.raises(InvalidInputError) as err:
+        engine.clone(CloneRequest(prompt_audio=audio, prompt_text=transcript, text="   "))
+    assert err.value.param == "input"
+    long_audio = AudioInput(np.zeros((1, 31 * 16000), dtype=np.float32), 16000)
+    with pytest.raises(TooLargeError) as err:
+        engine.clone(CloneRequest(prompt_audio=long_audio, prompt_text=transcript, text="Hi."))
+    assert err.value.param == "prompt_audio"
+    silence = AudioInput(np.zeros((1, 24000), dtype=np.float32), 24000)
+    with pytest.raises(AudioError, match="silent") as err:
+        engine.clone(CloneRequest(prompt_audio=silence, prompt_text=transcript, text="Hi."))
+    assert err.value.param == "prompt_audio"
+
+
+def test_catalogue_and_default_voice(engine: StepAudioEngine) -> None:
+    tags = engine.tags()
+    assert "happy" in tags["emotion"] and "whisper" in tags["style"] and "[Laughter]" in tags["paralinguistic"]
+    assert engine.variants == ["base"]
+    voice, transcript = engine.default_voice()
+    assert voice.sample_rate in {22050, 24000} and voice.samples.shape[0] == 1
+    assert 1.0 < voice.seconds <= 6.0 and transcript.endswith(".")
+
+
+@pytest.fixture(scope="module")
+def transcribing_engine(engine: StepAudioEngine, whisper_tiny_en: Path) -> StepAudioEngine:
+    """The same loaded stages with auto-transcription on (real Whisper tiny.en)."""
+    return StepAudioEngine(
+        tokenizer=engine.tokenizer,
+        llms=engine.llms,
+        text_tokenizer=engine.text_tokenizer,
+        token2wav=engine.token2wav,
+        speaker_encoder=engine.speaker_encoder,
+        cache=engine.cache,
+        transcriber=WhisperTranscriber(str(whisper_tiny_en), cpu_threads=1, beam_size=1),
+        options=engine.options.__class__(**{**engine.options.__dict__, "enable_auto_transcribe": True}),
+    )
+
+
+def test_auto_transcription_fills_missing_transcripts(transcribing_engine: StepAudioEngine, piper_speech) -> None:
+    sentence = "Please bring the blue book to the kitchen."
+    wav, sr = piper_speech(sentence)
+    audio = AudioInput(wav[None], sr)
+    cloned = transcribing_engine.clone(CloneRequest(prompt_audio=audio, prompt_text=None, text="Thank you.", seed=1))
+    words = cloned.transcript.lower().replace(".", "").split()
+    assert "blue" in words and "book" in words and "kitchen" in words
+    assert "thank" not in words  # the prompt's transcript, never the target text
+    assert "transcribe" in cloned.timings
+    edited = transcribing_engine.edit(EditRequest(audio=audio, audio_text=None, mode="emotion", edit_info="sad"))
+    assert edited.transcript == cloned.transcript
+    assert edited.audio.shape[0] > 0
