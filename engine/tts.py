@@ -19,7 +19,8 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -103,6 +104,16 @@ def change_speed(wav: np.ndarray, speed: float) -> np.ndarray:
 def expected_samples(n_codes: int) -> int:
     """Samples token2wav makes from ``n_codes`` mixed codes (padded to whole groups)."""
     return -(-n_codes // TOKENS_PER_GROUP) * SAMPLES_PER_GROUP
+
+
+@contextmanager
+def _api_param_names() -> Iterator[None]:
+    """Errors from the prompt builders name the request's fields (the target text is ``input``)."""
+    try:
+        yield
+    except InvalidInputError as exc:
+        exc.param = {"text": "input", "audio": "input_audio"}.get(exc.param or "", exc.param)
+        raise
 
 
 @lru_cache(maxsize=1)
@@ -198,13 +209,14 @@ class StepAudioEngine:
         seed = self._seed(request.seed)
 
         features = self._prompt_features(audio.samples, audio.sample_rate, "prompt_audio", timings)
-        pair = prompts.build_clone_prompt(
-            self.text_tokenizer,
-            speaker=prompts.clone_speaker_id(prompt_text, audio.samples),
-            prompt_text=prompt_text,
-            audio_token_str=features.tokens.token_str,
-            target_text=request.text,
-        )
+        with _api_param_names():
+            pair = prompts.build_clone_prompt(
+                self.text_tokenizer,
+                speaker=prompts.clone_speaker_id(prompt_text, audio.samples),
+                prompt_text=prompt_text,
+                audio_token_str=features.tokens.token_str,
+                target_text=request.text,
+            )
         codes = self._generate(llm, request.variant, pair, intensity=request.intensity, seed=seed, timings=timings)
         wav = self._vocode(codes, features, seed, timings)
         final = self._apply_speed(wav, request.speed, timings)
@@ -255,14 +267,15 @@ class StepAudioEngine:
         for iteration in range(request.n_edit_iter):
             iter_seed = (seed + iteration) % (MAX_SEED + 1)
             features = self._prompt_features(samples, sample_rate, "input_audio", timings)
-            pair = prompts.build_edit_prompt(
-                self.text_tokenizer,
-                mode=request.mode,
-                audio_token_str=features.tokens.token_str,
-                edit_info=edit_info,
-                audio_text=audio_text or None,
-                text=target_text,
-            )
+            with _api_param_names():
+                pair = prompts.build_edit_prompt(
+                    self.text_tokenizer,
+                    mode=request.mode,
+                    audio_token_str=features.tokens.token_str,
+                    edit_info=edit_info,
+                    audio_text=audio_text or None,
+                    text=target_text,
+                )
             codes = self._generate(
                 llm, request.variant, pair, intensity=request.intensity, seed=iter_seed, timings=timings
             )

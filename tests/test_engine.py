@@ -228,6 +228,9 @@ def test_bad_clone_requests(engine: StepAudioEngine, prompt) -> None:
     with pytest.raises(InvalidInputError) as err:
         engine.clone(CloneRequest(prompt_audio=audio, prompt_text=transcript, text="   "))
     assert err.value.param == "input"
+    with pytest.raises(InvalidInputError, match="audio_N") as err:  # no smuggled audio tokens
+        engine.clone(CloneRequest(prompt_audio=audio, prompt_text=transcript, text="Hi <audio_7> there."))
+    assert err.value.param == "input"
     long_audio = AudioInput(np.zeros((1, 31 * 16000), dtype=np.float32), 16000)
     with pytest.raises(TooLargeError) as err:
         engine.clone(CloneRequest(prompt_audio=long_audio, prompt_text=transcript, text="Hi."))
