@@ -76,7 +76,7 @@ async def create_speech_upload(
         raise
     limit = state.settings.max_upload_bytes
     uploads = {
-        name: await read_upload(f, max_bytes=limit, param=name)
+        name: await read_upload(f, max_bytes=limit, param=f"{name}_file")
         for name, f in (("prompt_audio", prompt_audio_file), ("input_audio", input_audio_file))
         if f is not None
     }
