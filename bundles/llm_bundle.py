@@ -262,7 +262,7 @@ def write_bnb_bundle(root: Path) -> Path:
         bnb_4bit_compute_dtype=torch.float32,
         bnb_4bit_use_double_quant=True,
     )
-    model = Step1ForCausalLM.from_pretrained(base, quantization_config=quant, device_map="cpu")
+    model = Step1ForCausalLM.from_pretrained(base, quantization_config=quant, dtype=torch.float32, device_map="cpu")
     out = Path(root) / BNB_DIR
     model.save_pretrained(out)
     _copy_text_tokenizer(base, out)

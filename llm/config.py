@@ -47,11 +47,16 @@ class Step1Config(PretrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs) -> None:
-        if kwargs.pop("tie_word_embeddings", None) or self.tie_word_embeddings:
-            logger.warning("Step1: ignoring tie_word_embeddings=true; lm_head is a separate weight")
-        self.tie_word_embeddings = False
+        kwargs.pop("tie_word_embeddings", None)
         super().__post_init__(**kwargs)
         self.validate_architecture()
+
+    def __setattr__(self, name: str, value: object) -> None:
+        # from_pretrained(..., tie_word_embeddings=True) sets attributes after __init__: refuse here.
+        if name == "tie_word_embeddings" and value:
+            logger.warning("Step1: ignoring tie_word_embeddings=true; lm_head is a separate weight")
+            value = False
+        super().__setattr__(name, value)
 
     @property
     def head_dim(self) -> int:
