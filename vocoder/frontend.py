@@ -135,7 +135,7 @@ def log_mel(wav: torch.Tensor, conf: MelSettings = DEFAULT_MEL_CONF) -> torch.Te
 def prompt_mel(wav: np.ndarray | torch.Tensor, sample_rate: int,
                mel_conf: MelSettings = DEFAULT_MEL_CONF) -> torch.Tensor:
     """Prepared prompt (1, n) at ``sample_rate`` -> the flow's prompt mel (1, T, num_mels) at 50 Hz."""
-    x = resample(_as_prompt(wav), int(sample_rate), mel_conf.sampling_rate)
+    x = resample(_as_prompt(wav), int(sample_rate), mel_conf.sampling_rate, kernel_dtype=torch.float32)
     return log_mel(x, mel_conf).transpose(1, 2).contiguous()
 
 
@@ -181,7 +181,7 @@ def kaldi_fbank(wav16k: torch.Tensor, num_mel_bins: int = FBANK_BINS) -> torch.T
 
 def campplus_features(wav: np.ndarray | torch.Tensor, sample_rate: int) -> torch.Tensor:
     """Prepared prompt (1, n) -> CAM++ input (1, frames, 80) on CPU: 16 kHz fbank minus its time mean."""
-    x = resample(_as_prompt(wav).cpu(), int(sample_rate), FBANK_SR)
+    x = resample(_as_prompt(wav).cpu(), int(sample_rate), FBANK_SR, kernel_dtype=torch.float32)
     feat = kaldi_fbank(x[0])
     return (feat - feat.mean(dim=0, keepdim=True)).unsqueeze(0)
 
