@@ -188,11 +188,12 @@ def test_causal_conv_block_chunked_with_cache_equals_whole() -> None:
     torch.manual_seed(0)
     block = CausalConvBlock(8, 8)
     x = torch.randn(1, 10, 8)
-    whole = block(x)
+    whole = block.block(x)  # the checkpoint's layout: channel-first Conv1d between transposes
+    torch.testing.assert_close(block(x), whole)  # our time-major matmul form
     cache = BlockCache()
     parts = [block(x[:, a:b], cache) for a, b in ((0, 3), (3, 4), (4, 10))]
     torch.testing.assert_close(torch.cat(parts, dim=1), whole)
-    assert cache.conv1.shape == (1, 8, 2) and cache.conv2.shape == (1, 8, 2)
+    assert cache.conv1.shape == (1, 2, 8) and cache.conv2.shape == (1, 2, 8)
 
 
 # --- the yaml reader -------------------------------------------------------------------------

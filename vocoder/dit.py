@@ -26,13 +26,13 @@ CONV_KERNEL = 3
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN: x * (1 + scale) + shift, with (B, 1, C) modulation broadcast over time."""
-    return x * (1 + scale) + shift
+    """adaLN: x * (1 + scale) + shift, with (B, 1, C) modulation broadcast over time (one fused pass)."""
+    return torch.addcmul(shift, x, 1 + scale)
 
 
 @dataclass
 class BlockCache:
-    """Streaming state of one DiT block: conv left contexts (B, C, k-1) and past keys/values (B, H, T, d)."""
+    """Streaming state of one DiT block: conv left contexts (B, k-1, C) and past keys/values (B, H, T, d)."""
 
     conv1: torch.Tensor | None = None
     conv2: torch.Tensor | None = None
@@ -65,12 +65,19 @@ class CausalConv1d(nn.Conv1d):
         super().__init__(in_channels, out_channels, kernel_size)
         self.context = kernel_size - 1
 
-    def forward_cached(self, x: torch.Tensor, cache: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (B, C, T) -> (B, C', T) and the new left context (B, C, kernel-1)."""
+    def forward_time_major(self, x: torch.Tensor, cache: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, T, C) -> (B, T, C') and the new left context (B, kernel-1, C).
+
+        The same convolution as ``forward``, computed as one matmul over the unfolded time window
+        so the DiT's (B, T, C) activations need no transposes. ``cache`` replaces the zero padding.
+        """
         if cache is None:
-            cache = x.new_zeros(x.size(0), x.size(1), self.context)
-        x = torch.cat([cache, x], dim=2)
-        return super().forward(x), x[:, :, x.size(2) - self.context:]
+            cache = x.new_zeros(x.size(0), self.context, x.size(2))
+        padded = torch.cat([cache, x], dim=1)  # (B, T + k - 1, C)
+        windows = padded.unfold(1, self.kernel_size[0], 1).reshape(x.size(0), x.size(1), -1)  # (B, T, C*k)
+        y = F.linear(windows, self.weight.reshape(self.out_channels, -1), self.bias)
+        return y, padded[:, padded.size(1) - self.context:]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, T) -> (B, C', T)."""
@@ -94,13 +101,17 @@ class CausalConvBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, cache: BlockCache | None = None) -> torch.Tensor:
-        """x: (B, T, C) -> (B, T, C); with ``cache`` the conv left contexts are read and replaced."""
-        if cache is None:
-            return self.block(x)
-        h, cache.conv1 = self.block[1].forward_cached(x.transpose(1, 2), cache.conv1)
-        h = self.block[4](self.block[3](h.transpose(1, 2)))
-        h, cache.conv2 = self.block[6].forward_cached(h.transpose(1, 2), cache.conv2)
-        return h.transpose(1, 2)
+        """x: (B, T, C) -> (B, T, C); with ``cache`` the conv left contexts (B, k-1, C) are read and replaced.
+
+        Equivalent to running ``self.block`` (transposes around channel-first convs), but stays in
+        (B, T, C) layout throughout.
+        """
+        h, conv1 = self.block[1].forward_time_major(x, None if cache is None else cache.conv1)
+        h = self.block[4](self.block[3](h))
+        h, conv2 = self.block[6].forward_time_major(h, None if cache is None else cache.conv2)
+        if cache is not None:
+            cache.conv1, cache.conv2 = conv1, conv2
+        return h
 
 
 class Attention(nn.Module):
@@ -118,10 +129,6 @@ class Attention(nn.Module):
         self.k_norm = nn.LayerNorm(head_dim)
         self.proj = nn.Linear(inner, dim)
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape
-        return x.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None, cache: BlockCache | None = None
     ) -> torch.Tensor:
@@ -130,9 +137,10 @@ class Attention(nn.Module):
         With ``cache``, the new keys/values are appended to the cached ones and attended together.
         """
         b, t, _ = x.shape
-        q = self.q_norm(self._heads(self.to_q(x)))
-        k = self.k_norm(self._heads(self.to_k(x)))
-        v = self._heads(self.to_v(x))
+        # per-head norms act on the last axis, so apply them before moving heads forward
+        q = self.q_norm(self.to_q(x).view(b, t, self.num_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.to_k(x).view(b, t, self.num_heads, self.head_dim)).transpose(1, 2)
+        v = self.to_v(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         if cache is not None:
             if cache.key is not None:
                 k = torch.cat([cache.key, k], dim=2)
@@ -173,9 +181,9 @@ class DiTBlock(nn.Module):
         """x: (B, T, C); c: (B, 1, C) time embedding; mask: (B, 1, 1, T) or None -> (B, T, C)."""
         (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp,
          shift_conv, scale_conv, gate_conv) = self.adaLN_modulation(c).chunk(9, dim=-1)
-        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), mask, cache)
-        x = x + gate_conv * self.conv(modulate(self.norm3(x), shift_conv, scale_conv), cache)
-        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        x = torch.addcmul(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa), mask, cache))
+        x = torch.addcmul(x, gate_conv, self.conv(modulate(self.norm3(x), shift_conv, scale_conv), cache))
+        return torch.addcmul(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
 
 class TimestepEmbedder(nn.Module):
