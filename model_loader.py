@@ -414,5 +414,101 @@ class ModelRegistry:
         with self._lock:
             return list(self._loaded)
 
-    # Tokenizer and vocoder loading are added here by the engine (get_tokenizer / get_vocoder),
-    # each as ``self.get_or_load("<name>", lambda: <build it from self.bundle, self.device>)``.
+    # --- the other stages (added for the engine) ------------------------------------------------
+
+    def get_text_tokenizer(self) -> Any:
+        """The Step1 text tokenizer (``tokenizer.model`` of the base directory; variants share it)."""
+        from llm.text_tokenizer import load_text_tokenizer
+
+        return self.get_or_load("text_tokenizer", lambda: load_text_tokenizer(self.bundle.editx))
+
+    def get_tokenizer(
+        self,
+        funasr_model_id: str,
+        *,
+        dither: float = 0.0,
+        onnx_threads: int = 1,
+        cache_dir: Path | None = None,
+        cache_max_bytes: int = 0,
+    ) -> Any:
+        """The audio tokenizer, with the token cache attached when ``cache_dir`` and a budget are given."""
+        key = f"tokenizer:{funasr_model_id}:{dither}:{onnx_threads}:{cache_dir}:{cache_max_bytes}"
+        return self.get_or_load(
+            key,
+            lambda: load_tokenizer(
+                self.bundle.tokenizer,
+                funasr_model_id,
+                self.device,
+                dither=dither,
+                onnx_threads=onnx_threads,
+                cache_dir=cache_dir,
+                cache_max_bytes=cache_max_bytes,
+            ),
+        )
+
+    def get_vocoder(self, onnx_threads: int = 1) -> VocoderStage:
+        """Token2Wav (flow + HiFT, fp32 on the device) and the CAM++ speaker encoder."""
+        return self.get_or_load("vocoder", lambda: load_vocoder(self.bundle.vocoder, self.device, onnx_threads))
+
+
+# --- audio tokenizer and vocoder --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VocoderStage:
+    """The vocoder's two loaded parts: ``token2wav`` (vocoder.token2wav.Token2Wav) and
+    ``speaker_encoder`` (vocoder.frontend.SpeakerEncoder, CAM++ on CPU)."""
+
+    token2wav: Any
+    speaker_encoder: Any
+
+
+def load_tokenizer(
+    tokenizer_dir: Path,
+    funasr_model_id: str,
+    device: torch.device,
+    *,
+    dither: float = 0.0,
+    onnx_threads: int = 1,
+    cache_dir: Path | None = None,
+    cache_max_bytes: int = 0,
+) -> Any:
+    """StepAudioTokenizer from ``tokenizer_dir``, with a TokenCache under ``cache_dir`` (budget > 0).
+
+    The cache's fingerprint is the tokenizer's (model files + settings), so tokens made by other
+    weights or settings are never served.
+    """
+    from token_cache import TokenCache
+    from tokenizer import StepAudioTokenizer
+
+    try:
+        tokenizer = StepAudioTokenizer(
+            tokenizer_dir, funasr_model_id, device=str(device), dither=dither, onnx_threads=onnx_threads
+        )
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # unreadable configs or weights in a bundle we did not write
+        raise ModelLoadError(f"audio tokenizer cannot be loaded from {tokenizer_dir}: {exc}") from exc
+    if cache_dir is not None and cache_max_bytes > 0:
+        try:
+            tokenizer.cache = TokenCache(Path(cache_dir), cache_max_bytes, tokenizer.fingerprint)
+        except OSError as exc:
+            raise ModelLoadError(f"token cache directory {cache_dir} is not usable: {exc}") from exc
+    return tokenizer
+
+
+def load_vocoder(vocoder_dir: Path, device: torch.device, onnx_threads: int = 1) -> VocoderStage:
+    """The vocoder of ``CosyVoice-300M-25Hz/``: cosyvoice.yaml + flow.pt + hift.pt, campplus.onnx."""
+    from vocoder.frontend import SpeakerEncoder
+    from vocoder.token2wav import Token2Wav
+
+    start = time.perf_counter()
+    try:
+        token2wav = Token2Wav.from_dir(vocoder_dir, device)
+        speaker_encoder = SpeakerEncoder(vocoder_dir / "campplus.onnx", threads=onnx_threads)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # missing or damaged files
+        raise ModelLoadError(f"vocoder cannot be loaded from {vocoder_dir}: {exc}") from exc
+    logger.info("Loaded the vocoder from %s on %s in %.1fs", vocoder_dir, device, time.perf_counter() - start)
+    return VocoderStage(token2wav, speaker_encoder)

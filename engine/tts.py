@@ -40,6 +40,7 @@ from vocoder.frontend import prompt_features
 
 if TYPE_CHECKING:
     from engine.transcribe import WhisperTranscriber
+    from model_loader import ModelRegistry
     from settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -448,65 +449,50 @@ class StepAudioEngine:
         return out
 
 
-@dataclass(frozen=True)
-class EngineParts:
-    device: torch.device
-    tokenizer: Any
-    llms: dict[str, Any]
-    text_tokenizer: Any
-    token2wav: Any
-    speaker_encoder: Any
-    cache: Any | None
-
-
-def _load_engine_parts(settings: Settings) -> EngineParts:
-    """TEMPORARY until model_loader.py lands: load the stages straight from the bundle."""
-    from llm.model import Step1ForCausalLM
-    from llm.text_tokenizer import load_text_tokenizer
-    from token_cache import TokenCache
-    from tokenizer import StepAudioTokenizer
-    from vocoder.frontend import SpeakerEncoder
-    from vocoder.token2wav import Token2Wav
-
-    root = Path(settings.model_path)
-    editx = root if (root / "config.json").is_file() else root / "Step-Audio-EditX"
-    tok_dir = Path(settings.tokenizer_model_id)
-    if not tok_dir.is_dir():
-        tok_dir = (root if editx != root else root.parent) / settings.tokenizer_model_id
-    device = torch.device("cpu")
-    tokenizer = StepAudioTokenizer(tok_dir, settings.funasr_model_id, dither=settings.funasr_dither)
-    cache = TokenCache(Path(settings.cache_dir) / "tokens", settings.cache_max_bytes, tokenizer.fingerprint)
-    tokenizer.cache = cache
-    model = Step1ForCausalLM.from_pretrained(editx, dtype=torch.float32).eval()
-    vocoder_dir = editx / "CosyVoice-300M-25Hz"
-    return EngineParts(
-        device=device,
-        tokenizer=tokenizer,
-        llms={"base": model},
-        text_tokenizer=load_text_tokenizer(editx),
-        token2wav=Token2Wav.from_dir(vocoder_dir),
-        speaker_encoder=SpeakerEncoder(vocoder_dir / "campplus.onnx"),
-        cache=cache,
-    )
-
-
 DEMO_MAX_NEW_TOKENS = 250  # random weights rarely sample EOS: cap demo generations at 6 s of audio
 
 
-def build_engine(settings: Settings, *, max_new_tokens: int | None = None) -> StepAudioEngine:
+def build_engine(
+    settings: Settings, *, registry: ModelRegistry | None = None, max_new_tokens: int | None = None
+) -> StepAudioEngine:
     """Load every stage named by ``settings`` (blocking; minutes for official weights).
 
-    ``max_new_tokens`` caps the audio ids per generation (default: none, as the reference; the
-    demo's random-weight bundle gets ``DEMO_MAX_NEW_TOKENS``).
+    Downloads missing bundle parts when ``--model-source`` allows it, resolves device and dtype,
+    and loads through ``registry`` (a new ``model_loader.ModelRegistry`` when None), so engines
+    built on one registry share every loaded component. ``max_new_tokens`` caps the audio ids
+    per generation (default: no cap beyond the reference's total length; the demo's random-weight
+    bundle gets ``DEMO_MAX_NEW_TOKENS``). Failures raise ``errors.ModelLoadError``.
     """
+    import model_loader
+
+    if registry is None:
+        model_loader.fetch_bundle(
+            settings.model_path, settings.model_source, settings.tokenizer_model_id, settings.variants
+        )
+        device = model_loader.resolve_device(settings.device)
+        bundle = model_loader.resolve_bundle(
+            settings.model_path,
+            settings.tokenizer_model_id,
+            awq_path=settings.awq_model_path,
+            bnb_path=settings.bnb_model_path,
+        )
+        registry = model_loader.ModelRegistry(bundle, device, model_loader.resolve_dtype(settings.torch_dtype, device))
     if max_new_tokens is None and settings.demo:
         max_new_tokens = DEMO_MAX_NEW_TOKENS
-    parts = _load_engine_parts(settings)
+    tokenizer = registry.get_tokenizer(
+        settings.funasr_model_id,
+        dither=settings.funasr_dither,
+        onnx_threads=settings.onnx_threads,
+        cache_dir=settings.cache_dir,
+        cache_max_bytes=settings.cache_max_bytes,
+    )
+    vocoder = registry.get_vocoder(settings.onnx_threads)
+    llms = registry.load_llms(dict.fromkeys(settings.variants))  # de-duplicated, in order
     transcriber = None
     if settings.enable_auto_transcribe:
         from engine.transcribe import WhisperTranscriber
 
-        transcriber = WhisperTranscriber(settings.whisper_model, device=str(parts.device))
+        transcriber = WhisperTranscriber(settings.whisper_model, device=str(registry.device))
         transcriber.load()  # at startup, so the first request does not pay for it
     options = EngineOptions(
         max_audio_seconds=settings.max_audio_seconds,
@@ -515,13 +501,13 @@ def build_engine(settings: Settings, *, max_new_tokens: int | None = None) -> St
         max_new_tokens=max_new_tokens,
     )
     return StepAudioEngine(
-        tokenizer=parts.tokenizer,
-        llms=parts.llms,
-        text_tokenizer=parts.text_tokenizer,
-        token2wav=parts.token2wav,
-        speaker_encoder=parts.speaker_encoder,
-        cache=parts.cache,
+        tokenizer=tokenizer,
+        llms=llms,
+        text_tokenizer=registry.get_text_tokenizer(),
+        token2wav=vocoder.token2wav,
+        speaker_encoder=vocoder.speaker_encoder,
+        cache=tokenizer.cache,
         transcriber=transcriber,
         options=options,
-        device=parts.device,
+        device=registry.device,
     )

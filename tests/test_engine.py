@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from audio import VOCODER_SR, AudioError
-from engine.transcribe import WhisperTranscriber
 from engine.tts import (
     SAMPLES_PER_GROUP,
     StepAudioEngine,
@@ -21,21 +21,32 @@ from engine.tts import (
 )
 from engine.types import AudioInput, CloneRequest, EditRequest
 from errors import InvalidInputError, TooLargeError
+from model_loader import ModelRegistry, resolve_bundle
 from settings import Settings
 
 MAX_NEW_TOKENS = 10  # two groups: 5760 samples (0.24 s) per generation keeps the suite fast
 PROMPT_SECONDS = 1.5
 
 
+def engine_settings(bundle: Path, cache_dir: Path, **kwargs) -> Settings:
+    return Settings(model_path=bundle, cache_dir=cache_dir, device="cpu", torch_dtype="float32", **kwargs)
+
+
 @pytest.fixture(scope="module")
-def engine(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> StepAudioEngine:
-    settings = Settings(
-        model_path=tiny_bundle,
-        cache_dir=tmp_path_factory.mktemp("engine-cache"),
-        device="cpu",
-        enable_auto_transcribe=False,
-    )
-    return build_engine(settings, max_new_tokens=MAX_NEW_TOKENS)
+def registry(tiny_bundle: Path) -> ModelRegistry:
+    bundle = resolve_bundle(tiny_bundle)
+    return ModelRegistry(bundle, torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture(scope="module")
+def engine_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("engine-cache")
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_bundle: Path, engine_cache_dir: Path, registry: ModelRegistry) -> StepAudioEngine:
+    settings = engine_settings(tiny_bundle, engine_cache_dir, enable_auto_transcribe=False)
+    return build_engine(settings, registry=registry, max_new_tokens=MAX_NEW_TOKENS)
 
 
 @pytest.fixture(scope="module")
@@ -251,18 +262,22 @@ def test_catalogue_and_default_voice(engine: StepAudioEngine) -> None:
 
 
 @pytest.fixture(scope="module")
-def transcribing_engine(engine: StepAudioEngine, whisper_tiny_en: Path) -> StepAudioEngine:
-    """The same loaded stages with auto-transcription on (real Whisper tiny.en)."""
-    return StepAudioEngine(
-        tokenizer=engine.tokenizer,
-        llms=engine.llms,
-        text_tokenizer=engine.text_tokenizer,
-        token2wav=engine.token2wav,
-        speaker_encoder=engine.speaker_encoder,
-        cache=engine.cache,
-        transcriber=WhisperTranscriber(str(whisper_tiny_en), cpu_threads=1, beam_size=1),
-        options=engine.options.__class__(**{**engine.options.__dict__, "enable_auto_transcribe": True}),
+def transcribing_engine(
+    tiny_bundle: Path, engine_cache_dir: Path, registry: ModelRegistry, whisper_tiny_en: Path
+) -> StepAudioEngine:
+    """Auto-transcription on (real Whisper tiny.en), on the stages the registry already loaded."""
+    settings = engine_settings(
+        tiny_bundle, engine_cache_dir, enable_auto_transcribe=True, whisper_model=str(whisper_tiny_en)
     )
+    return build_engine(settings, registry=registry, max_new_tokens=MAX_NEW_TOKENS)
+
+
+def test_engines_on_one_registry_share_the_stages(engine: StepAudioEngine, transcribing_engine) -> None:
+    assert transcribing_engine.tokenizer is engine.tokenizer
+    assert transcribing_engine.llms["base"] is engine.llms["base"]
+    assert transcribing_engine.token2wav is engine.token2wav
+    assert transcribing_engine.cache is engine.cache is engine.tokenizer.cache
+    assert transcribing_engine.auto_transcribe and transcribing_engine.transcriber.loaded
 
 
 def test_auto_transcription_fills_missing_transcripts(transcribing_engine: StepAudioEngine, piper_speech) -> None:
