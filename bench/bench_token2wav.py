@@ -71,15 +71,17 @@ def run_case(vocoder_dir: Path, case: str, device: str, threads: int, repeats: i
     spk_emb = rng.normal(size=(1, 192)).astype(np.float32)
     codes = _codes(CASES[case], seed=2)
 
-    def once() -> tuple[float, float, float, int]:
+    def once() -> tuple[float, float, float, int, float]:
         if device == "cuda":
             torch.cuda.synchronize()
+        cpu_start = time.process_time()
         start = time.perf_counter()
         wav = t2w.token2wav(codes, prompt_codes, prompt_mel, spk_emb, seed=0)
         if device == "cuda":
             torch.cuda.synchronize()
         timings = t2w.last_timings
-        return time.perf_counter() - start, timings.flow_s, timings.hift_s, wav.shape[1]
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        return wall, timings.flow_s, timings.hift_s, wav.shape[1], cpu
 
     once()  # warm-up: first-call allocations and kernel selection
     if device == "cuda":
@@ -96,6 +98,8 @@ def run_case(vocoder_dir: Path, case: str, device: str, threads: int, repeats: i
         "best_s": round(min(totals), 3),
         "flow_s": round(statistics.median(r[1] for r in runs), 3),
         "hift_s": round(statistics.median(r[2] for r in runs), 3),
+        # process CPU seconds per call (all threads): a contention-independent companion to wall time
+        "cpu_s": round(statistics.median(r[4] for r in runs), 3),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2),
     }
     if device == "cuda":
