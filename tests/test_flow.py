@@ -58,6 +58,15 @@ def test_full_size_flow_reproduces_every_official_key_and_shape(tmp_path: Path) 
     assert ours == official
 
 
+def test_full_size_yaml_gives_the_official_hift_keys_and_shapes(tmp_path: Path) -> None:
+    official_path = OFFICIAL_FLOW_KEYS.with_name("hift_keys.tsv")
+    if not official_path.is_file():
+        pytest.skip("../shared/docs/checkpoint-keys is absent")
+    rows = [line.split("\t") for line in official_path.read_text().splitlines()[1:] if line.strip()]
+    _, _, hift = _build(tmp_path, "full", meta=True)
+    assert {k: str(list(v.shape)) for k, v in hift.state_dict().items()} == {k: s for k, s, _ in rows}
+
+
 def test_tiny_flow_keys_follow_the_official_naming_pattern(tmp_path: Path) -> None:
     official = _official_flow_shapes()
     _, flow, _ = _build(tmp_path, "tiny")
