@@ -8,9 +8,9 @@
            ``n_edit_iter`` > 1 feeds each iteration's 24 kHz output into the next (re-tokenised,
            mel and embedding recomputed, as the reference's history loop does) and returns all.
 
-The engine is called from the service's worker threads: each stage runs under its own lock,
-so two requests can overlap (one in the LLM while another is in the vocoder) without two
-threads entering a stage that keeps per-call state.
+The engine is called from the service's worker threads. The tokenizer, the prompt frontend and
+the cache are thread-safe; each LLM variant and the vocoder run one request at a time under their
+own lock, so two requests overlap in different stages while (GPU) memory stays bounded.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ SAMPLES_PER_GROUP = TOKEN_FRAMES_PER_GROUP * MEL_FRAMES_PER_TOKEN_FRAME * SAMPLE
 MIN_INTENSITY, MAX_INTENSITY = 0.1, 3.0
 MIN_SPEED, MAX_SPEED = 0.25, 4.0
 MAX_SEED = 2**31 - 1
-PCM16_SCALE = 32767.0  # write scale of float -> 16-bit WAV (libsndfile), read back over 32768
+PCM16_SCALE = 32768.0  # float <-> 16-bit PCM, as soundfile writes (floor(x * 32768)) and reads (/ 32768)
 
 DEFAULT_VOICE_DIR = Path(__file__).resolve().parent / "default_voice"
 
@@ -85,15 +85,16 @@ class PromptFeatures:
 
 
 def pcm16_round_trip(wav: np.ndarray) -> np.ndarray:
-    """The reference saves each edit iteration as a 16-bit WAV and reloads it; do the same in memory."""
-    return (np.round(np.clip(wav, -1.0, 1.0) * PCM16_SCALE) / 32768.0).astype(np.float32)
+    """The reference saves each edit iteration as a 16-bit WAV (soundfile) and reloads it; same in memory."""
+    pcm = np.clip(np.floor(wav.astype(np.float32) * np.float32(PCM16_SCALE)), -PCM16_SCALE, PCM16_SCALE - 1)
+    return (pcm / PCM16_SCALE).astype(np.float32)
 
 
 def change_speed(wav: np.ndarray, speed: float) -> np.ndarray:
     """Play ``wav`` ``speed`` times faster without changing its pitch (phase-vocoder time stretch).
 
     Output length is ``round(len / speed)``. A phase vocoder smears transients a little at large
-    factors; it is the documented trade-off for a pitch-preserving, dependency-free stretch.
+    factors; it is the documented trade-off for a simple pitch-preserving stretch (librosa).
     """
     if speed == 1.0 or wav.size == 0:
         return wav

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 
 from audio import VOCODER_SR, AudioError
@@ -18,6 +20,7 @@ from engine.tts import (
     change_speed,
     expected_samples,
     load_default_voice,
+    pcm16_round_trip,
 )
 from engine.types import AudioInput, CloneRequest, EditRequest
 from errors import InvalidInputError, TooLargeError
@@ -159,6 +162,15 @@ def test_speed_keeps_the_pitch() -> None:
         spectrum = np.abs(np.fft.rfft(out * np.hanning(out.shape[0])))
         peak_hz = np.argmax(spectrum) * VOCODER_SR / out.shape[0]
         assert abs(peak_hz - 440.0) < 5.0
+
+
+def test_iteration_hand_over_equals_a_16_bit_wav_round_trip() -> None:
+    wav = np.concatenate([np.random.default_rng(0).uniform(-1, 1, 4000), [1.0, -1.0, 1.5, -1.5, 1e-6, -1e-6]])
+    buffer = io.BytesIO()
+    sf.write(buffer, wav.astype(np.float32), VOCODER_SR, format="WAV", subtype="PCM_16")
+    buffer.seek(0)
+    reloaded, _ = sf.read(buffer, dtype="float32")
+    np.testing.assert_array_equal(pcm16_round_trip(wav.astype(np.float32)), reloaded)
 
 
 def test_second_request_with_the_same_prompt_hits_the_cache(
