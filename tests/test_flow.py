@@ -12,6 +12,7 @@ import torch
 
 from bundles.vocoder_bundle import cosyvoice_yaml, random_state_dict
 from errors import ModelLoadError
+from vocoder import encoder
 from vocoder.config import build_from_yaml, load_flow_state_dict, read_yaml
 from vocoder.dit import BlockCache, CausalConvBlock
 from vocoder.encoder import RelPositionalEncoding, RelPositionMultiHeadedAttention
@@ -179,6 +180,23 @@ def test_rel_position_attention_matches_the_direct_formula() -> None:
         ctx[:, h] = torch.softmax(scores, dim=-1) @ v[:, h]
     expected = ctx.reshape(t, d) @ attn.linear_out.weight.double().T + attn.linear_out.bias.double()
     torch.testing.assert_close(out[0].double(), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_query_blocks_and_sliced_tables_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    attn = RelPositionMultiHeadedAttention(2, 8)
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.normal_()
+    x = torch.randn(2, 11, 8)
+    mask = torch.ones(2, 1, 11, dtype=torch.bool)
+    mask[1, :, 8:] = False
+    _, pos_emb = RelPositionalEncoding(8)(x)
+    torch.testing.assert_close(pos_emb, encoder._rel_pos_table(8, 11))  # slice of the 5000-long table
+    whole = attn(x, mask, pos_emb)
+    monkeypatch.setattr(encoder, "ATTN_BLOCK_ABOVE", 4)
+    monkeypatch.setattr(encoder, "ATTN_QUERY_BLOCK", 3)
+    torch.testing.assert_close(attn(x, mask, pos_emb), whole)
 
 
 def test_padding_mask_hides_padded_keys() -> None:

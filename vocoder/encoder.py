@@ -24,6 +24,9 @@ SUPPORTED_SELF_ATTN = "rel_selfattn"
 SUPPORTED_ACTIVATION = "swish"
 CONFORMER_NORM_EPS = 1e-12  # norm_mha / norm_ff (wenet convention)
 POS_ENC_BASE = 10000.0
+POS_TABLE_STEP = 5000  # relative tables are built for multiples of this length and sliced (the reference: 5000)
+ATTN_QUERY_BLOCK = 256  # long inputs: scores are formed for this many queries at a time (bounded memory)
+ATTN_BLOCK_ABOVE = 1024  # ... when the sequence is longer than this
 
 
 def padding_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
@@ -44,13 +47,20 @@ class DualCodebookEmbedding(nn.Module):
         return torch.cat([self.embedding(token[..., 0]), self.embedding(token[..., 1])], dim=-1)
 
 
-@lru_cache(maxsize=16)
-def _rel_pos_table(d_model: int, length: int) -> torch.Tensor:
+def rel_pos_table(d_model: int, length: int) -> torch.Tensor:
     """The ESPnet relative table for offsets +(length-1) .. -(length-1): (1, 2*length-1, d_model).
 
     Row k holds the encoding of relative position ``(length - 1) - k`` (query index minus key
-    index), sin on even and cos on odd channels, computed in fp32 like the reference.
+    index), sin on even and cos on odd channels, computed in fp32 like the reference. Every entry
+    depends only on its relative position, so a longer table sliced at its centre is identical.
     """
+    size = -(-length // POS_TABLE_STEP) * POS_TABLE_STEP
+    table = _rel_pos_table(d_model, size)
+    return table[:, size - length: size + length - 1]
+
+
+@lru_cache(maxsize=2)
+def _rel_pos_table(d_model: int, length: int) -> torch.Tensor:
     position = torch.arange(0, length, dtype=torch.float32).unsqueeze(1)
     div_term = torch.exp(
         torch.arange(0, d_model, 2, dtype=torch.float32) * -(math.log(POS_ENC_BASE) / d_model)
@@ -74,7 +84,7 @@ class RelPositionalEncoding(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, T, D) -> (x * sqrt(D), pos_emb (1, 2T-1, D))."""
-        pos_emb = _rel_pos_table(self.d_model, x.size(1)).to(device=x.device, dtype=x.dtype)
+        pos_emb = rel_pos_table(self.d_model, x.size(1)).to(device=x.device, dtype=x.dtype)
         return x * self.xscale, pos_emb
 
 
@@ -111,30 +121,43 @@ class RelPositionMultiHeadedAttention(nn.Module):
         self.pos_bias_v = nn.Parameter(torch.zeros(n_head, self.d_k))
 
     @staticmethod
-    def rel_shift(x: torch.Tensor) -> torch.Tensor:
-        """(B, H, T, 2T-1) scores per offset -> (B, H, T, T): out[i, j] = x[i, (T-1) - i + j]."""
-        t = x.size(2)
-        steps = torch.arange(t, device=x.device)
-        index = (t - 1) - steps[:, None] + steps[None, :]
-        return torch.gather(x, -1, index.expand(x.size(0), x.size(1), t, t))
+    def rel_shift(x: torch.Tensor, first_query: int = 0) -> torch.Tensor:
+        """(B, H, Q, 2T-1) scores per offset -> (B, H, Q, T): out[i, j] = x[i, (T-1) - (first_query + i) + j].
+
+        ``first_query`` is the absolute index of row 0 when only a block of queries is given.
+        """
+        q_len, t = x.size(2), (x.size(3) + 1) // 2
+        rows = torch.arange(first_query, first_query + q_len, device=x.device)
+        index = (t - 1) - rows[:, None] + torch.arange(t, device=x.device)[None, :]
+        return torch.gather(x, -1, index.expand(x.size(0), x.size(1), q_len, t))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, pos_emb: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, D); mask: (B, 1, T) bool (True = valid) or None; pos_emb: (1, 2T-1, D)."""
+        """x: (B, T, D); mask: (B, 1, T) bool (True = valid) or None; pos_emb: (1, 2T-1, D) -> (B, T, D).
+
+        Long inputs are processed in blocks of queries so the (T, 2T-1) score tensors never exist whole.
+        """
         b, t, _ = x.shape
         q = self.linear_q(x).view(b, t, self.h, self.d_k)
         k = self.linear_k(x).view(b, t, self.h, self.d_k).transpose(1, 2)
         v = self.linear_v(x).view(b, t, self.h, self.d_k).transpose(1, 2)
         p = self.linear_pos(pos_emb).view(pos_emb.size(0), -1, self.h, self.d_k).transpose(1, 2)
-        matrix_ac = torch.matmul((q + self.pos_bias_u).transpose(1, 2), k.transpose(-2, -1))
-        matrix_bd = self.rel_shift(torch.matmul((q + self.pos_bias_v).transpose(1, 2), p.transpose(-2, -1)))
-        scores = (matrix_ac + matrix_bd) / math.sqrt(self.d_k)  # (B, H, T, T)
-        if mask is not None:
-            invalid = ~mask.unsqueeze(1)  # (B, 1, 1, T)
-            attn = torch.softmax(scores.masked_fill(invalid, -float("inf")), dim=-1).masked_fill(invalid, 0.0)
-        else:
-            attn = torch.softmax(scores, dim=-1)
-        out = torch.matmul(attn, v).transpose(1, 2).reshape(b, t, self.h * self.d_k)
-        return self.linear_out(out)
+        q_u = (q + self.pos_bias_u).transpose(1, 2)  # (B, H, T, d_k)
+        q_v = (q + self.pos_bias_v).transpose(1, 2)
+        invalid = None if mask is None else ~mask.unsqueeze(1)  # (B, 1, 1, T)
+        block = t if t <= ATTN_BLOCK_ABOVE else ATTN_QUERY_BLOCK
+        outs = []
+        for start in range(0, t, block):
+            stop = min(start + block, t)
+            matrix_ac = torch.matmul(q_u[:, :, start:stop], k.transpose(-2, -1))
+            matrix_bd = self.rel_shift(torch.matmul(q_v[:, :, start:stop], p.transpose(-2, -1)), start)
+            scores = (matrix_ac + matrix_bd) / math.sqrt(self.d_k)  # (B, H, Q, T)
+            if invalid is not None:
+                attn = torch.softmax(scores.masked_fill(invalid, -float("inf")), dim=-1).masked_fill(invalid, 0.0)
+            else:
+                attn = torch.softmax(scores, dim=-1)
+            outs.append(torch.matmul(attn, v))
+        out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+        return self.linear_out(out.transpose(1, 2).reshape(b, t, self.h * self.d_k))
 
 
 class PositionwiseFeedForward(nn.Module):
