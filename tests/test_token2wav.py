@@ -134,7 +134,8 @@ def test_bad_inputs_raise_typed_errors(t2w: Token2Wav, prompt: dict[str, np.ndar
     bad_calls = {
         "codes": [dict(codes=np.array([], dtype=np.int64)), dict(codes=np.array([1, 5120])),
                   dict(codes=np.array([-1, 3])), dict(codes=np.array([1.5, 2.0])), dict(codes=np.zeros((2, 3)))],
-        "prompt_codes": [dict(prompt_codes=np.array([7000]))],
+        "prompt_codes": [dict(prompt_codes=np.array([7000])), dict(prompt_codes=["a", "b"]),
+                         dict(prompt_codes=[2**70])],
         "prompt_mel": [dict(prompt_mel=np.zeros((1, 10, 81), np.float32)), dict(prompt_mel=np.zeros((1, 0, 80))),
                        dict(prompt_mel=np.full((1, 10, 80), np.nan, np.float32)),
                        dict(prompt_mel=np.zeros((1, 10, 80), np.int64))],

@@ -52,7 +52,10 @@ class Token2WavTimings:
 
 
 def _codes(value: ArrayLike | list[int], name: str) -> torch.Tensor:
-    codes = torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value)
+    try:
+        codes = torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value)
+    except (TypeError, ValueError, OverflowError, RuntimeError) as exc:
+        raise InvalidInputError(f"{name} must be a sequence of integer audio codes ({exc})", param=name) from exc
     codes = codes.reshape(-1) if codes.dim() == 2 and codes.size(0) == 1 else codes
     if codes.dim() != 1 or codes.numel() == 0:
         raise InvalidInputError(f"{name} must be a non-empty 1-D sequence of audio codes", param=name)
@@ -65,7 +68,10 @@ def _codes(value: ArrayLike | list[int], name: str) -> torch.Tensor:
 
 
 def _float_tensor(value: ArrayLike, name: str) -> torch.Tensor:
-    tensor = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value))
+    try:
+        tensor = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value))
+    except (TypeError, ValueError, OverflowError, RuntimeError) as exc:
+        raise InvalidInputError(f"{name} must be a numeric array ({exc})", param=name) from exc
     if not tensor.is_floating_point():
         raise InvalidInputError(f"{name} must be floating point", param=name)
     tensor = tensor.detach().cpu().float()
@@ -95,16 +101,19 @@ class Token2Wav:
         self.hift = hift
         self.n_timesteps = n_timesteps
         self.bf16_prompt_roundtrip = bf16_prompt_roundtrip
-        self.last_timings: Token2WavTimings | None = None
+        self.last_timings: Token2WavTimings | None = None  # of the latest call (benchmarks, logs)
 
     @classmethod
-    def from_parts(cls, parts: VocoderParts, **kwargs: object) -> Token2Wav:
-        return cls(parts.flow, parts.hift, **kwargs)  # type: ignore[arg-type]
+    def from_parts(cls, parts: VocoderParts, *, n_timesteps: int = N_TIMESTEPS,
+                   bf16_prompt_roundtrip: bool = True) -> Token2Wav:
+        return cls(parts.flow, parts.hift, n_timesteps=n_timesteps, bf16_prompt_roundtrip=bf16_prompt_roundtrip)
 
     @classmethod
-    def from_dir(cls, vocoder_dir: Path, device: str | torch.device = "cpu", **kwargs: object) -> Token2Wav:
+    def from_dir(cls, vocoder_dir: Path, device: str | torch.device = "cpu", *, n_timesteps: int = N_TIMESTEPS,
+                 bf16_prompt_roundtrip: bool = True) -> Token2Wav:
         """Load ``CosyVoice-300M-25Hz/`` (yaml + flow.pt + hift.pt) onto ``device``."""
-        return cls.from_parts(load_cosyvoice(vocoder_dir, device), **kwargs)
+        return cls.from_parts(load_cosyvoice(vocoder_dir, device), n_timesteps=n_timesteps,
+                              bf16_prompt_roundtrip=bf16_prompt_roundtrip)
 
     @property
     def device(self) -> torch.device:
