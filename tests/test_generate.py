@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from llm.generate import (
 from llm.model import Step1ForCausalLM
 from llm.prompts import PromptPair, build_clone_prompt, build_edit_prompt
 from llm.text_tokenizer import AUDIO_ID_OFFSET, load_text_tokenizer
+from tests.conftest import load_reference
 
 X, Y = AUDIO_ID_OFFSET + 4464, AUDIO_ID_OFFSET + 464  # the biased model's favourite and runner-up
 
@@ -94,6 +96,32 @@ def _forward_batch_sizes(model: torch.nn.Module) -> tuple[list[int], torch.utils
 def _last_logits(model: Step1ForCausalLM, ids: list[int]) -> torch.Tensor:
     with torch.inference_mode():
         return model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].float()
+
+
+# ---- fidelity with the reference ---------------------------------------------------------------
+
+
+@pytest.mark.fixtures
+def test_first_step_logits_match_the_reference_in_a_padded_batch(reference_dir):
+    """Fixture strings -> our prompt ids -> our generation loop's first-step logits = the reference's."""
+    editx = reference_dir / "bundle" / "Step-Audio-EditX"
+    _, ref = load_reference(reference_dir, "step1_logits/lm_clone_short")
+    cases = {c["name"]: c for c in json.loads((reference_dir / "prompt_ids" / "prompt_ids.json").read_text())["cases"]}
+    tok = load_text_tokenizer(editx)  # the real public tokenizer files
+
+    def pair(case: dict) -> PromptPair:
+        return build_clone_prompt(tok, speaker=case["speaker"], prompt_text=case["prompt_text"],
+                                  audio_token_str=case["audio_token_str"], target_text=case["target_text"])
+
+    short, long = pair(cases["lm_clone_short"]), pair(cases["clone"])
+    assert short.cond == ref["input_ids"].tolist() and len(long.cond) > len(short.cond)
+    model = Step1ForCausalLM.from_pretrained(editx, dtype=torch.float32).eval()
+    seen: list[torch.Tensor] = []
+    results = generate(model, [long, short], do_sample=False, max_new_tokens=1,
+                       on_step=lambda _s, _r, x: seen.append(x.clone()))  # short is left-padded by 118
+    want = torch.from_numpy(ref["logits_full"][-1])  # position 117: the prediction after the prompt
+    assert (seen[0][1] - want).abs().max() <= 1e-4
+    assert results[1].token_ids.tolist() == [int(ref["argmax_full"][-1])]
 
 
 # ---- the repetition rule ---------------------------------------------------------------------
