@@ -84,6 +84,27 @@ class PromptFeatures:
     spk_emb: torch.Tensor  # (1, 192) float32
 
 
+@dataclass(frozen=True)
+class PreparedPrompt:
+    """One LLM prompt ready to generate from, the prompt audio's features, and the transcript used."""
+
+    pair: prompts.PromptPair
+    features: PromptFeatures
+    transcript: str | None
+
+
+def _tagged_text(request: EditRequest) -> str | None:
+    """The new transcript with inline tags (paralinguistic only; required there)."""
+    if request.mode != "paralinguistic":
+        return None
+    text = (request.text or "").strip()
+    if not text:
+        raise InvalidInputError(
+            "paralinguistic editing needs the transcript with inline tags as the input text", param="input"
+        )
+    return text
+
+
 def pcm16_round_trip(wav: np.ndarray) -> np.ndarray:
     """The reference saves each edit iteration as a 16-bit WAV (soundfile) and reloads it; same in memory."""
     pcm = np.clip(np.floor(wav.astype(np.float32) * np.float32(PCM16_SCALE)), -PCM16_SCALE, PCM16_SCALE - 1)
@@ -200,27 +221,14 @@ class StepAudioEngine:
         """Speak ``request.text`` in the voice of ``request.prompt_audio``."""
         start = time.perf_counter()
         timings: dict[str, float] = {}
-        text = (request.text or "").strip()
-        if not text:
-            raise InvalidInputError("the text to speak is empty", param="input")
         llm = self._llm(request.variant)
         self._check_controls(request.intensity, request.speed)
-        audio = request.prompt_audio
-        self._check_audio(audio, "prompt_audio")
-        prompt_text = self._transcript(request.prompt_text, audio, "prompt_text", timings)
         seed = self._seed(request.seed)
-
-        features = self._prompt_features(audio.samples, audio.sample_rate, "prompt_audio", timings)
-        with _api_param_names():
-            pair = prompts.build_clone_prompt(
-                self.text_tokenizer,
-                speaker=prompts.clone_speaker_id(prompt_text, audio.samples),
-                prompt_text=prompt_text,
-                audio_token_str=features.tokens.token_str,
-                target_text=request.text,
-            )
-        codes = self._generate(llm, request.variant, pair, intensity=request.intensity, seed=seed, timings=timings)
-        wav = self._vocode(codes, features, seed, timings)
+        prepared = self.prepare_clone(request, timings)
+        codes = self._generate(
+            llm, request.variant, prepared.pair, intensity=request.intensity, seed=seed, timings=timings
+        )
+        wav = self._vocode(codes, prepared.features, seed, timings)
         final = self._apply_speed(wav, request.speed, timings)
         timings["total"] = time.perf_counter() - start
         return SynthesisResult(
@@ -229,7 +237,7 @@ class StepAudioEngine:
             seed=seed,
             intensity=request.intensity,
             iterations=[final],
-            transcript=prompt_text,
+            transcript=prepared.transcript,
             n_audio_tokens=int(codes.shape[0]),
             timings=timings,
         )
@@ -245,48 +253,37 @@ class StepAudioEngine:
                 f"n_edit_iter must be between 1 and {self.options.max_edit_iter}, got {request.n_edit_iter}",
                 param="n_edit_iter",
             )
-        edit_info = self._check_edit(request.mode, request.edit_info)
-        target_text = None
-        if request.mode == "paralinguistic":
-            target_text = (request.text or "").strip()
-            if not target_text:
-                raise InvalidInputError(
-                    "paralinguistic editing needs the transcript with inline tags as the input text",
-                    param="input",
-                )
-        audio = request.audio
-        self._check_audio(audio, "input_audio")
-        if request.mode in MODES_WITHOUT_TRANSCRIPT:
-            audio_text = (request.audio_text or "").strip()
-        else:
-            audio_text = self._transcript(request.audio_text, audio, "audio_text", timings)
         seed = self._seed(request.seed)
-        source_text = audio_text or None
-
-        samples, sample_rate = audio.samples, audio.sample_rate
+        prepared = self.prepare_edit(request, timings)
+        edit_info = self._check_edit(request.mode, request.edit_info)
+        target_text = _tagged_text(request)
+        source_text = audio_text = prepared.transcript
         outputs: list[np.ndarray] = []
         codes = np.zeros(0, dtype=np.int64)
         for iteration in range(request.n_edit_iter):
             iter_seed = (seed + iteration) % (MAX_SEED + 1)
-            features = self._prompt_features(samples, sample_rate, "input_audio", timings)
-            with _api_param_names():
-                pair = prompts.build_edit_prompt(
-                    self.text_tokenizer,
-                    mode=request.mode,
-                    audio_token_str=features.tokens.token_str,
-                    edit_info=edit_info,
-                    audio_text=audio_text or None,
-                    text=target_text,
-                )
+            if iteration > 0:
+                # the next iteration edits the previous output, with the text that one produced
+                if target_text is not None:
+                    audio_text = target_text
+                try:
+                    prepared = self._edit_prompt(
+                        pcm16_round_trip(outputs[-1])[None],
+                        VOCODER_SR,
+                        mode=request.mode,
+                        edit_info=edit_info,
+                        audio_text=audio_text,
+                        target_text=target_text,
+                        timings=timings,
+                    )
+                except AudioError as exc:  # our own output is empty/too short to edit again
+                    logger.warning("edit iteration %d gave audio that cannot be edited again (%s); "
+                                   "returning %d iteration(s)", iteration, exc, iteration)
+                    break
             codes = self._generate(
-                llm, request.variant, pair, intensity=request.intensity, seed=iter_seed, timings=timings
+                llm, request.variant, prepared.pair, intensity=request.intensity, seed=iter_seed, timings=timings
             )
-            wav = self._vocode(codes, features, iter_seed, timings)
-            outputs.append(wav)
-            # the next iteration edits this output, with the text this one produced
-            samples, sample_rate = pcm16_round_trip(wav)[None], VOCODER_SR
-            if target_text is not None:
-                audio_text = target_text
+            outputs.append(self._vocode(codes, prepared.features, iter_seed, timings))
         iterations = [self._apply_speed(wav, request.speed, timings) for wav in outputs]
         timings["total"] = time.perf_counter() - start
         return SynthesisResult(
@@ -299,6 +296,73 @@ class StepAudioEngine:
             n_audio_tokens=int(codes.shape[0]),
             timings=timings,
         )
+
+    # --- prompts --------------------------------------------------------------------------
+    def prepare_clone(self, request: CloneRequest, timings: dict[str, float] | None = None) -> PreparedPrompt:
+        """Validate a clone request and build its LLM prompt (transcribing the prompt if needed).
+
+        The speaker name hashes the transcript and the raw decoded samples, as the reference does.
+        """
+        timings = {} if timings is None else timings
+        if not (request.text or "").strip():
+            raise InvalidInputError("the text to speak is empty", param="input")
+        audio = request.prompt_audio
+        self._check_audio(audio, "prompt_audio")
+        prompt_text = self._transcript(request.prompt_text, audio, "prompt_text", timings)
+        features = self._prompt_features(audio.samples, audio.sample_rate, "prompt_audio", timings)
+        with _api_param_names():
+            pair = prompts.build_clone_prompt(
+                self.text_tokenizer,
+                speaker=prompts.clone_speaker_id(prompt_text, audio.samples),
+                prompt_text=prompt_text,
+                audio_token_str=features.tokens.token_str,
+                target_text=request.text,
+            )
+        return PreparedPrompt(pair, features, prompt_text)
+
+    def prepare_edit(self, request: EditRequest, timings: dict[str, float] | None = None) -> PreparedPrompt:
+        """Validate an edit request and build the first iteration's prompt (transcribing if needed)."""
+        timings = {} if timings is None else timings
+        edit_info = self._check_edit(request.mode, request.edit_info)
+        target_text = _tagged_text(request)
+        audio = request.audio
+        self._check_audio(audio, "input_audio")
+        if request.mode in MODES_WITHOUT_TRANSCRIPT:
+            audio_text = (request.audio_text or "").strip() or None
+        else:
+            audio_text = self._transcript(request.audio_text, audio, "audio_text", timings)
+        return self._edit_prompt(
+            audio.samples,
+            audio.sample_rate,
+            mode=request.mode,
+            edit_info=edit_info,
+            audio_text=audio_text,
+            target_text=target_text,
+            timings=timings,
+        )
+
+    def _edit_prompt(
+        self,
+        samples: np.ndarray,
+        sample_rate: int,
+        *,
+        mode: str,
+        edit_info: str | None,
+        audio_text: str | None,
+        target_text: str | None,
+        timings: dict[str, float],
+    ) -> PreparedPrompt:
+        features = self._prompt_features(samples, sample_rate, "input_audio", timings)
+        with _api_param_names():
+            pair = prompts.build_edit_prompt(
+                self.text_tokenizer,
+                mode=mode,
+                audio_token_str=features.tokens.token_str,
+                edit_info=edit_info,
+                audio_text=audio_text,
+                text=target_text,
+            )
+        return PreparedPrompt(pair, features, audio_text)
 
     # --- validation -----------------------------------------------------------------------
     def _llm(self, variant: str) -> Any:
