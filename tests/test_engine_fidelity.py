@@ -49,9 +49,9 @@ def input_a(reference_dir: Path) -> AudioInput:
     return AudioInput(wav, sr)
 
 
-def check_features(prepared: PreparedPrompt, reference_dir: Path) -> None:
-    frontend = dict(np.load(reference_dir / "frontend" / "a.npz"))
-    tokens = dict(np.load(reference_dir / "wav2token" / "a.npz"))
+def check_features(prepared: PreparedPrompt, reference_dir: Path, name: str = "a") -> None:
+    frontend = dict(np.load(reference_dir / "frontend" / f"{name}.npz"))
+    tokens = dict(np.load(reference_dir / "wav2token" / f"{name}.npz"))
     np.testing.assert_array_equal(prepared.features.tokens.speech_ids, tokens["speech_tokens"])
     mel = prepared.features.prompt_mel.numpy()
     assert mel.shape == frontend["speech_feat"].shape
@@ -85,6 +85,13 @@ def test_edit_prompts_match_the_reference(
     prepared = fixture_engine.prepare_edit(request)
     assert prepared.pair.cond == case["token_ids"]
     check_features(prepared, reference_dir)
+
+
+def test_stereo_48k_prompt_features_match_the_reference(fixture_engine: StepAudioEngine, reference_dir: Path) -> None:
+    wav, sr = decode_audio((reference_dir / "inputs" / "b_synth_48k_stereo.wav").read_bytes())
+    assert wav.shape[0] == 2 and sr == 48000
+    request = CloneRequest(prompt_audio=AudioInput(wav, sr), prompt_text="a synthetic test signal", text="Hello.")
+    check_features(fixture_engine.prepare_clone(request), reference_dir, "b")
 
 
 def test_a_clone_runs_end_to_end_on_the_reference_bundle(
