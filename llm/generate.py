@@ -99,9 +99,9 @@ def repetition_rule(scores: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
     last = window[:, -1]
     counts = (window == last[:, None]).sum(dim=1)
     ban = (counts >= REPETITION_MIN_COUNT) & (window >= 0).all(dim=1)
-    rows = ban.nonzero().flatten()
-    scores[rows, last[rows]] = float("-inf")
-    return scores
+    current = scores.gather(1, last[:, None])  # written back unchanged where not banned: no host sync
+    banned = torch.where(ban[:, None], torch.full_like(current, float("-inf")), current)
+    return scores.scatter_(1, last[:, None], banned)
 
 
 def top_k_probs(
