@@ -557,8 +557,14 @@ def build_engine(
     if settings.enable_auto_transcribe:
         from engine.transcribe import WhisperTranscriber
 
-        transcriber = WhisperTranscriber(settings.whisper_model, device=str(registry.device))
-        transcriber.load()  # at startup, so the first request does not pay for it
+        def load_whisper() -> WhisperTranscriber:
+            whisper = WhisperTranscriber(
+                settings.whisper_model, device=str(registry.device), download_root=settings.cache_dir / "whisper"
+            )
+            whisper.load()  # at startup, so the first request does not pay for it
+            return whisper
+
+        transcriber = registry.get_or_load(f"whisper:{settings.whisper_model}", load_whisper)
     options = EngineOptions(
         max_audio_seconds=settings.max_audio_seconds,
         max_edit_iter=settings.max_edit_iter,

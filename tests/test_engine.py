@@ -284,7 +284,14 @@ def transcribing_engine(
     return build_engine(settings, registry=registry, max_new_tokens=MAX_NEW_TOKENS)
 
 
-def test_engines_on_one_registry_share_the_stages(engine: StepAudioEngine, transcribing_engine) -> None:
+def test_engines_on_one_registry_share_the_stages(
+    engine: StepAudioEngine, transcribing_engine, registry: ModelRegistry, tiny_bundle: Path, engine_cache_dir: Path
+) -> None:
+    whisper = transcribing_engine.transcriber
+    settings = engine_settings(
+        tiny_bundle, engine_cache_dir, enable_auto_transcribe=True, whisper_model=whisper.model_name
+    )
+    assert build_engine(settings, registry=registry).transcriber is whisper  # Whisper loads once too
     assert transcribing_engine.tokenizer is engine.tokenizer
     assert transcribing_engine.llms["base"] is engine.llms["base"]
     assert transcribing_engine.token2wav is engine.token2wav
