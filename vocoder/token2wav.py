@@ -31,12 +31,20 @@ import torch.nn.functional as F
 
 from errors import InvalidInputError, TooLargeError
 from vocoder.config import VocoderParts, load_cosyvoice
-from vocoder.flow import MIXED_VOCAB, N_TIMESTEPS, CausalMaskedDiffWithXvec, reshape_mixed_codes
+from vocoder.flow import (
+    FRAMES_PER_GROUP,
+    GROUP,
+    MIXED_VOCAB,
+    N_TIMESTEPS,
+    CausalMaskedDiffWithXvec,
+    reshape_mixed_codes,
+)
 from vocoder.hift import HiftDraws, HiFTGenerator, draw_hift_noise
 
 logger = logging.getLogger(__name__)
 
-MAX_MEL_FRAMES = 30000  # 600 s at 50 Hz: the reference's limit (its noise buffer length)
+MEL_RATE = 50  # mel frames per second
+MAX_MEL_FRAMES = 600 * MEL_RATE  # 600 s: the reference's limit (the length of its noise buffer)
 SPK_EMBED_DIM = 192
 
 ArrayLike = np.ndarray | torch.Tensor
@@ -134,7 +142,7 @@ class Token2Wav:
 
     def mel_frames(self, n_codes: int) -> int:
         """Mel frames the flow makes for ``n_codes`` mixed codes (a partial group counts as whole)."""
-        return -(-n_codes // 5) * 3 * self.mel_frames_per_token_frame
+        return -(-n_codes // GROUP) * FRAMES_PER_GROUP * self.mel_frames_per_token_frame
 
     @torch.inference_mode()
     def token2wav(
@@ -172,7 +180,7 @@ class Token2Wav:
         up = self.mel_frames_per_token_frame
         n_prompt, n_target = up * prompt.size(1), up * target.size(1)
         if n_prompt + n_target > MAX_MEL_FRAMES:
-            raise TooLargeError(f"prompt + target audio exceed {MAX_MEL_FRAMES // 50} s of speech", param="codes")
+            raise TooLargeError(f"prompt + target audio exceed {MAX_MEL_FRAMES // MEL_RATE} s of speech", param="codes")
 
         if self.bf16_prompt_roundtrip:
             mel, emb = bf16_round_trip(mel), bf16_round_trip(emb)
