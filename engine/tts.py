@@ -421,10 +421,10 @@ class StepAudioEngine:
     def _transcript(
         self, given: str | None, audio: AudioInput, param: str, timings: dict[str, float]
     ) -> str:
-        """The given transcript, or Whisper's when it is missing and auto-transcription is on."""
-        text = (given or "").strip()
-        if text:
-            return text
+        """The given transcript (verbatim, as the reference uses it), or Whisper's when it is missing
+        and auto-transcription is on."""
+        if given is not None and given.strip():
+            return given
         if not self.auto_transcribe:
             raise InvalidInputError(
                 f"{param} (the transcript of the audio) is required; "
