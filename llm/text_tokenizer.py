@@ -12,9 +12,10 @@ of, that is exactly the raw SentencePiece encoding of the model file plus a lead
   (prompts insert their ids directly), so user text cannot smuggle in a turn marker;
 * unknown characters fall back to byte pieces (``<0x00>``..``<0xFF>``).
 
-One known difference from the fast HF tokenizer, irrelevant to the reference's prompts (none
-starts a text with an audio token): for a text that *begins* with ``<audio_N>`` the fast tokenizer
-omits the dummy-prefix ``▁`` that SentencePiece (and the slow ``LlamaTokenizer``) emit.
+The fixtures confirm this on every reference prompt (ids equal to the reference's, fast and
+slow). transformers 5's own ``LlamaTokenizer`` does *not* reproduce them from these files (no BOS,
+``"\\n"`` -> ``[324, 78]``, turn markers parsed out of user text), which is why the model file is
+read with SentencePiece directly.
 """
 
 from __future__ import annotations
