@@ -163,6 +163,10 @@ class Step1PreTrainedModel(PreTrainedModel):
 class Step1Model(Step1PreTrainedModel):
     """Embeddings, decoder layers and final norm (checkpoint prefix ``model.``)."""
 
+    # Largest attention bias built at once; a longer prefill runs in chunks of query rows
+    # (a padded batch of 8 x 48 heads x 2048^2 keys would otherwise take 6 GB in fp32).
+    bias_budget_bytes: int = 256 * 2**20
+
     def __init__(self, config: Step1Config) -> None:
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -191,8 +195,8 @@ class Step1Model(Step1PreTrainedModel):
 
         attention_mask : (B, cached + q), 1 for real tokens and 0 for padding (left padding);
         None means nothing is padded. cache : a transformers Cache holding the earlier keys and
-        values (created when ``use_cache`` and none is given). Returns last_hidden_state
-        (B, q, hidden) and the cache.
+        values; a given cache is read and extended, and one is created when ``use_cache`` and
+        none is given. Returns last_hidden_state (B, q, hidden) and the cache (or None).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise InvalidInputError("pass exactly one of input_ids or inputs_embeds", param="input_ids")
@@ -217,14 +221,29 @@ class Step1Model(Step1PreTrainedModel):
             padding = attention_mask.to(device) == 0
             if bool(padding.any()):
                 key_padding = padding
+        # Long inputs run in chunks of query rows through a cache, so one bias stays in budget.
+        bias_rows = B if key_padding is not None else 1
+        per_row = bias_rows * self.config.num_attention_heads * (past + q_len) * inputs_embeds.element_size()
+        chunk = max(1, min(q_len, self.bias_budget_bytes // per_row))
+        work_cache = cache if cache is not None else (DynamicCache() if chunk < q_len else None)
         positions = torch.arange(past + q_len, device=device)
-        bias = sqrt_alibi_bias(
-            self.slopes(device), positions[past:], positions, key_padding, inputs_embeds.dtype
-        )  # (B or 1, H, q, cached + q), shared by every layer
-        x = inputs_embeds
-        for layer in self.layers:
-            x = layer(x, bias, cache if use_cache else None)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(x), cache=cache if use_cache else None)
+        slopes = self.slopes(device)
+        outputs = []
+        for start in range(0, q_len, chunk):
+            end = min(start + chunk, q_len)
+            bias = sqrt_alibi_bias(
+                slopes,
+                positions[past + start : past + end],
+                positions[: past + end],
+                key_padding[:, : past + end] if key_padding is not None else None,
+                inputs_embeds.dtype,
+            )  # (B or 1, H, rows, cached + rows), shared by every layer
+            x = inputs_embeds[:, start:end]
+            for layer in self.layers:
+                x = layer(x, bias, work_cache)
+            outputs.append(x)
+        x = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(x), cache=cache)
 
 
 class Step1ForCausalLM(Step1PreTrainedModel, GenerationMixin):

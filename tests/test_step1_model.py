@@ -276,3 +276,31 @@ def test_bad_inputs_raise_typed_errors(model: Step1ForCausalLM) -> None:
         model(torch.tensor([1, 2, 3]))
     with pytest.raises(InvalidInputError, match="exactly one"):
         model()
+
+
+def test_long_inputs_run_in_row_chunks_with_the_same_result(
+    model: Step1ForCausalLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = _ids(23, 60, batch=2)
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    with torch.inference_mode():
+        whole = model(ids, attention_mask=mask, use_cache=False).logits
+        whole_cache = DynamicCache()
+        model(ids[:, :40], attention_mask=mask[:, :40], cache=whole_cache)
+        seen: list[tuple[int, ...]] = []
+        hook = model.model.layers[0].self_attn.register_forward_pre_hook(lambda _m, a: seen.append(a[1].shape))
+        per_row = 2 * model.config.num_attention_heads * 60 * 4  # batch 2 (padded), 60 keys, fp32
+        monkeypatch.setattr(model.model, "bias_budget_bytes", 7 * per_row)
+        try:
+            chunked = model(ids, attention_mask=mask, use_cache=False)
+            chunk_cache = DynamicCache()
+            model(ids[:, :40], attention_mask=mask[:, :40], cache=chunk_cache)
+        finally:
+            hook.remove()
+    assert chunked.cache is None
+    assert seen[:2] == [(2, 6, 7, 7), (2, 6, 7, 14)]
+    assert len(seen) == 9 + 4  # 60 rows by 7, then 40 rows by 10 (fewer keys: more rows fit)
+    assert (chunked.logits - whole).abs().max().item() < 1e-5
+    for layer in range(model.config.num_hidden_layers):
+        assert torch.allclose(chunk_cache.layers[layer].keys, whole_cache.layers[layer].keys, atol=1e-5)
