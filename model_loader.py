@@ -20,11 +20,17 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
 from errors import ModelLoadError
+
+if TYPE_CHECKING:  # the stages themselves are imported lazily, when a bundle is loaded
+    from llm.text_tokenizer import StepTextTokenizer
+    from tokenizer import StepAudioTokenizer
+    from vocoder.frontend import SpeakerEncoder
+    from vocoder.token2wav import Token2Wav
 
 logger = logging.getLogger(__name__)
 
@@ -416,7 +422,7 @@ class ModelRegistry:
 
     # --- the other stages (added for the engine) ------------------------------------------------
 
-    def get_text_tokenizer(self) -> Any:
+    def get_text_tokenizer(self) -> StepTextTokenizer:
         """The Step1 text tokenizer (``tokenizer.model`` of the base directory; variants share it)."""
         from llm.text_tokenizer import load_text_tokenizer
 
@@ -430,7 +436,7 @@ class ModelRegistry:
         onnx_threads: int = 1,
         cache_dir: Path | None = None,
         cache_max_bytes: int = 0,
-    ) -> Any:
+    ) -> StepAudioTokenizer:
         """The audio tokenizer, with the token cache attached when ``cache_dir`` and a budget are given."""
         key = f"tokenizer:{funasr_model_id}:{dither}:{onnx_threads}:{cache_dir}:{cache_max_bytes}"
         return self.get_or_load(
@@ -459,8 +465,8 @@ class VocoderStage:
     """The vocoder's two loaded parts: ``token2wav`` (vocoder.token2wav.Token2Wav) and
     ``speaker_encoder`` (vocoder.frontend.SpeakerEncoder, CAM++ on CPU)."""
 
-    token2wav: Any
-    speaker_encoder: Any
+    token2wav: Token2Wav
+    speaker_encoder: SpeakerEncoder
 
 
 def load_tokenizer(
@@ -472,7 +478,7 @@ def load_tokenizer(
     onnx_threads: int = 1,
     cache_dir: Path | None = None,
     cache_max_bytes: int = 0,
-) -> Any:
+) -> StepAudioTokenizer:
     """StepAudioTokenizer from ``tokenizer_dir``, with a TokenCache under ``cache_dir`` (budget > 0).
 
     The cache's fingerprint is the tokenizer's (model files + settings), so tokens made by other

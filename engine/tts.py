@@ -40,8 +40,14 @@ from vocoder.frontend import prompt_features
 
 if TYPE_CHECKING:
     from engine.transcribe import WhisperTranscriber
+    from llm.model import Step1ForCausalLM
+    from llm.text_tokenizer import StepTextTokenizer
     from model_loader import ModelRegistry
     from settings import Settings
+    from token_cache import TokenCache
+    from tokenizer import AudioTokens, StepAudioTokenizer
+    from vocoder.frontend import SpeakerEncoder
+    from vocoder.token2wav import Token2Wav
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +85,7 @@ class PromptFeatures:
     """Everything the LLM prompt and the vocoder need from one prompt audio."""
 
     key: str
-    tokens: Any  # tokenizer.AudioTokens
+    tokens: AudioTokens
     prompt_mel: torch.Tensor  # (1, T, 80) float32 at 50 Hz
     spk_emb: torch.Tensor  # (1, 192) float32
 
@@ -159,12 +165,12 @@ class StepAudioEngine:
     def __init__(
         self,
         *,
-        tokenizer: Any,
-        llms: Mapping[str, Any],
-        text_tokenizer: Any,
-        token2wav: Any,
-        speaker_encoder: Any,
-        cache: Any | None = None,
+        tokenizer: StepAudioTokenizer,
+        llms: Mapping[str, Step1ForCausalLM],
+        text_tokenizer: StepTextTokenizer,
+        token2wav: Token2Wav,
+        speaker_encoder: SpeakerEncoder,
+        cache: TokenCache | None = None,
         transcriber: WhisperTranscriber | None = None,
         options: EngineOptions | None = None,
         device: torch.device | str = "cpu",
@@ -365,7 +371,7 @@ class StepAudioEngine:
         return PreparedPrompt(pair, features, audio_text)
 
     # --- validation -----------------------------------------------------------------------
-    def _llm(self, variant: str) -> Any:
+    def _llm(self, variant: str) -> Step1ForCausalLM:
         if variant not in self.llms:
             raise InvalidInputError(
                 f"model variant {variant!r} is not loaded; loaded variants: {', '.join(self.llms)}",
@@ -469,7 +475,14 @@ class StepAudioEngine:
         return PromptFeatures(key, tokens, features.prompt_mel.float(), features.spk_emb.float())
 
     def _generate(
-        self, llm: Any, variant: str, pair: Any, *, intensity: float, seed: int, timings: dict[str, float]
+        self,
+        llm: Step1ForCausalLM,
+        variant: str,
+        pair: prompts.PromptPair,
+        *,
+        intensity: float,
+        seed: int,
+        timings: dict[str, float],
     ) -> np.ndarray:
         begin = time.perf_counter()
         with self._llm_locks[variant], torch.inference_mode():
