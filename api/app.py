@@ -15,10 +15,10 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import install_error_handlers
+from api.errors import error_response, install_error_handlers
 from api.metrics import Metrics
 from api.routes import speech, system, voices
 from api.state import AppState, Engine
@@ -86,8 +86,6 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory | None = Non
         version="1.0",
         description="OpenAI-compatible voice cloning and speech editing with Step-Audio-EditX.",
         lifespan=lifespan,
-        # 413 past this (Content-Length first, then counted while reading): two base64 clips + text
-        max_body_size=3 * settings.max_upload_bytes + _JSON_OVERHEAD_BYTES,
     )
     app.state.step_audio = state
     install_error_handlers(app)
@@ -95,6 +93,8 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory | None = Non
     app.include_router(system.router)
     app.include_router(speech.router)
     app.include_router(voices.router)
+    # two base64 clips and the text fields fit; more is refused before it is read
+    app.add_middleware(BodyLimitMiddleware, max_bytes=3 * settings.max_upload_bytes + _JSON_OVERHEAD_BYTES)
     if settings.demo:
         app.add_middleware(HeaderMiddleware, name=DEMO_HEADER, value=DEMO_NOTICE)
     return app
@@ -169,3 +169,35 @@ class HeaderMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_header)
+
+
+class BodyLimitMiddleware:
+    """413 in OpenAI's envelope for bodies over ``max_bytes``: by Content-Length before reading,
+    else counted while the route reads (the HTTPException then goes through the one handler).
+    """
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        message = f"the request body is larger than {self.max_bytes} bytes"
+        declared = dict(scope.get("headers", [])).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await error_response(413, message, code="too_large")(scope, receive, send)
+            return
+        seen = 0
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.max_bytes:
+                    raise HTTPException(413, message)
+            return msg
+
+        await self.app(scope, counting_receive, send)
