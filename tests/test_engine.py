@@ -13,6 +13,7 @@ import soundfile as sf
 import torch
 
 from audio import VOCODER_SR, AudioError
+from bundles import bundle_is_complete, write_bundle
 from engine.tts import (
     SAMPLES_PER_GROUP,
     StepAudioEngine,
@@ -311,3 +312,13 @@ def test_auto_transcription_fills_missing_transcripts(transcribing_engine: StepA
     edited = transcribing_engine.edit(EditRequest(audio=audio, audio_text=None, mode="emotion", edit_info="sad"))
     assert edited.transcript == cloned.transcript
     assert edited.audio.shape[0] > 0
+
+
+def test_write_bundle_reuses_a_complete_bundle(tiny_bundle: Path) -> None:
+    weights = tiny_bundle / "Step-Audio-EditX" / "model-00001-of-00001.safetensors"
+    before = weights.stat().st_mtime_ns
+    assert bundle_is_complete(tiny_bundle, "tiny", 0) and not bundle_is_complete(tiny_bundle, "tiny", 1)
+    assert write_bundle(tiny_bundle, size="tiny", seed=0) == tiny_bundle
+    assert weights.stat().st_mtime_ns == before  # reused, not rewritten
+    with pytest.raises(ValueError, match="tiny"):
+        write_bundle(tiny_bundle, size="huge")
