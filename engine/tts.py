@@ -30,6 +30,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
+import model_loader
 from audio import VOCODER_SR, AudioError, prepare_prompt
 from engine.types import AudioInput, CloneRequest, EditRequest, SynthesisResult
 from errors import InvalidInputError, TooLargeError
@@ -42,7 +43,6 @@ if TYPE_CHECKING:
     from engine.transcribe import WhisperTranscriber
     from llm.model import Step1ForCausalLM
     from llm.text_tokenizer import StepTextTokenizer
-    from model_loader import ModelRegistry
     from settings import Settings
     from token_cache import TokenCache
     from tokenizer import AudioTokens, StepAudioTokenizer
@@ -65,6 +65,7 @@ PCM16_SCALE = 32768.0  # float <-> 16-bit PCM, as soundfile writes (floor(x * 32
 DEFAULT_VOICE_DIR = Path(__file__).resolve().parent / "default_voice"
 
 MODES_WITHOUT_TRANSCRIPT = frozenset({"denoise", "vad"})  # their instruction names no text
+DEMO_MAX_NEW_TOKENS = 250  # random weights rarely sample EOS: cap demo generations at 6 s of audio
 
 
 @dataclass(frozen=True)
@@ -146,11 +147,16 @@ def _api_param_names() -> Iterator[None]:
 
 
 @lru_cache(maxsize=1)
-def load_default_voice(directory: Path = DEFAULT_VOICE_DIR) -> tuple[AudioInput, str]:
-    """The shipped default voice: its clip (channels, n) and its transcript."""
+def _read_default_voice(directory: Path) -> tuple[AudioInput, str]:
     samples, sr = sf.read(directory / "voice.wav", dtype="float32", always_2d=True)
     transcript = (directory / "transcript.txt").read_text(encoding="utf-8").strip()
     return AudioInput(np.ascontiguousarray(samples.T), int(sr)), transcript
+
+
+def load_default_voice(directory: Path = DEFAULT_VOICE_DIR) -> tuple[AudioInput, str]:
+    """The shipped default voice: its clip ``(1, n)`` at 22.05 kHz and its transcript (a fresh copy)."""
+    audio, transcript = _read_default_voice(directory)
+    return AudioInput(audio.samples.copy(), audio.sample_rate), transcript
 
 
 class StepAudioEngine:
@@ -527,11 +533,8 @@ class StepAudioEngine:
         return out
 
 
-DEMO_MAX_NEW_TOKENS = 250  # random weights rarely sample EOS: cap demo generations at 6 s of audio
-
-
 def build_engine(
-    settings: Settings, *, registry: ModelRegistry | None = None, max_new_tokens: int | None = None
+    settings: Settings, *, registry: model_loader.ModelRegistry | None = None, max_new_tokens: int | None = None
 ) -> StepAudioEngine:
     """Load every stage named by ``settings`` (blocking; minutes for official weights).
 
@@ -541,8 +544,6 @@ def build_engine(
     per generation (default: no cap beyond the reference's total length; the demo's random-weight
     bundle gets ``DEMO_MAX_NEW_TOKENS``). Failures raise ``errors.ModelLoadError``.
     """
-    import model_loader
-
     if registry is None:
         model_loader.fetch_bundle(
             settings.model_path, settings.model_source, settings.tokenizer_model_id, settings.variants
