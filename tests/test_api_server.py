@@ -345,10 +345,17 @@ def _clone_from(audio_b64: str) -> dict:
 NOT_AUDIO = base64.b64encode(b"this is plain text, not an audio file" * 10).decode()
 
 
-def _empty_wav() -> str:
+def _wav_b64(samples: np.ndarray, sr: int = 16000, subtype: str = "PCM_16") -> str:
     buf = io.BytesIO()
-    sf.write(buf, np.zeros(0, dtype=np.float32), 16000, format="WAV")
+    sf.write(buf, samples, sr, format="WAV", subtype=subtype)
     return base64.b64encode(buf.getvalue()).decode()
+
+
+def _empty_wav() -> str:
+    return _wav_b64(np.zeros(0, dtype=np.float32))
+
+
+NOISE = np.random.default_rng(0).standard_normal(8000 * 31).astype(np.float32) * 0.1
 
 
 BAD_JSON_BODIES = [
@@ -361,6 +368,10 @@ BAD_JSON_BODIES = [
     ("not audio", _clone_from(NOT_AUDIO), 400, None),
     ("empty audio", _clone_from(""), 400, None),
     ("audio without samples", _clone_from(_empty_wav()), 400, None),
+    ("audio too short", _clone_from(_wav_b64(NOISE[:10])), 400, None),
+    ("silent audio", _clone_from(_wav_b64(np.zeros(16000, np.float32))), 400, None),
+    ("non-finite audio", _clone_from(_wav_b64(np.full(1600, np.nan, np.float32), subtype="FLOAT")), 400, None),
+    ("audio too long", _clone_from(_wav_b64(NOISE, 8000, "PCM_U8")), 413, "too_large"),
     ("too long text", {"input": "x" * (MAX_CHARS + 1), "voice": "alloy"}, 413, "too_large"),
     ("unknown voice", {"input": "x", "voice": "nobody"}, 400, None),
     ("unloaded variant", {"input": "x", "voice": "alloy", "step_audio": {"model_variant": "awq"}}, 400, None),
@@ -387,6 +398,8 @@ def test_bad_inputs_get_their_4xx_in_the_envelope(
     assert error["type"] == "invalid_request_error"
     if code:
         assert error["code"] == code
+    if case in ("audio too short", "silent audio", "non-finite audio", "audio too long"):
+        assert error["param"].startswith("step_audio.prompt_audio")
     if case == "unknown voice":
         assert "alloy" in error["message"] and error["param"] == "voice"
     if case == "edit_info for another mode":

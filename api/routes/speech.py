@@ -31,6 +31,7 @@ from api.schemas import (
     IterationAudio,
     IterationsResponse,
     SpeechRequest,
+    StepAudioOptions,
 )
 from api.state import AppState, Engine, ReadyEngine, State, require_api_key
 from engine.types import CloneRequest, EditRequest, SynthesisResult
@@ -130,7 +131,11 @@ async def _synthesize(
     else:
         job = await _edit_request(state, body, uploads, variant)
 
-    result, timing, cache_delta = await _run_until_disconnect(request, _submit(state, engine, mode, job))
+    try:
+        result, timing, cache_delta = await _run_until_disconnect(request, _submit(state, engine, mode, job))
+    except InvalidInputError as exc:
+        exc.param = api_param(exc.param)
+        raise
     audio_s = len(result.audio) / result.sample_rate
     m = state.metrics
     m.queue_wait.labels(mode).observe(timing.queue_wait_s)
@@ -169,6 +174,13 @@ async def _synthesize(
         media_type="text/event-stream" if sse else CONTENT_TYPES[fmt],
         headers=headers,
     )
+
+
+def api_param(param: str | None) -> str | None:
+    """The engine names request fields plainly (``audio_text``); the API nests them in ``step_audio``."""
+    if param and (param in StepAudioOptions.model_fields or param in ("prompt_audio", "input_audio")):
+        return f"step_audio.{param}"
+    return param
 
 
 def resolve_variant(body: SpeechRequest, loaded: list[str]) -> str:
