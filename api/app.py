@@ -15,13 +15,13 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, HTTPException
+from fastapi import Depends, FastAPI, HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_response, install_error_handlers
 from api.metrics import Metrics
 from api.routes import speech, system, voices
-from api.state import AppState, Engine
+from api.state import AppState, Engine, require_api_key
 from engine.service import InferenceService
 from engine.types import AudioInput
 from engine.voices import DEFAULT_VOICE_NAME, Voice, VoiceStore
@@ -86,6 +86,8 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory | None = Non
         version="1.0",
         description="OpenAI-compatible voice cloning and speech editing with Step-Audio-EditX.",
         lifespan=lifespan,
+        # with an API key the schema is served behind it (below) and the browser UIs are off
+        **({"openapi_url": None, "docs_url": None, "redoc_url": None} if settings.api_key else {}),
     )
     app.state.step_audio = state
     install_error_handlers(app)
@@ -93,6 +95,12 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory | None = Non
     app.include_router(system.router)
     app.include_router(speech.router)
     app.include_router(voices.router)
+    if settings.api_key:
+
+        @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_api_key)])
+        async def openapi() -> dict[str, Any]:
+            return app.openapi()
+
     # two base64 clips and the text fields fit; more is refused before it is read
     app.add_middleware(BodyLimitMiddleware, max_bytes=3 * settings.max_upload_bytes + _JSON_OVERHEAD_BYTES)
     if settings.demo:

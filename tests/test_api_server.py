@@ -263,6 +263,7 @@ def test_upload_endpoint(http: httpx.Client) -> None:
 
 
 def test_system_routes(http: httpx.Client) -> None:
+    assert speech(http, {"input": "Fill the cache.", "voice": "alloy", "step_audio": {"seed": 1}}).status_code == 200
     assert http.get("/healthz").json() == {"status": "ok"}
     assert http.get("/readyz").json()["status"] == "ready"
     models = http.get("/v1/models").json()
@@ -271,12 +272,15 @@ def test_system_routes(http: httpx.Client) -> None:
     assert "happy" in tags["emotion"] and "whisper" in tags["style"] and "faster" in tags["speed"]
     stats = http.get("/v1/cache/stats").json()
     assert stats["entries"] >= 1
+    schema = http.get("/openapi.json").json()
+    assert "step_audio" in schema["components"]["schemas"]["SpeechRequest"]["properties"]
     cleared = http.delete("/v1/cache").json()
     assert cleared["cleared"] is True and cleared["stats"]["entries"] == 0
 
 
 def test_metrics_per_mode(http: httpx.Client) -> None:
-    speech(http, {"input": "Metrics.", "voice": "sage", "step_audio": {"seed": 1}})
+    for _ in range(2):  # the second request finds the voice's tokens in the cache
+        assert speech(http, {"input": "Metrics.", "voice": "sage", "step_audio": {"seed": 1}}).status_code == 200
     text = http.get("/metrics").text
     for name in (
         'step_audio_requests_total{mode="clone",status="200"}',

@@ -92,10 +92,13 @@ def test_api_key_guards_everything_but_healthz(server: LiveServer) -> None:
     with httpx.Client(base_url=server.url, timeout=30) as anon:
         assert anon.get("/healthz").status_code == 200
         for method, path in [("GET", "/readyz"), ("GET", "/v1/models"), ("GET", "/v1/voices"), ("GET", "/metrics"),
-                             ("POST", "/v1/audio/speech"), ("DELETE", "/v1/cache")]:  # fmt: skip
+                             ("POST", "/v1/audio/speech"), ("DELETE", "/v1/cache"), ("GET", "/openapi.json"),
+                             ("POST", "/v1/voices"), ("GET", "/v1/voices/alloy")]:  # fmt: skip
             r = anon.request(method, path, json={"input": "x"})
             assert r.status_code == 401, (path, r.text)
             assert r.json()["error"]["type"] == "authentication_error"
+        assert anon.get("/docs").status_code == 404
+        assert anon.get("/openapi.json", headers=AUTH).json()["paths"]["/v1/audio/speech"]
         wrong = anon.get("/v1/models", headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
 
