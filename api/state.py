@@ -13,7 +13,7 @@ from api.metrics import Metrics
 from engine.service import InferenceService
 from engine.types import AudioInput, CloneRequest, EditRequest, SynthesisResult
 from engine.voices import VoiceStore
-from errors import NotReadyError
+from errors import ModelLoadError, NotReadyError
 from settings import Settings
 
 
@@ -46,7 +46,7 @@ class AppState:
     def require_engine(self) -> Engine:
         if self.engine is None:
             if self.load_error:
-                raise NotReadyError(f"the models failed to load: {self.load_error}")
+                raise ModelLoadError(f"the models failed to load: {self.load_error}")
             raise NotReadyError(f"the models are still loading ({self.loading_stage}); retry shortly")
         return self.engine
 

@@ -226,3 +226,18 @@ def test_a_client_that_disconnects_frees_its_place(server: LiveServer) -> None:
         assert service.queued == 0  # its place is free while the first request still runs
         assert service.running == 1
         assert running.result().status_code == 200
+
+
+def test_a_bundle_that_cannot_load_is_a_503_with_the_reason(tmp_path: Path) -> None:
+    settings = Settings(
+        model_path=tmp_path / "no-such-bundle", model_source="local", cache_dir=tmp_path, api_host=LOOPBACK
+    )
+    with LiveServer(settings, wait_ready=False) as live, httpx.Client(base_url=live.url, timeout=30) as c:
+        deadline = time.monotonic() + 60
+        while (r := c.get("/readyz")).json()["error"]["code"] != "model_load_failed":
+            assert time.monotonic() < deadline, r.text
+            time.sleep(0.05)
+        assert r.status_code == 503 and "no-such-bundle" in r.json()["error"]["message"]
+        speech = c.post("/v1/audio/speech", json={"input": "x", "voice": "alloy"})
+        assert speech.status_code == 503 and speech.json()["error"]["code"] == "model_load_failed"
+        assert c.get("/healthz").json() == {"status": "ok"}
