@@ -71,6 +71,31 @@ def sqrt_alibi_bias(
     return bias.unsqueeze(0).masked_fill(~visible[:, None], float("-inf")).to(dtype)
 
 
+# CPU BLAS (MKL here) multiplies 2-4 rows by a large weight 3-5x slower than it does one row,
+# while one-row products run at memory speed: a CFG pair or a small batch decodes faster row by row.
+ROW_BY_ROW_MAX_ROWS = 4
+
+
+def project(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``linear(x)`` for x : (..., in) -> (..., out); on CPU, 2-4 rows go through one-row products.
+
+    Only a plain ``nn.Linear`` (no hooks, no replaced forward, so never a quantised layer) takes
+    the row path; it computes the same products (equal to rounding).
+    """
+    rows = x.numel() // x.shape[-1]
+    if (
+        1 < rows <= ROW_BY_ROW_MAX_ROWS
+        and x.device.type == "cpu"
+        and type(linear) is nn.Linear
+        and "forward" not in linear.__dict__
+        and not (linear._forward_hooks or linear._forward_pre_hooks)
+    ):
+        flat = x.reshape(rows, x.shape[-1])
+        out = torch.stack([F.linear(row, linear.weight, linear.bias) for row in flat])
+        return out.view(*x.shape[:-1], out.shape[-1])
+    return linear(x)
+
+
 class Step1RMSNorm(nn.Module):
     """RMSNorm with the variance computed in float32, as the reference."""
 
@@ -96,7 +121,7 @@ class Step1MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x : (B, T, hidden) -> (B, T, hidden)."""
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return project(self.down_proj, F.silu(project(self.gate_proj, x)) * project(self.up_proj, x))
 
 
 class Step1Attention(nn.Module):
@@ -119,9 +144,9 @@ class Step1Attention(nn.Module):
         B, q_len, _ = x.shape
         H, G, D = self.n_heads, self.n_groups, self.head_dim
         per_group = H // G
-        query = self.q_proj(x).view(B, q_len, H, D).transpose(1, 2)  # (B, H, q, D)
-        key = self.k_proj(x).view(B, q_len, G, D).transpose(1, 2)  # (B, G, q, D)
-        value = self.v_proj(x).view(B, q_len, G, D).transpose(1, 2)  # (B, G, q, D)
+        query = project(self.q_proj, x).view(B, q_len, H, D).transpose(1, 2)  # (B, H, q, D)
+        key = project(self.k_proj, x).view(B, q_len, G, D).transpose(1, 2)  # (B, G, q, D)
+        value = project(self.v_proj, x).view(B, q_len, G, D).transpose(1, 2)  # (B, G, q, D)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)  # (B, G, k, D)
         k_len = key.shape[2]
@@ -130,7 +155,7 @@ class Step1Attention(nn.Module):
         mask = bias.reshape(bias.shape[0], G, per_group * q_len, k_len)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)  # scale 1/sqrt(D)
         out = out.view(B, H, q_len, D).transpose(1, 2).reshape(B, q_len, H * D)
-        return self.o_proj(out)
+        return project(self.o_proj, out)
 
 
 class Step1DecoderLayer(nn.Module):
@@ -286,4 +311,4 @@ class Step1ForCausalLM(Step1PreTrainedModel, GenerationMixin):
         hidden = out.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        return CausalLMOutputWithPast(logits=self.lm_head(hidden), cache=out.cache)
+        return CausalLMOutputWithPast(logits=project(self.lm_head, hidden), cache=out.cache)

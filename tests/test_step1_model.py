@@ -26,7 +26,7 @@ from bundles.llm_bundle import (
 )
 from errors import InvalidInputError
 from llm.config import Step1Config
-from llm.model import Step1ForCausalLM, alibi_slopes, sqrt_alibi_bias
+from llm.model import Step1ForCausalLM, alibi_slopes, project, sqrt_alibi_bias
 from tests.conftest import REPO_ROOT
 
 FULL_KEYS_TSV = REPO_ROOT.parent / "shared" / "docs" / "checkpoint-keys" / "step1_full_keys.tsv"
@@ -304,3 +304,13 @@ def test_long_inputs_run_in_row_chunks_with_the_same_result(
     assert (chunked.logits - whole).abs().max().item() < 1e-5
     for layer in range(model.config.num_hidden_layers):
         assert torch.allclose(chunk_cache.layers[layer].keys, whole_cache.layers[layer].keys, atol=1e-5)
+
+
+def test_small_cpu_batches_project_row_by_row_with_the_same_values() -> None:
+    linear = torch.nn.Linear(32, 48, bias=True)
+    x = torch.randn(2, 1, 32)
+    assert torch.allclose(project(linear, x), linear(x), atol=1e-6)
+    calls: list[int] = []
+    linear.register_forward_hook(lambda _m, _i, _o: calls.append(1))  # e.g. a quantiser's hook
+    project(linear, x)
+    assert calls == [1]  # a hooked layer still runs through its own forward
