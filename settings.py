@@ -107,6 +107,13 @@ class Settings(BaseSettings):
     max_audio_seconds: float = Field(30.0, gt=0, description="Longest accepted prompt/input audio.")
     max_edit_iter: int = Field(4, ge=1, le=8, description="Most edit iterations per request.")
     queue_size: int = Field(16, ge=1, description="Requests waiting beyond this answer 429.")
+    inference_workers: int = Field(
+        1,
+        ge=1,
+        le=8,
+        description="Threads running requests; 2 lets one request use the LLM while another is in "
+        "the tokenizer or vocoder (the engine locks each stage).",
+    )
     allow_audio_urls: bool = Field(False, description="Accept *_audio_url inputs (public hosts only).")
     url_timeout_s: float = Field(10.0, gt=0, description="Time limit for fetching an audio URL.")
     voices_dir: Path | None = Field(None, description="Registered voices (default: <cache-dir>/voices).")

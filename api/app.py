@@ -40,7 +40,7 @@ EngineFactory = Callable[[Settings], Engine]
 def create_app(settings: Settings, *, engine_factory: EngineFactory | None = None) -> FastAPI:
     """A new app around ``settings``; ``engine_factory`` defaults to ``engine.tts.build_engine``."""
     voices_dir = settings.voices_dir or settings.cache_dir / "voices"
-    service = InferenceService(queue_size=settings.queue_size)
+    service = InferenceService(queue_size=settings.queue_size, workers=settings.inference_workers)
     state: AppState
 
     def live_metrics() -> dict[str, Any]:

@@ -8,6 +8,7 @@ tokens, seeds, intensity, every edit mode, iterations, uploads, streaming, error
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import io
 import json
 import re
@@ -52,6 +53,7 @@ def server(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         max_upload_bytes=MAX_UPLOAD,
         max_input_chars=MAX_CHARS,
         allow_audio_urls=True,
+        inference_workers=2,  # requests overlap in the engine (each stage has its own lock)
     )
     with LiveServer(settings) as live:
         yield live
@@ -134,6 +136,21 @@ def test_openai_streaming_response(client: openai.OpenAI) -> None:
         headers = response.headers
     assert len(chunks) > 1
     assert_audio(b"".join(chunks), "wav", headers)
+
+
+def test_concurrent_requests_match_sequential_ones(http: httpx.Client, server: LiveServer) -> None:
+    bodies = [{"input": f"Sentence number {i}.", "voice": "coral", "step_audio": {"seed": 100 + i}} for i in range(4)]
+    alone = [speech(http, b).content for b in bodies]
+
+    def post(body: dict) -> bytes:
+        with httpx.Client(base_url=server.url, timeout=120) as c:
+            r = speech(c, body)
+            assert r.status_code == 200, r.text
+            return r.content
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(post, bodies))
+    assert together == alone  # two workers share the engine without mixing requests up
 
 
 @pytest.mark.parametrize("fmt", ["wav", "pcm", "mp3"])

@@ -158,6 +158,20 @@ def test_service_full_queue_is_busy_at_once_and_cancel_frees_the_place() -> None
     asyncio.run(main())
 
 
+def test_service_workers_run_jobs_side_by_side() -> None:
+    async def main() -> None:
+        service = InferenceService(queue_size=4, workers=2)
+        service.start()
+        both = threading.Barrier(2, timeout=5)  # passes only when two jobs run at the same time
+        try:
+            results = await asyncio.gather(*(service.submit("clone", both.wait) for _ in range(2)))
+            assert sorted(r for r, _ in results) == [0, 1]
+        finally:
+            service.stop()
+
+    asyncio.run(main())
+
+
 # --- voices -------------------------------------------------------------------------------
 
 
