@@ -327,7 +327,10 @@ class ParaformerEncoder:
             self.encoder = encoder_cls(input_size=self.frontend.output_size(), **self.encoder_conf)
         except TypeError as exc:
             raise ModelLoadError(f"{model_dir / FUNASR_CONFIG_FILE}: bad encoder_conf ({exc})") from exc
-        self.encoder.load_state_dict(_load_encoder_state(model_dir / FUNASR_WEIGHTS_FILE), strict=True)
+        try:
+            self.encoder.load_state_dict(_load_encoder_state(model_dir / FUNASR_WEIGHTS_FILE), strict=True)
+        except RuntimeError as exc:  # missing/unexpected keys or shapes that disagree with config.yaml
+            raise ModelLoadError(f"{model_dir / FUNASR_WEIGHTS_FILE} does not fit {FUNASR_CONFIG_FILE}: {exc}") from exc
         self.device = torch.device(device)
         self.encoder.to(self.device).eval().requires_grad_(False)
         self.output_size = int(self.encoder.output_size())

@@ -207,6 +207,10 @@ def test_missing_and_mismatched_files_fail_clearly(tiny_tokenizer_dir, tmp_path)
     np.save(broken / "linguistic_tokenizer.npy", np.zeros((1024, 7), np.float32))
     with pytest.raises(ModelLoadError, match="codebook"):
         StepAudioTokenizer(broken)
+    config = broken / FUNASR_MODEL_ID / "config.yaml"
+    config.write_text(config.read_text().replace("linear_units: 64", "linear_units: 96", 1))
+    with pytest.raises(ModelLoadError, match="does not fit"):
+        StepAudioTokenizer(broken)
 
 
 def test_fingerprint_covers_files_and_settings(tok, tiny_tokenizer_dir, tmp_path):
