@@ -276,6 +276,14 @@ def test_upload_endpoint(http: httpx.Client) -> None:
     assert_audio(r.content, "mp3", r.headers)
 
 
+def test_voice_registered_without_transcript_is_transcribed(http: httpx.Client) -> None:
+    r = http.post("/v1/voices", data={"name": "piper"}, files={"file": ("v.wav", VOICE_WAV.read_bytes())})
+    assert r.status_code == 201, r.text
+    assert word_error_rate(VOICE_TEXT, r.json()["transcript"]) <= 0.2
+    assert speech(http, {"input": "Mine now.", "voice": "piper", "step_audio": {"seed": 1}}).status_code == 200
+    assert http.delete("/v1/voices/piper").status_code == 200
+
+
 # --- system routes ----------------------------------------------------------------------------
 
 

@@ -48,19 +48,31 @@ async def register_voice(
     engine: ReadyEngine,
     name: Annotated[str, Form(description="1-64 letters, digits, '-' or '_'.")],
     file: Annotated[UploadFile, File(description="The reference clip (any common audio format).")],
-    transcript: Annotated[str | None, Form(description="What the clip says.")] = None,
+    transcript: Annotated[
+        str | None, Form(description="What the clip says (Whisper fills it when auto-transcription is on).")
+    ] = None,
 ) -> VoiceCard:
     """Store a voice; its clip is tokenized once now, so later requests hit the cache."""
     validate_voice_name(name)
     if name == DEFAULT_VOICE_NAME:
         raise InvalidInputError(f"{name!r} is reserved for the built-in voice", param="name")
-    if not transcript or not transcript.strip():
-        raise InvalidInputError("a voice needs the transcript of its clip", param="transcript")
+    transcriber = getattr(engine, "transcriber", None) if state.settings.enable_auto_transcribe else None
+    text = (transcript or "").strip()
+    if not text and transcriber is None:
+        raise InvalidInputError(
+            "a voice needs the transcript of its clip (or a server started with --enable-auto-transcribe)",
+            param="transcript",
+        )
     data = await read_upload(file, max_bytes=state.settings.max_upload_bytes, param="file")
     audio = await decode_audio_bytes(data, settings=state.settings, param="file")
-    voice, _ = await state.service.submit(
-        "voice", lambda: state.voices.register(name, audio, transcript, prepare=engine.prepare_voice)
-    )
+
+    def register() -> Voice:
+        heard = text or transcriber.transcribe(audio.samples, audio.sample_rate).strip()
+        if not heard:
+            raise InvalidInputError("no speech was recognised in the clip; give its transcript", param="transcript")
+        return state.voices.register(name, audio, heard, prepare=engine.prepare_voice)
+
+    voice, _ = await state.service.submit("voice", register)
     return _card(voice)
 
 
