@@ -26,11 +26,11 @@ BNB_DIR = "Step-Audio-EditX-bnb-4bit"
 VOCODER_DIR = "CosyVoice-300M-25Hz"
 FUNASR_MODEL_ID = "dengcunqin/speech_paraformer-large_asr_nat-zh-cantonese-en-16k-vocab8501-online"
 
-# repository id on both hubs, local directory name under the bundle root
-REPOS: dict[str, tuple[str, str]] = {
-    "editx": ("stepfun-ai/Step-Audio-EditX", EDITX_DIR),
-    "tokenizer": ("stepfun-ai/Step-Audio-Tokenizer", TOKENIZER_DIR),
-    "awq": ("stepfun-ai/Step-Audio-EditX-AWQ-4bit", AWQ_DIR),
+# Where each bundle directory is published (the same ids on Hugging Face and ModelScope).
+REPO_IDS: dict[str, str] = {
+    EDITX_DIR: "stepfun-ai/Step-Audio-EditX",
+    TOKENIZER_DIR: "stepfun-ai/Step-Audio-Tokenizer",
+    AWQ_DIR: "stepfun-ai/Step-Audio-EditX-AWQ-4bit",
 }
 
 VOCODER_FILES = (
@@ -47,12 +47,12 @@ TOKENIZER_FILES = ("linguistic_tokenizer.npy", "speech_tokenizer_v1.onnx")
 # else (the hubs also hold README assets, examples, the remote modelling code we never run, and
 # an 8 MB seg_dict the encoder does not use).
 DOWNLOAD_PATTERNS: dict[str, list[str]] = {
-    "editx": [*LLM_FILES, "*.safetensors", "model.safetensors.index.json", *VOCODER_FILES],
-    "tokenizer": [
+    EDITX_DIR: [*LLM_FILES, "*.safetensors", "model.safetensors.index.json", *VOCODER_FILES],
+    TOKENIZER_DIR: [
         *TOKENIZER_FILES,
         *(f"{FUNASR_MODEL_ID}/{name}" for name in (*FUNASR_FILES, "configuration.json")),
     ],
-    "awq": [*LLM_FILES, "*.safetensors", "model.safetensors.index.json", "recipe.yaml"],
+    AWQ_DIR: [*LLM_FILES, "*.safetensors", "model.safetensors.index.json", "recipe.yaml"],
 }
 
 
@@ -161,12 +161,24 @@ def _modelscope_downloader() -> Downloader:
     try:
         from modelscope import snapshot_download
     except ImportError as exc:  # the extra is optional
-        raise SystemExit("ModelScope downloads need the 'modelscope' extra: pip install '.[modelscope]'") from exc
+        raise ImportError("ModelScope downloads need the 'modelscope' extra: pip install '.[modelscope]'") from exc
 
     def download(*, repo_id: str, local_dir: str, allow_patterns: list[str]) -> str:
         return snapshot_download(model_id=repo_id, local_dir=local_dir, allow_patterns=allow_patterns)
 
     return download
+
+
+def download_repo(name: str, root: Path, source: str = "huggingface", downloader: Downloader | None = None) -> Path:
+    """Fetch one bundle directory (``Step-Audio-EditX`` ...) into ``root/name``: only the files
+    the loader reads. Resumable: the hub clients skip complete files and continue partial ones.
+    """
+    if downloader is None:
+        downloader = _modelscope_downloader() if source == "modelscope" else _hf_downloader()
+    local = Path(root) / name
+    print(f"fetching {REPO_IDS[name]} from {source} -> {local}", file=sys.stderr)
+    downloader(repo_id=REPO_IDS[name], local_dir=str(local), allow_patterns=DOWNLOAD_PATTERNS[name])
+    return local
 
 
 def download_models(
@@ -178,18 +190,12 @@ def download_models(
 ) -> list[LayoutProblem]:
     """Fetch the official repositories into the official layout under ``model_path``.
 
-    Resumable: the hub clients skip complete files and continue partial ones. Returns the
-    layout problems left afterwards ([] on success).
+    Returns the layout problems left afterwards ([] on success).
     """
-    if downloader is None:
-        downloader = _modelscope_downloader() if source == "modelscope" else _hf_downloader()
     model_path = Path(model_path)
     model_path.mkdir(parents=True, exist_ok=True)
-    wanted = ["editx", "tokenizer"] + (["awq"] if with_awq else [])
-    for name in wanted:
-        repo_id, local = REPOS[name]
-        print(f"fetching {repo_id} -> {model_path / local}", file=sys.stderr)
-        downloader(repo_id=repo_id, local_dir=str(model_path / local), allow_patterns=DOWNLOAD_PATTERNS[name])
+    for name in [EDITX_DIR, TOKENIZER_DIR] + ([AWQ_DIR] if with_awq else []):
+        download_repo(name, model_path, source, downloader)
     return verify_layout(model_path, variants=("base", "awq") if with_awq else ("base",))
 
 

@@ -25,6 +25,17 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 
 from errors import ModelLoadError
+from model_files import (
+    AWQ_DIR,
+    BNB_DIR,
+    EDITX_DIR,
+    REPO_IDS,
+    TOKENIZER_DIR,
+    VOCODER_DIR,
+    download_repo,
+    format_problems,
+    verify_layout,
+)
 
 if TYPE_CHECKING:  # the stages themselves are imported lazily, when a bundle is loaded
     from llm.text_tokenizer import StepTextTokenizer
@@ -34,21 +45,10 @@ if TYPE_CHECKING:  # the stages themselves are imported lazily, when a bundle is
 
 logger = logging.getLogger(__name__)
 
-EDITX_DIR = "Step-Audio-EditX"
-TOKENIZER_DIR = "Step-Audio-Tokenizer"
-AWQ_DIR = "Step-Audio-EditX-AWQ-4bit"
-BNB_DIR = "Step-Audio-EditX-bnb-4bit"
-VOCODER_DIR = "CosyVoice-300M-25Hz"
 CONFIG_NAME = "config.json"
 
 VARIANTS = ("base", "awq", "bnb")
 MODEL_SOURCES = ("auto", "local", "huggingface", "modelscope")
-# Where each bundle directory is published (same ids on Hugging Face and ModelScope).
-REPO_IDS = {
-    EDITX_DIR: "stepfun-ai/Step-Audio-EditX",
-    TOKENIZER_DIR: "stepfun-ai/Step-Audio-Tokenizer",
-    AWQ_DIR: "stepfun-ai/Step-Audio-EditX-AWQ-4bit",
-}
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -151,17 +151,16 @@ def _tokenizer_dir(tokenizer_model_id: str, root: Path) -> Path | None:
 def download_snapshot(repo_id: str, local_dir: Path, source: str) -> Path:
     """Download one model repository into ``local_dir`` (the only network call of the service).
 
-    Kept as one small function so tests replace it at this boundary.
+    Only the files the loader reads are fetched (``model_files.DOWNLOAD_PATTERNS``). Kept as one
+    small function so tests replace it at this boundary.
     """
-    if source == "modelscope":
-        try:
-            from modelscope import snapshot_download as ms_snapshot_download
-        except ImportError as exc:
-            raise ModelLoadError("model source 'modelscope' needs the modelscope package") from exc
-        return Path(ms_snapshot_download(repo_id, local_dir=str(local_dir)))
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(repo_id=repo_id, local_dir=str(local_dir)))
+    name = next((n for n, r in REPO_IDS.items() if r == repo_id), None)
+    if name is None or Path(local_dir).name != name:
+        raise ModelLoadError(f"{repo_id} is not a bundle repository, or {local_dir} is not its place")
+    try:
+        return download_repo(name, Path(local_dir).parent, source)
+    except ImportError as exc:
+        raise ModelLoadError(f"model source {source!r}: {exc}") from exc
 
 
 def fetch_bundle(
@@ -241,6 +240,20 @@ def resolve_bundle(
         awq=Path(awq_path).expanduser() if awq_path else root / AWQ_DIR,
         bnb=Path(bnb_path).expanduser() if bnb_path else root / BNB_DIR,
     )
+
+
+def verify_bundle(bundle: BundlePaths, funasr_model_id: str, variants: Iterable[str] = ("base",)) -> None:
+    """Name every missing file before any weight is read (the check the start script runs too)."""
+    problems = verify_layout(
+        bundle.editx,
+        tokenizer_dir=bundle.tokenizer,
+        funasr_model_id=funasr_model_id,
+        variants=tuple(variants),
+        awq_dir=bundle.awq,
+        bnb_dir=bundle.bnb if bundle.bnb.is_dir() else None,  # absent: NF4 from the base weights
+    )
+    if problems:
+        raise ModelLoadError(format_problems(problems, bundle.root))
 
 
 # --- LLM variants ---------------------------------------------------------------------------------

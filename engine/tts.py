@@ -555,6 +555,7 @@ def build_engine(
             awq_path=settings.awq_model_path,
             bnb_path=settings.bnb_model_path,
         )
+        model_loader.verify_bundle(bundle, settings.funasr_model_id, settings.variants)
         registry = model_loader.ModelRegistry(bundle, device, model_loader.resolve_dtype(settings.torch_dtype, device))
     if max_new_tokens is None and settings.demo:
         max_new_tokens = DEMO_MAX_NEW_TOKENS

