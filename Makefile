@@ -27,8 +27,11 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
+# Benchmarks (minutes, several GB of full-size random bundles under bench/out); not part of the tests.
 bench: $(STAMP)
-	$(BIN)/python -m bench.run_all
+	$(BIN)/python -m bench.bench_wav2token
+	$(BIN)/python -m bench.bench_token2wav
+	$(BIN)/python -m bench.bench_llm
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
