@@ -342,8 +342,8 @@ class ParaformerEncoder:
     def _new_stream_cache(self) -> dict[str, Any]:
         """The per-utterance state ``SANMEncoderChunkOpt.forward_chunk`` reads and updates.
 
-        Same keys and values as ``ParaformerStreaming.init_cache`` builds for the encoder;
-        ``frontend`` is ``WavFrontendOnline``'s own carry-over (sample tail, LFR splice).
+        Same keys and values as ``ParaformerStreaming.init_cache`` builds for the encoder
+        (position counter, overlap frames, per-layer look-back caches under ``opt``).
         """
         feats_dim = self.frontend.output_size()
         overlap = VQ02_CHUNK_SIZE[0] + VQ02_CHUNK_SIZE[2]
@@ -357,53 +357,94 @@ class ParaformerEncoder:
                 "feats": torch.zeros((1, overlap, feats_dim), device=self.device),
                 "tail_chunk": False,
             },
-            "frontend": {},
         }
 
     @torch.inference_mode()
-    def encode(self, audio: torch.Tensor) -> Vq02Encoding:
+    def encode(self, audio: torch.Tensor, *, layer_major: bool = True) -> Vq02Encoding:
         """16 kHz audio ``(n,)`` -> encoder output of every 60 ms frame.
 
         The reference loop: ``n // 3840 + 1`` chunks of 3840 samples, the last one final; a
         final chunk that is empty or yields no frame (under 480 samples) ends the loop; from
         each chunk's output only the new frames (the last ``frames`` rows) are kept.
+
+        ``layer_major`` (default) runs the same per-chunk computation in another order: all
+        chunks through layer 1, then all through layer 2, ... Each layer's streaming state
+        (its K/V look-back and nothing else) only depends on that layer's earlier chunks, so
+        every operation sees bit-identical inputs and shapes, while each layer's weights are
+        read from memory once per utterance instead of once per chunk (the chunk-major loop
+        is memory-bound: ~0.6 GB of weights for 9 frames). ``False`` runs funasr's own
+        ``forward_chunk`` chunk by chunk (the reference order; the tests compare both).
+        """
+        features, lens = self.features(audio)
+        if not features:
+            empty = torch.zeros((0, self.output_size))
+            return Vq02Encoding(empty, torch.zeros((0, self.frontend.output_size())), [])
+        cache = self._new_stream_cache()
+        if layer_major:
+            outs = self._encode_layer_major(features, cache)
+        else:
+            outs = [self._encode_chunk(f.clone(), n, cache) for f, n in zip(features, lens, strict=True)]
+        hidden = torch.cat([out[0, -int(n[0]) :] for out, n in zip(outs, lens, strict=True)])
+        chunk_frames = [int(n[0]) for n in lens]
+        return Vq02Encoding(hidden.float().cpu(), torch.cat([f[0] for f in features]).cpu(), chunk_frames)
+
+    def features(self, audio: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """LFR + CMVN features ``(1, frames, 560)`` and lengths of each 3840-sample chunk, on device.
+
+        funasr 1.4 returns no frame where the reference's 1.0.8 frontend raised and the
+        reference skipped the chunk (a final chunk under 480 samples): the loop ends there.
         """
         from funasr.utils.load_utils import extract_fbank
 
         audio = audio.detach().to("cpu", torch.float32).reshape(-1)
-        cache = self._new_stream_cache()
+        frontend_cache: dict[str, Any] = {}
         n_chunks = audio.numel() // VQ02_CHUNK_SAMPLES + 1
-        hidden, features, chunk_frames = [], [], []
+        features, lens = [], []
         for i in range(n_chunks):
             final = i == n_chunks - 1
             piece = audio[i * VQ02_CHUNK_SAMPLES : (i + 1) * VQ02_CHUNK_SAMPLES]
             if final and piece.numel() == 0:
                 break
-            feats, lens = extract_fbank(
-                [piece], data_type="sound", frontend=self.frontend, cache=cache["frontend"], is_final=final
+            feats, n = extract_fbank(
+                [piece], data_type="sound", frontend=self.frontend, cache=frontend_cache, is_final=final
             )
-            frames = int(lens[0]) if feats.numel() else 0
+            frames = int(n[0]) if feats.numel() else 0
             if frames == 0:
-                # funasr 1.4 returns no frame where the reference's 1.0.8 frontend raised and
-                # the reference skipped the (final, < 480-sample) chunk
                 if final:
                     break
                 continue
-            features.append(feats[0, :frames].clone())  # the encoder scales its input in place
-            out, _ = self._encode_chunk(feats.to(self.device), lens.to(self.device), cache, final)
-            hidden.append(out[0, -frames:])
-            chunk_frames.append(frames)
-        if not hidden:
-            empty = torch.zeros((0, self.output_size))
-            return Vq02Encoding(empty, torch.zeros((0, self.frontend.output_size())), [])
-        return Vq02Encoding(torch.cat(hidden).float().cpu(), torch.cat(features), chunk_frames)
+            features.append(feats[:, :frames].to(self.device))
+            lens.append(n.to(self.device))
+        return features, lens
 
-    def _encode_chunk(
-        self, feats: torch.Tensor, lens: torch.Tensor, cache: dict[str, Any], final: bool
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One chunk ``(1, frames, 560)`` -> ``(1, overlap + frames, D)`` (what ``encode_chunk`` does)."""
-        out, out_lens, _ = self.encoder.forward_chunk(feats, lens, cache=cache["encoder"], is_final=final)
-        return (out[0] if isinstance(out, tuple) else out), out_lens
+    def _encode_chunk(self, feats: torch.Tensor, lens: torch.Tensor, cache: dict[str, Any]) -> torch.Tensor:
+        """One chunk ``(1, frames, 560)`` -> ``(1, overlap + frames, D)`` via funasr's ``forward_chunk``."""
+        out, _, _ = self.encoder.forward_chunk(feats, lens, cache=cache["encoder"])
+        return out[0] if isinstance(out, tuple) else out
+
+    def _encode_layer_major(self, features: list[torch.Tensor], cache: dict[str, Any]) -> list[torch.Tensor]:
+        """``SANMEncoderChunkOpt.forward_chunk`` for every chunk, layers outermost.
+
+        features: per chunk ``(1, frames, 560)`` -> per chunk ``(1, overlap + frames, D)``.
+        Same steps as funasr's method: scale by sqrt(D), streaming position encoding, prepend
+        the previous chunk's overlap frames, the SAN-M layers with their look-back caches,
+        ``after_norm``.
+        """
+        enc = self.encoder
+        state = cache["encoder"]
+        xs = []
+        for feats in features:  # embedding and overlap carry state across chunks only
+            x = feats * enc.output_size() ** 0.5
+            if enc.embed is not None:
+                x = enc.embed(x, state)
+            xs.append(enc._add_overlap_chunk(x, state))
+        for layer in [*enc.encoders0, *enc.encoders]:
+            layer_cache = None  # this layer's K/V of the last look-back chunks
+            for i, x in enumerate(xs):
+                xs[i], layer_cache = layer.forward_chunk(
+                    x, layer_cache, state["chunk_size"], state["encoder_chunk_look_back"]
+                )
+        return [enc.after_norm(x) for x in xs] if enc.normalize_before else xs
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

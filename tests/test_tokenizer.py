@@ -130,6 +130,15 @@ def test_dither_reaches_the_fbank(tok, tiny_tokenizer_dir):
     assert not torch.equal(plain, noisy)
 
 
+def test_layer_major_encoder_is_bit_identical_to_funasr_order(tok):
+    audio = preprocess_wav(prepare_prompt(voiced(2.5, 16000, seed=6), 16000), 16000)[0]
+    ours = tok.vq02_encoder.encode(audio)
+    funasr_order = tok.vq02_encoder.encode(audio, layer_major=False)
+    assert len(ours.chunk_frames) > 8  # enough chunks for the 4-chunk look-back to fill up
+    assert torch.equal(ours.hidden, funasr_order.hidden)
+    assert ours.chunk_frames == funasr_order.chunk_frames
+
+
 def test_vq06_pieces_of_30_seconds(tok):
     # 30 s + 1000 samples: two pieces; 30 s + 300: the short tail (< 480 samples) is dropped
     n_frames = VQ06_PIECE_SAMPLES // 160

@@ -64,4 +64,5 @@ def test_intermediate_stages_match(reference_dir, ref_tok, case, name):
     assert enc.chunk_frames == ref["vq02_feat_chunk_lens"].tolist()
     assert np.abs(enc.features.numpy() - ref["vq02_feats"]).max() <= 5e-4
     assert np.abs(enc.hidden.numpy() - ref["vq02_enc_out"]).max() <= 1e-3
+    assert torch.equal(enc.hidden, ref_tok.vq02_encoder.encode(reference_audio, layer_major=False).hidden)
     np.testing.assert_array_equal(quantize(torch.from_numpy(ref["vq02_enc_out"]), ref_tok.codebook), ref["vq02"])
