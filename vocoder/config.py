@@ -25,7 +25,9 @@ from errors import ModelLoadError
 from vocoder.dit import DiT
 from vocoder.encoder import DualCodebookEmbedding, UpsampleConformerEncoderV2
 from vocoder.flow import CausalConditionalCFM, CausalMaskedDiffWithXvec
+from vocoder.frontend import MelConfig
 from vocoder.hift import ConvRNNF0Predictor, HiFTGenerator, load_hift_state_dict
+from vocoder.weights import load_strict
 
 logger = logging.getLogger(__name__)
 
@@ -53,19 +55,6 @@ class Tagged:
 
     tag: str
     value: Any
-
-
-@dataclass(frozen=True)
-class MelConfig:
-    """The prompt-mel settings (``mel_conf``): 80 bins, n_fft 1920, hop 480, 24 kHz, 0-8000 Hz."""
-
-    num_mels: int
-    n_fft: int
-    hop_size: int
-    win_size: int
-    sampling_rate: int
-    fmin: float
-    fmax: float | None
 
 
 @dataclass
@@ -177,17 +166,9 @@ def _mel_config(raw: Any, source: Path) -> MelConfig:
     if not isinstance(raw, dict):
         raise ModelLoadError(f"{source}: mel_conf must be a mapping")
     try:
-        return MelConfig(
-            num_mels=int(raw["num_mels"]),
-            n_fft=int(raw["n_fft"]),
-            hop_size=int(raw["hop_size"]),
-            win_size=int(raw["win_size"]),
-            sampling_rate=int(raw["sampling_rate"]),
-            fmin=float(raw.get("fmin", 0)),
-            fmax=None if raw.get("fmax") is None else float(raw["fmax"]),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelLoadError(f"{source}: mel_conf is incomplete or malformed: {exc!r}") from exc
+        return MelConfig.from_mapping(raw)
+    except (TypeError, ValueError) as exc:
+        raise ModelLoadError(f"{source}: mel_conf is malformed: {exc!r}") from exc
 
 
 def build_from_yaml(path: Path) -> tuple[MelConfig, CausalMaskedDiffWithXvec, HiFTGenerator]:
@@ -206,24 +187,7 @@ def build_from_yaml(path: Path) -> tuple[MelConfig, CausalMaskedDiffWithXvec, Hi
 
 def load_flow_state_dict(flow: CausalMaskedDiffWithXvec, state_dict: Mapping[str, torch.Tensor] | Path) -> None:
     """Strictly load ``flow.pt`` (a path or a state dict); names missing/unexpected keys on mismatch."""
-    if isinstance(state_dict, Path):
-        try:
-            state_dict = torch.load(state_dict, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, ValueError) as exc:
-            raise ModelLoadError(f"cannot read flow weights {state_dict}: {exc}") from exc
-    if not isinstance(state_dict, Mapping):
-        raise ModelLoadError(f"flow weights must be a state dict, got {type(state_dict).__name__}")
-    ours = flow.state_dict()
-    missing = sorted(set(ours) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(ours))
-    if missing or unexpected:
-        raise ModelLoadError(f"flow.pt does not match the yaml's flow: missing keys {missing[:8]}, "
-                             f"unexpected keys {unexpected[:8]}")
-    wrong = [f"{k}: {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in ours.items()
-             if tuple(state_dict[k].shape) != tuple(v.shape)]
-    if wrong:
-        raise ModelLoadError(f"flow.pt shapes do not match the yaml's flow: {wrong[:8]}")
-    flow.load_state_dict(state_dict, strict=True)
+    load_strict(flow, state_dict, "flow.pt")
 
 
 def load_cosyvoice(vocoder_dir: Path, device: str | torch.device = "cpu") -> VocoderParts:

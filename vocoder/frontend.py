@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import librosa
 import numpy as np
@@ -84,19 +84,7 @@ class MelConfig:
 DEFAULT_MEL_CONF = MelConfig()
 
 
-class MelSettings(Protocol):
-    """Anything carrying the ``mel_conf`` fields (our :class:`MelConfig`, or the yaml reader's)."""
-
-    num_mels: int
-    n_fft: int
-    hop_size: int
-    win_size: int
-    sampling_rate: int
-    fmin: float
-    fmax: float | None
-
-
-def _mel_tuple(conf: MelSettings) -> tuple[Any, ...]:
+def _mel_tuple(conf: MelConfig) -> tuple[Any, ...]:
     return (conf.num_mels, conf.n_fft, conf.hop_size, conf.win_size, conf.sampling_rate, conf.fmin, conf.fmax)
 
 
@@ -116,7 +104,7 @@ def _as_prompt(wav: np.ndarray | torch.Tensor) -> torch.Tensor:
     return x
 
 
-def log_mel(wav: torch.Tensor, conf: MelSettings = DEFAULT_MEL_CONF) -> torch.Tensor:
+def log_mel(wav: torch.Tensor, conf: MelConfig = DEFAULT_MEL_CONF) -> torch.Tensor:
     """wav : (B, n) at ``conf.sampling_rate`` -> log-mel (B, num_mels, T), T = n // hop."""
     pad = (conf.n_fft - conf.hop_size) // 2
     if wav.shape[-1] <= pad:
@@ -133,7 +121,7 @@ def log_mel(wav: torch.Tensor, conf: MelSettings = DEFAULT_MEL_CONF) -> torch.Te
 
 
 def prompt_mel(wav: np.ndarray | torch.Tensor, sample_rate: int,
-               mel_conf: MelSettings = DEFAULT_MEL_CONF) -> torch.Tensor:
+               mel_conf: MelConfig = DEFAULT_MEL_CONF) -> torch.Tensor:
     """Prepared prompt (1, n) at ``sample_rate`` -> the flow's prompt mel (1, T, num_mels) at 50 Hz."""
     x = resample(_as_prompt(wav), int(sample_rate), mel_conf.sampling_rate, kernel_dtype=torch.float32)
     return log_mel(x, mel_conf).transpose(1, 2).contiguous()
@@ -224,7 +212,7 @@ class PromptFeatures:
     spk_emb: torch.Tensor  # (1, 192) float32
 
 
-def _feature_fingerprint(encoder: SpeakerEncoder, mel_conf: MelSettings) -> np.ndarray:
+def _feature_fingerprint(encoder: SpeakerEncoder, mel_conf: MelConfig) -> np.ndarray:
     text = encoder.fingerprint + repr(_mel_tuple(mel_conf))
     return np.frombuffer(hashlib.sha256(text.encode()).digest(), dtype=np.uint8).copy()
 
@@ -236,7 +224,7 @@ def prompt_features(
     *,
     cache: TokenCache | None = None,
     key: str | None = None,
-    mel_conf: MelSettings = DEFAULT_MEL_CONF,
+    mel_conf: MelConfig = DEFAULT_MEL_CONF,
 ) -> PromptFeatures:
     """Prompt mel + speaker embedding of a prepared prompt, from the token cache when present.
 

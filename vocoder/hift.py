@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import math
-import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
 from errors import InvalidInputError, ModelLoadError
+from vocoder.weights import load_strict
 
 logger = logging.getLogger(__name__)
 
@@ -398,27 +398,5 @@ def normalize_weight_norm_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[s
 
 
 def load_hift_state_dict(model: HiFTGenerator, state_dict: Mapping[str, torch.Tensor] | Path) -> None:
-    """Strictly load ``hift.pt`` (a path or a state dict) in either weight-norm storage form.
-
-    Raises ModelLoadError naming the missing and unexpected keys or shape mismatches.
-    """
-    if isinstance(state_dict, Path):
-        try:
-            state_dict = torch.load(state_dict, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
-            raise ModelLoadError(f"cannot read HiFT weights {state_dict}: {exc}") from exc
-    if not isinstance(state_dict, Mapping):
-        raise ModelLoadError(f"HiFT weights must be a state dict, got {type(state_dict).__name__}")
-    converted = normalize_weight_norm_keys(state_dict)
-    ours = model.state_dict()
-    missing = sorted(set(ours) - set(converted))
-    unexpected = sorted(set(converted) - set(ours))
-    if missing or unexpected:
-        raise ModelLoadError(f"hift.pt does not match the yaml's HiFT: missing keys {missing[:8]}"
-                             f"{'…' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
-                             f"{'…' if len(unexpected) > 8 else ''}")
-    wrong = [f"{k}: {tuple(converted[k].shape)} vs {tuple(v.shape)}" for k, v in ours.items()
-             if tuple(converted[k].shape) != tuple(v.shape)]
-    if wrong:
-        raise ModelLoadError(f"hift.pt shapes do not match the yaml's HiFT: {wrong[:8]}")
-    model.load_state_dict(converted, strict=True)
+    """Strictly load ``hift.pt`` (a path or a state dict) in either weight-norm storage form."""
+    load_strict(model, state_dict, "hift.pt", convert=normalize_weight_norm_keys)
