@@ -12,7 +12,7 @@ concatenated to the target length at the voice's 22.05 kHz, prepared as the serv
 * **hit**: the same prompt again: content hash + index lookup + payload read.
 
 The full bundle (~1.4 GB) is written once under ``bench/out/`` (git-ignored) and reused.
-Prints a table and writes ``bench/out/wav2token_<threads>t.json``. On a shared machine, 2 torch
+Prints a table and writes ``bench/out/wav2token_<threads>t_<lengths>.json``. On a shared machine, 2 torch
 threads suffer badly when other processes compete for the cores (OpenMP barriers wait for a
 descheduled thread), so the miss's process CPU time is reported beside its wall time, and
 ``--threads 1`` gives a contention-robust measure.
@@ -107,7 +107,9 @@ def timed(fn, runs: int, cpu: list[float] | None = None) -> list[float]:
     return out
 
 
-def bench(bundle_dir: Path, runs: int, threads: int = TORCH_THREADS) -> dict:
+def bench(
+    bundle_dir: Path, runs: int, threads: int = TORCH_THREADS, prompt_seconds: tuple[float, ...] = PROMPT_SECONDS
+) -> dict:
     torch.set_num_threads(threads)
     tok_dir = full_bundle(bundle_dir)
     rss_before = rss_mb()
@@ -125,7 +127,7 @@ def bench(bundle_dir: Path, runs: int, threads: int = TORCH_THREADS) -> dict:
         "runs": runs,
         "prompts": {},
     }
-    for seconds in PROMPT_SECONDS:
+    for seconds in prompt_seconds:
         wav, sr = piper_speech(seconds)
         prompt = prepare_prompt(wav, sr)
         audio16k = preprocess_wav(prompt, sr)[0]
@@ -159,8 +161,8 @@ def bench(bundle_dir: Path, runs: int, threads: int = TORCH_THREADS) -> dict:
             "hit_runs_s": [round(t, 5) for t in hits],
             "hit_over_miss": round(hit / miss, 5),
             "hit_within_budget": hit <= HIT_BUDGET * miss,
-            "reference_miss_s": REFERENCE_MISS_S[seconds],
-            "miss_vs_reference": round(miss / REFERENCE_MISS_S[seconds], 2),
+            "reference_miss_s": REFERENCE_MISS_S.get(seconds),
+            "miss_vs_reference": round(miss / REFERENCE_MISS_S[seconds], 2) if seconds in REFERENCE_MISS_S else None,
         }
     results["load_average_end"] = os.getloadavg()
     return results
@@ -172,7 +174,8 @@ def print_table(results: dict) -> None:
     print(f"{'prompt':>7} {'miss s':>8} {'cpu s':>7} {'ref s':>6} {'vq02 s':>7} {'vq06 s':>7} {'hit ms':>7} "
           f"{'hit/miss':>9}")
     for name, r in results["prompts"].items():
-        print(f"{name:>7} {r['miss_s']:8.2f} {r['miss_cpu_s']:7.2f} {r['reference_miss_s']:6.1f} {r['vq02_s']:7.2f} "
+        ref = r["reference_miss_s"] or float("nan")
+        print(f"{name:>7} {r['miss_s']:8.2f} {r['miss_cpu_s']:7.2f} {ref:6.1f} {r['vq02_s']:7.2f} "
               f"{r['vq06_s']:7.2f} {r['hit_s'] * 1000:7.1f} {r['hit_over_miss'] * 100:8.2f}%")
 
 
@@ -180,14 +183,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="wav2token miss vs hit on the full-size random tokenizer")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=TORCH_THREADS, help="torch intra-op threads")
+    parser.add_argument("--seconds", type=float, nargs="+", default=list(PROMPT_SECONDS), help="prompt lengths")
     parser.add_argument("--bundle-dir", type=Path, default=DEFAULT_BUNDLE_DIR)
-    parser.add_argument("--out", type=Path, default=None, help="default: bench/out/wav2token_<threads>t.json")
+    parser.add_argument("--out", type=Path, default=None, help="default: bench/out/wav2token_<threads>t_<lengths>.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
-    results = bench(args.bundle_dir, args.runs, args.threads)
+    results = bench(args.bundle_dir, args.runs, args.threads, tuple(args.seconds))
     print_table(results)
-    out = args.out or OUT_DIR / f"wav2token_{args.threads}t.json"
+    lengths = "_".join(f"{s:g}s" for s in args.seconds)
+    out = args.out or OUT_DIR / f"wav2token_{args.threads}t_{lengths}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(f"wrote {out}")
