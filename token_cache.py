@@ -632,8 +632,7 @@ class TokenCache:
         )
         try:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-                conn.execute("PRAGMA journal_mode = WAL")
+            _enable_wal(conn)
             conn.execute("PRAGMA synchronous = NORMAL")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version not in (0, SCHEMA_VERSION):
@@ -746,6 +745,24 @@ def _saved_seconds(compute: list[list[Any]], wanted: set[str] | None) -> float:
 def _has_schema(conn: sqlite3.Connection) -> bool:
     r = conn.execute("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name IN ('entries', 'totals')")
     return r.fetchone()[0] == 2
+
+
+def _enable_wal(conn: sqlite3.Connection) -> None:
+    """Switch the index to WAL mode (persistent once set).
+
+    The switch needs an exclusive lock and SQLite answers SQLITE_BUSY at once, without the busy
+    handler, when another process opens a fresh index at the same moment: retry until the
+    other one has switched it (the mode is per file) or the busy timeout is spent.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+        except sqlite3.OperationalError as exc:
+            busy = getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+            if not busy or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def _split_sql(script: str) -> list[str]:

@@ -560,3 +560,31 @@ def test_threads_share_one_cache_object(tmp_path: Path) -> None:
     s = cache.stats()
     assert s.hits + s.misses == 200 and s.entries == 8
     _assert_consistent(tmp_path)
+
+
+def _open_at_once(cache_dir: str, start, errors) -> None:
+    start.wait(timeout=60)
+    try:
+        TokenCache(Path(cache_dir), 10**6, FP).put(_key(0), _arrays(0))
+    except Exception as exc:
+        errors.put(repr(exc))
+
+
+def test_processes_opening_a_fresh_cache_at_once_all_succeed(tmp_path: Path) -> None:
+    """Switching a new index to WAL needs an exclusive lock that SQLite does not wait for."""
+    ctx = mp.get_context("spawn")
+    errors = ctx.Queue()
+    for round_ in range(6):
+        start = ctx.Barrier(4)
+        cache_dir = tmp_path / f"fresh{round_}"
+        procs = [ctx.Process(target=_open_at_once, args=(str(cache_dir), start, errors)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=120)
+            assert p.exitcode == 0
+        _assert_same(TokenCache(cache_dir, 10**6, FP).get(_key(0)), _arrays(0))
+    problems = []
+    while not errors.empty():
+        problems.append(errors.get())
+    assert problems == []
