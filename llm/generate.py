@@ -45,6 +45,7 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -338,20 +339,6 @@ def generate(
     ]
 
 
-def generate_audio_ids(
-    model: nn.Module,
-    prompts: Sequence[PromptPair],
-    *,
-    intensity: float = 1.0,
-    seed: int | Sequence[int | None] | None = None,
-    temperature: float = DEFAULT_TEMPERATURE,
-    top_k: int | None = DEFAULT_TOP_K,
-    max_length: int = DEFAULT_MAX_LENGTH,
-    max_new_tokens: int | None = None,
-) -> list[np.ndarray]:
-    """Mixed audio codes (0..5119, int64) per prompt: ``generate`` without the details."""
-    results = generate(
-        model, prompts, intensity=intensity, seed=seed, temperature=temperature, top_k=top_k,
-        max_length=max_length, max_new_tokens=max_new_tokens,
-    )
-    return [r.codes for r in results]
+def generate_audio_ids(model: nn.Module, prompts: Sequence[PromptPair], **options: Any) -> list[np.ndarray]:
+    """Mixed audio codes (0..5119, int64) per prompt: ``generate`` (same keyword options) without the details."""
+    return [r.codes for r in generate(model, prompts, **options)]
