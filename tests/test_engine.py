@@ -27,6 +27,7 @@ from engine.types import AudioInput, CloneRequest, EditRequest
 from errors import InvalidInputError, TooLargeError
 from model_loader import ModelRegistry, resolve_bundle
 from settings import Settings
+from tests.conftest import word_error_rate
 
 MAX_NEW_TOKENS = 10  # two groups: 5760 samples (0.24 s) per generation keeps the suite fast
 PROMPT_SECONDS = 1.5
@@ -305,9 +306,8 @@ def test_auto_transcription_fills_missing_transcripts(transcribing_engine: StepA
     wav, sr = piper_speech(sentence)
     audio = AudioInput(wav[None], sr)
     cloned = transcribing_engine.clone(CloneRequest(prompt_audio=audio, prompt_text=None, text="Thank you.", seed=1))
-    words = cloned.transcript.lower().replace(".", "").split()
-    assert "blue" in words and "book" in words and "kitchen" in words
-    assert "thank" not in words  # the prompt's transcript, never the target text
+    assert word_error_rate(sentence, cloned.transcript) <= 0.2, cloned.transcript
+    assert "thank" not in cloned.transcript.lower()  # the prompt's transcript, never the target text
     assert "transcribe" in cloned.timings
     edited = transcribing_engine.edit(EditRequest(audio=audio, audio_text=None, mode="emotion", edit_info="sad"))
     assert edited.transcript == cloned.transcript

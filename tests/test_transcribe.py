@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
@@ -12,23 +11,9 @@ import torch
 from audio import resample
 from engine.transcribe import WhisperTranscriber, bundled_model_dir, resolve_whisper_model
 from errors import ModelLoadError
+from tests.conftest import word_error_rate
 
 SENTENCE = "The quick brown fox jumps over the lazy dog near the river bank."
-
-
-def normalise_words(text: str) -> list[str]:
-    return re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split()
-
-
-def word_error_rate(reference: str, hypothesis: str) -> float:
-    """Levenshtein distance over words divided by the reference length."""
-    ref, hyp = normalise_words(reference), normalise_words(hypothesis)
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, start=1):
-        prev, row[0] = row[0], i
-        for j, h in enumerate(hyp, start=1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
-    return row[-1] / max(len(ref), 1)
 
 
 def test_word_error_rate() -> None:
@@ -65,7 +50,7 @@ def test_model_loads_once(transcriber: WhisperTranscriber) -> None:
 
 def test_silence_gives_little_text(transcriber: WhisperTranscriber) -> None:
     text = transcriber.transcribe(np.zeros(16000, dtype=np.float32), 16000)
-    assert len(normalise_words(text)) <= 3
+    assert len(text.split()) <= 3
 
 
 def test_name_resolves_to_bundled_copy(whisper_tiny_en: Path) -> None:
