@@ -16,8 +16,10 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
+from model_files import FUNASR_MODEL_ID
+
 REPO_ROOT = Path(__file__).resolve().parent
-DEFAULT_FUNASR_MODEL_ID = "dengcunqin/speech_paraformer-large_asr_nat-zh-cantonese-en-16k-vocab8501-online"
+DEFAULT_FUNASR_MODEL_ID = FUNASR_MODEL_ID
 
 ModelSource = Literal["auto", "local", "huggingface", "modelscope"]
 Variant = Literal["base", "awq", "bnb"]

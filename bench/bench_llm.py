@@ -32,9 +32,10 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from bundles.llm_bundle import EDITX_DIR, llm_config_dict, write_llm_bundle
+from bundles.llm_bundle import llm_config_dict, write_llm_bundle
 from llm.config import Step1Config
 from llm.model import Step1ForCausalLM
+from model_files import EDITX_DIR
 from model_loader import enable_tf32, load_llm
 
 logger = logging.getLogger(__name__)

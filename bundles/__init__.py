@@ -20,8 +20,6 @@ logger = logging.getLogger(__name__)
 
 MARKER_NAME = ".bundle-complete.json"
 LOCK_NAME = ".bundle.lock"
-EDITX_DIR = "Step-Audio-EditX"
-TOKENIZER_DIR = "Step-Audio-Tokenizer"
 BUNDLE_FORMAT = 1  # bump when a writer's output changes incompatibly, so old bundles are rewritten
 
 

@@ -26,18 +26,18 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from llm.text_tokenizer import AUDIO_ID_OFFSET, N_AUDIO_CODES
+from model_files import AWQ_DIR, BNB_DIR, EDITX_DIR
+
 logger = logging.getLogger(__name__)
 
-EDITX_DIR = "Step-Audio-EditX"
-AWQ_DIR = "Step-Audio-EditX-AWQ-4bit"
-BNB_DIR = "Step-Audio-EditX-bnb-4bit"
 WEIGHTS_NAME = "model-00001-of-00001.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
 
 VOCAB_SIZE = 74752
-AUDIO_TOKEN_OFFSET = 65536
-N_AUDIO_TOKENS = 1024 + 4096  # vq02 + vq06 codes: ids [65536, 70656)
+AUDIO_TOKEN_OFFSET = AUDIO_ID_OFFSET
+N_AUDIO_TOKENS = N_AUDIO_CODES  # vq02 + vq06 codes: ids [65536, 70656)
 EOS_TOKEN_ID = 3
 
 # Dimensions per size. tiny: heads not a power of two (both ALiBi slope branches run); input

@@ -29,8 +29,8 @@ import torch
 import yaml
 from torch import nn
 
-TOKENIZER_DIR = "Step-Audio-Tokenizer"
-FUNASR_MODEL_ID = "dengcunqin/speech_paraformer-large_asr_nat-zh-cantonese-en-16k-vocab8501-online"
+from model_files import FUNASR_MODEL_ID, TOKENIZER_DIR
+
 N_MELS_FBANK = 80
 LFR_M = 7
 LFR_N = 6

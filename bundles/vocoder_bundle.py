@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
+from model_files import VOCODER_DIR
+
 logger = logging.getLogger(__name__)
 
-VOCODER_DIR = "CosyVoice-300M-25Hz"
 WN_G_SUFFIX = "parametrizations.weight.original0"
 WN_V_SUFFIX = "parametrizations.weight.original1"
 

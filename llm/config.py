@@ -14,7 +14,6 @@ from transformers import PretrainedConfig
 logger = logging.getLogger(__name__)
 
 MODEL_TYPE = "step1"
-AUDIO_TOKEN_OFFSET = 65536  # <audio_0>; audio ids span [65536, 65536 + 5120)
 
 
 class Step1Config(PretrainedConfig):
