@@ -59,11 +59,7 @@ def _decode_with_av(data: bytes) -> tuple[np.ndarray, int]:
             if stream is None:
                 raise AudioError("the file holds no audio stream")
             resampler = av.AudioResampler(format="fltp")
-            chunks = [
-                out.to_ndarray()
-                for frame in container.decode(stream)
-                for out in resampler.resample(frame)
-            ]
+            chunks = [out.to_ndarray() for frame in container.decode(stream) for out in resampler.resample(frame)]
             chunks += [out.to_ndarray() for out in resampler.resample(None)]
             sr = stream.rate
     except AudioError:

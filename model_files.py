@@ -215,9 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "download":
         problems = download_models(args.model_path, source=args.source, with_awq=args.with_awq)
     else:
-        problems = verify_layout(
-            args.model_path, tokenizer_dir=args.tokenizer_dir, variants=args.variants.split(",")
-        )
+        problems = verify_layout(args.model_path, tokenizer_dir=args.tokenizer_dir, variants=args.variants.split(","))
     if problems:
         print(format_problems(problems, args.model_path), file=sys.stderr)
         return 1

@@ -80,17 +80,11 @@ class Settings(BaseSettings):
 
     # --- token cache --------------------------------------------------------------------
     cache_dir: Path = Field(REPO_ROOT / "cache", description="Directory of the persistent caches.")
-    cache_max_bytes: int = Field(
-        2 * 1024**3, ge=0, description="Byte budget of the wav2token cache (LRU eviction)."
-    )
+    cache_max_bytes: int = Field(2 * 1024**3, ge=0, description="Byte budget of the wav2token cache (LRU eviction).")
 
     # --- transcription ------------------------------------------------------------------
-    enable_auto_transcribe: bool = Field(
-        False, description="Fill a missing transcript with Whisper (faster-whisper)."
-    )
-    whisper_model: str = Field(
-        "base", description="faster-whisper model name or a local CTranslate2 model directory."
-    )
+    enable_auto_transcribe: bool = Field(False, description="Fill a missing transcript with Whisper (faster-whisper).")
+    whisper_model: str = Field("base", description="faster-whisper model name or a local CTranslate2 model directory.")
 
     # --- HTTP ---------------------------------------------------------------------------
     api_host: str = Field("0.0.0.0", description="Address to bind.")

@@ -260,9 +260,7 @@ class S3Tokenizer:
 
     def __call__(self, audio: torch.Tensor) -> np.ndarray:
         """16 kHz audio ``(n,)`` -> int64 codes; 30 s pieces tokenised independently."""
-        return np.concatenate(
-            [self.encode_mel(mel) for mel in self.mels(audio)] or [np.zeros(0, np.int64)]
-        )
+        return np.concatenate([self.encode_mel(mel) for mel in self.mels(audio)] or [np.zeros(0, np.int64)])
 
     def mels(self, audio: torch.Tensor) -> list[torch.Tensor]:
         """Log-mel ``(128, T)`` of each 30 s piece; pieces under 480 samples are dropped."""
@@ -525,8 +523,17 @@ def tokenizer_fingerprint(
         stage="wav2token",
         tokens_format=TOKENS_FORMAT_VERSION,
         dither=float(dither),
-        preprocess=[TOKENIZER_SR, ENERGY_NORM_FLOOR, ENERGY_NORM_PEAK, TRIM_TOP_DB, TRIM_FRAME_LENGTH,
-                    TRIM_HOP_LENGTH, TRIM_HOP_SIZE, TRIM_KEEP_LEFT, TRIM_KEEP_TOTAL],
+        preprocess=[
+            TOKENIZER_SR,
+            ENERGY_NORM_FLOOR,
+            ENERGY_NORM_PEAK,
+            TRIM_TOP_DB,
+            TRIM_FRAME_LENGTH,
+            TRIM_HOP_LENGTH,
+            TRIM_HOP_SIZE,
+            TRIM_KEEP_LEFT,
+            TRIM_KEEP_TOTAL,
+        ],
         vq02=[list(VQ02_CHUNK_SIZE), VQ02_ENCODER_LOOK_BACK, VQ02_CHUNK_SAMPLES, VQ02_MIN_FINAL_SAMPLES],
         vq06=[N_FFT, HOP_LENGTH, N_MELS, VQ06_PIECE_SAMPLES, VQ06_MIN_PIECE_SAMPLES],
     )
@@ -579,7 +586,11 @@ class StepAudioTokenizer:
         _warm_up_trim()
         logger.info(
             "Audio tokenizer loaded from %s in %.2fs (device %s, dither %g, fingerprint %s…)",
-            self.tokenizer_dir, time.perf_counter() - start, device, dither, self.fingerprint[:8],
+            self.tokenizer_dir,
+            time.perf_counter() - start,
+            device,
+            dither,
+            self.fingerprint[:8],
         )
 
     def wav2token(self, wav: np.ndarray | torch.Tensor, sample_rate: int) -> AudioTokens:

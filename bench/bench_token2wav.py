@@ -52,8 +52,9 @@ def _codes(groups: int, seed: int):
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    return np.concatenate([np.concatenate([rng.integers(0, 1024, 2), rng.integers(1024, 5120, 3)])
-                           for _ in range(groups)]).astype(np.int64)
+    return np.concatenate(
+        [np.concatenate([rng.integers(0, 1024, 2), rng.integers(1024, 5120, 3)]) for _ in range(groups)]
+    ).astype(np.int64)
 
 
 def run_case(vocoder_dir: Path, case: str, device: str, threads: int, repeats: int) -> dict[str, object]:
@@ -139,8 +140,20 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for device in devices:
         for case in args.cases:
-            cmd = [sys.executable, "-m", "bench.bench_token2wav", "--root", str(args.root), "--threads",
-                   str(args.threads), "--repeats", str(args.repeats), "--child", case, device]
+            cmd = [
+                sys.executable,
+                "-m",
+                "bench.bench_token2wav",
+                "--root",
+                str(args.root),
+                "--threads",
+                str(args.threads),
+                "--repeats",
+                str(args.repeats),
+                "--child",
+                case,
+                device,
+            ]
             out = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
             if out.returncode:
                 print(out.stderr, file=sys.stderr)
@@ -154,8 +167,11 @@ def main(argv: list[str] | None = None) -> int:
                     result["cpu_speedup_vs_reference"] = round(reference[case] / float(result["cpu_s"]), 2)
             results.append(result)
             print(json.dumps(result), flush=True)
-    print(f"reference (docs/PERFORMANCE.md): 3 s -> {REFERENCE_CPU_S['3s']} s, 10 s -> {REFERENCE_CPU_S['10s']} s, "
-          f"peak RSS {REFERENCE_PEAK_GB} GB", file=sys.stderr)
+    print(
+        f"reference (docs/PERFORMANCE.md): 3 s -> {REFERENCE_CPU_S['3s']} s, 10 s -> {REFERENCE_CPU_S['10s']} s, "
+        f"peak RSS {REFERENCE_PEAK_GB} GB",
+        file=sys.stderr,
+    )
     return 0
 
 

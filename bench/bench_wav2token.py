@@ -144,8 +144,14 @@ def bench(
         tokenizer.cache = None
         tokens = tokenizer.wav2token(prompt, sr)
         miss, hit = statistics.median(misses), statistics.median(hits)
-        logger.info("%gs prompt: miss %.2fs (vq02 %.2fs, vq06 %.2fs), hit %.1f ms",
-                    seconds, miss, statistics.median(vq02), statistics.median(vq06), hit * 1000)
+        logger.info(
+            "%gs prompt: miss %.2fs (vq02 %.2fs, vq06 %.2fs), hit %.1f ms",
+            seconds,
+            miss,
+            statistics.median(vq02),
+            statistics.median(vq06),
+            hit * 1000,
+        )
         results["prompts"][f"{seconds:g}s"] = {
             "prompt_seconds": seconds,
             "tokenized_seconds": round(audio16k.numel() / TOKENIZER_SR, 2),
@@ -169,14 +175,20 @@ def bench(
 
 
 def print_table(results: dict) -> None:
-    print(f"wav2token, full-size random tokenizer, CPU, torch {results['torch_threads']} threads, "
-          f"median of {results['runs']} (load average at start {results['load_average_start'][0]:.1f})")
-    print(f"{'prompt':>7} {'miss s':>8} {'cpu s':>7} {'ref s':>6} {'vq02 s':>7} {'vq06 s':>7} {'hit ms':>7} "
-          f"{'hit/miss':>9}")
+    print(
+        f"wav2token, full-size random tokenizer, CPU, torch {results['torch_threads']} threads, "
+        f"median of {results['runs']} (load average at start {results['load_average_start'][0]:.1f})"
+    )
+    print(
+        f"{'prompt':>7} {'miss s':>8} {'cpu s':>7} {'ref s':>6} {'vq02 s':>7} {'vq06 s':>7} {'hit ms':>7} "
+        f"{'hit/miss':>9}"
+    )
     for name, r in results["prompts"].items():
         ref = r["reference_miss_s"] or float("nan")
-        print(f"{name:>7} {r['miss_s']:8.2f} {r['miss_cpu_s']:7.2f} {ref:6.1f} {r['vq02_s']:7.2f} "
-              f"{r['vq06_s']:7.2f} {r['hit_s'] * 1000:7.1f} {r['hit_over_miss'] * 100:8.2f}%")
+        print(
+            f"{name:>7} {r['miss_s']:8.2f} {r['miss_cpu_s']:7.2f} {ref:6.1f} {r['vq02_s']:7.2f} "
+            f"{r['vq06_s']:7.2f} {r['hit_s'] * 1000:7.1f} {r['hit_over_miss'] * 100:8.2f}%"
+        )
 
 
 def main() -> None:

@@ -54,8 +54,14 @@ def write_campplus_onnx(path: Path | str, seed: int = 0) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         torch.onnx.export(
-            model, (example,), str(path), input_names=["input"], output_names=["output"],
-            dynamic_axes={"input": {1: "T"}}, opset_version=OPSET, dynamo=False,
+            model,
+            (example,),
+            str(path),
+            input_names=["input"],
+            output_names=["output"],
+            dynamic_axes={"input": {1: "T"}},
+            opset_version=OPSET,
+            dynamo=False,
         )
     logger.debug("wrote CAM++ stand-in %s (seed %d)", path, seed)
     return path

@@ -138,16 +138,30 @@ def funasr_config(dims: TokenizerDims) -> dict:
             "sanm_shfit": 5,
         },
         "predictor": "CifPredictorV2",
-        "predictor_conf": {"idim": dims.enc_size, "threshold": 1.0, "l_order": 1, "r_order": 1,
-                           "tail_threshold": 0.45},
+        "predictor_conf": {"idim": dims.enc_size, "threshold": 1.0, "l_order": 1, "r_order": 1, "tail_threshold": 0.45},
         "frontend": "WavFrontendOnline",
-        "frontend_conf": {"fs": 16000, "window": "hamming", "n_mels": N_MELS_FBANK, "frame_length": 25,
-                          "frame_shift": 10, "lfr_m": LFR_M, "lfr_n": LFR_N},
+        "frontend_conf": {
+            "fs": 16000,
+            "window": "hamming",
+            "n_mels": N_MELS_FBANK,
+            "frame_length": 25,
+            "frame_shift": 10,
+            "lfr_m": LFR_M,
+            "lfr_n": LFR_N,
+        },
         "specaug": "SpecAugLFR",
-        "specaug_conf": {"apply_time_warp": False, "time_warp_window": 5, "time_warp_mode": "bicubic",
-                         "apply_freq_mask": True, "freq_mask_width_range": [0, 30], "lfr_rate": LFR_N,
-                         "num_freq_mask": 1, "apply_time_mask": True, "time_mask_width_range": [0, 12],
-                         "num_time_mask": 1},
+        "specaug_conf": {
+            "apply_time_warp": False,
+            "time_warp_window": 5,
+            "time_warp_mode": "bicubic",
+            "apply_freq_mask": True,
+            "freq_mask_width_range": [0, 30],
+            "lfr_rate": LFR_N,
+            "num_freq_mask": 1,
+            "apply_time_mask": True,
+            "time_mask_width_range": [0, 12],
+            "num_time_mask": 1,
+        },
         "tokenizer": "CharTokenizer",
         "tokenizer_conf": {"unk_symbol": "<unk>", "split_with_space": True},
         "ctc_conf": {"dropout_rate": 0.0, "ctc_type": "builtin", "reduce": True, "ignore_nan_grad": True},
@@ -202,10 +216,14 @@ def _paraformer_state_dict(config: dict, vocab: int, seed: int) -> dict[str, tor
         torch.manual_seed(seed)
         model = model_cls(
             **config["model_conf"],
-            encoder=config["encoder"], encoder_conf=config["encoder_conf"],
-            decoder=config["decoder"], decoder_conf=config["decoder_conf"],
-            predictor=config["predictor"], predictor_conf=config["predictor_conf"],
-            input_size=FEATS_DIM, vocab_size=vocab,
+            encoder=config["encoder"],
+            encoder_conf=config["encoder_conf"],
+            decoder=config["decoder"],
+            decoder_conf=config["decoder_conf"],
+            predictor=config["predictor"],
+            predictor_conf=config["predictor_conf"],
+            input_size=FEATS_DIM,
+            vocab_size=vocab,
         )
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -288,6 +306,12 @@ def export_s3_tokenizer(path: Path, dims: TokenizerDims, seed: int) -> None:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation
         torch.onnx.export(
-            model, example, str(path), input_names=["feats", "feats_length"], output_names=["indices"],
-            dynamic_axes={"feats": {2: "T"}, "indices": {1: "T4"}}, opset_version=ONNX_OPSET, dynamo=False,
+            model,
+            example,
+            str(path),
+            input_names=["feats", "feats_length"],
+            output_names=["indices"],
+            dynamic_axes={"feats": {2: "T"}, "indices": {1: "T4"}},
+            opset_version=ONNX_OPSET,
+            dynamo=False,
         )

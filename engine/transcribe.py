@@ -136,7 +136,10 @@ class WhisperTranscriber:
                 ) from exc
             logger.info(
                 "Whisper model %s loaded on %s (%s) in %.2fs",
-                self.model_name, self.device, self.compute_type, time.perf_counter() - start,
+                self.model_name,
+                self.device,
+                self.compute_type,
+                time.perf_counter() - start,
             )
 
     def transcribe(self, samples: np.ndarray | torch.Tensor, sample_rate: int) -> str:
@@ -151,6 +154,8 @@ class WhisperTranscriber:
             text = " ".join(segment.text.strip() for segment in segments).strip()
         logger.info(
             "Whisper transcribed %.2fs of audio (%s) in %.2fs",
-            wav.shape[-1] / WHISPER_SR, info.language, time.perf_counter() - start,
+            wav.shape[-1] / WHISPER_SR,
+            info.language,
+            time.perf_counter() - start,
         )
         return text

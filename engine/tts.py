@@ -289,8 +289,12 @@ class StepAudioEngine:
                         timings=timings,
                     )
                 except AudioError as exc:  # our own output is empty/too short to edit again
-                    logger.warning("edit iteration %d gave audio that cannot be edited again (%s); "
-                                   "returning %d iteration(s)", iteration, exc, iteration)
+                    logger.warning(
+                        "edit iteration %d gave audio that cannot be edited again (%s); returning %d iteration(s)",
+                        iteration,
+                        exc,
+                        iteration,
+                    )
                     break
             codes = self._generate(
                 llm, request.variant, prepared.pair, intensity=request.intensity, seed=iter_seed, timings=timings
@@ -393,9 +397,7 @@ class StepAudioEngine:
                 param="intensity",
             )
         if not MIN_SPEED <= speed <= MAX_SPEED:
-            raise InvalidInputError(
-                f"speed must be between {MIN_SPEED} and {MAX_SPEED}, got {speed}", param="speed"
-            )
+            raise InvalidInputError(f"speed must be between {MIN_SPEED} and {MAX_SPEED}, got {speed}", param="speed")
 
     def _check_audio(self, audio: AudioInput, param: str) -> None:
         if audio.sample_rate <= 0 or audio.samples.size == 0:
@@ -411,9 +413,7 @@ class StepAudioEngine:
         """Mode and edit_info against the catalogue, before any transcript is needed."""
         options = prompts.EDIT_OPTIONS
         if mode not in options:
-            raise InvalidInputError(
-                f"unknown edit mode {mode!r}; modes: clone, {', '.join(options)}", param="mode"
-            )
+            raise InvalidInputError(f"unknown edit mode {mode!r}; modes: clone, {', '.join(options)}", param="mode")
         allowed = options[mode]
         info = (edit_info or "").strip().lower() or None
         if allowed:
@@ -430,9 +430,7 @@ class StepAudioEngine:
             raise InvalidInputError(f"mode {mode!r} takes no edit_info (got {info!r})", param="edit_info")
         return info
 
-    def _transcript(
-        self, given: str | None, audio: AudioInput, param: str, timings: dict[str, float]
-    ) -> str:
+    def _transcript(self, given: str | None, audio: AudioInput, param: str, timings: dict[str, float]) -> str:
         """The given transcript (verbatim, as the reference uses it), or Whisper's when it is missing
         and auto-transcription is on."""
         if given is not None and given.strip():
@@ -447,9 +445,7 @@ class StepAudioEngine:
         text = self.transcriber.transcribe(audio.samples, audio.sample_rate).strip()
         timings["transcribe"] = timings.get("transcribe", 0.0) + time.perf_counter() - begin
         if not text:
-            raise InvalidInputError(
-                f"no speech was recognised in the audio; give {param} explicitly", param=param
-            )
+            raise InvalidInputError(f"no speech was recognised in the audio; give {param} explicitly", param=param)
         logger.info("Auto-transcribed %s: %r", param, text)
         return text
 
@@ -505,9 +501,7 @@ class StepAudioEngine:
         timings["llm"] = timings.get("llm", 0.0) + time.perf_counter() - begin
         return np.asarray(codes, dtype=np.int64)
 
-    def _vocode(
-        self, codes: np.ndarray, features: PromptFeatures, seed: int, timings: dict[str, float]
-    ) -> np.ndarray:
+    def _vocode(self, codes: np.ndarray, features: PromptFeatures, seed: int, timings: dict[str, float]) -> np.ndarray:
         if codes.size == 0:
             logger.warning("the LLM produced no audio ids; returning empty audio")
             return np.zeros(0, dtype=np.float32)

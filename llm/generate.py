@@ -271,8 +271,15 @@ def generate(
     guidance and before the repetition rule, for the prompts still running; for tests and probes.
     """
     config = getattr(model, "config", None)
-    _check_args(prompts, intensity=intensity, temperature=temperature, top_k=top_k, max_length=max_length,
-                max_new_tokens=max_new_tokens, vocab_size=getattr(config, "vocab_size", None))
+    _check_args(
+        prompts,
+        intensity=intensity,
+        temperature=temperature,
+        top_k=top_k,
+        max_length=max_length,
+        max_new_tokens=max_new_tokens,
+        vocab_size=getattr(config, "vocab_size", None),
+    )
     device = _model_device(model)
     seeds = _seeds(seed, len(prompts))
     generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
@@ -300,8 +307,9 @@ def generate(
         if on_step is not None:
             on_step(step, list(active), scores)
         scores = repetition_rule(scores.clone() if on_step is not None else scores, window)
-        next_ids = sample_next(scores, [generators[i] for i in active], temperature=temperature,
-                               top_k=top_k, do_sample=do_sample)
+        next_ids = sample_next(
+            scores, [generators[i] for i in active], temperature=temperature, top_k=top_k, do_sample=do_sample
+        )
         keep = []
         for r, token in enumerate(next_ids.tolist()):
             i = active[r]
@@ -329,12 +337,16 @@ def generate(
     total = sum(len(g) for g in generated)
     logger.info(
         "generated %d ids for %d prompt(s) in %.2fs (prefill %.2fs, %.1f ids/s, %d steps, intensity %g)",
-        total, len(prompts), elapsed, prefill_s, total / max(elapsed - prefill_s, 1e-9), step + 1, intensity,
+        total,
+        len(prompts),
+        elapsed,
+        prefill_s,
+        total / max(elapsed - prefill_s, 1e-9),
+        step + 1,
+        intensity,
     )
     return [
-        GenerationResult(
-            token_ids=np.asarray(g, dtype=np.int64), codes=postprocess(g), stopped=s, seed=sd
-        )
+        GenerationResult(token_ids=np.asarray(g, dtype=np.int64), codes=postprocess(g), stopped=s, seed=sd)
         for g, s, sd in zip(generated, stopped, seeds, strict=True)
     ]
 

@@ -170,9 +170,7 @@ def validate_edit(
     values allowed for ``mode``.
     """
     if mode not in EDIT_OPTIONS:
-        raise InvalidInputError(
-            f"unknown edit mode {mode!r}; allowed: {', '.join(EDIT_OPTIONS)}", param="mode"
-        )
+        raise InvalidInputError(f"unknown edit mode {mode!r}; allowed: {', '.join(EDIT_OPTIONS)}", param="mode")
     allowed = EDIT_OPTIONS[mode]
     info = edit_info.strip().lower() if isinstance(edit_info, str) else edit_info
     if allowed:

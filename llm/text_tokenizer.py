@@ -131,8 +131,12 @@ def load_text_tokenizer(editx_dir: Path) -> StepTextTokenizer:
             raise ModelLoadError(f"{config_file} is not a JSON object")
     tokenizer_class = config.get("tokenizer_class")
     if tokenizer_class not in (None, "LlamaTokenizer", "LlamaTokenizerFast"):
-        logger.warning("%s names tokenizer_class %r; reading %s as a Llama SentencePiece model anyway",
-                       config_file, tokenizer_class, model_file)
+        logger.warning(
+            "%s names tokenizer_class %r; reading %s as a Llama SentencePiece model anyway",
+            config_file,
+            tokenizer_class,
+            model_file,
+        )
     tok = StepTextTokenizer(
         model_file,
         add_bos=bool(config.get("add_bos_token", True)),

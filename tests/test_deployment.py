@@ -87,8 +87,15 @@ def test_empty_file_and_broken_index_are_reported(tmp_path):
 def test_variant_directories_are_checked_only_when_asked(tmp_path):
     root = make_layout(tmp_path / "models")
     assert verify_layout(root, variants=("base", "awq")) == [model_files.LayoutProblem(AWQ_DIR, "directory missing")]
-    make_layout(root, [f"{AWQ_DIR}/config.json", f"{AWQ_DIR}/tokenizer.model", f"{AWQ_DIR}/tokenizer_config.json",
-                       f"{AWQ_DIR}/model.safetensors"])
+    make_layout(
+        root,
+        [
+            f"{AWQ_DIR}/config.json",
+            f"{AWQ_DIR}/tokenizer.model",
+            f"{AWQ_DIR}/tokenizer_config.json",
+            f"{AWQ_DIR}/model.safetensors",
+        ],
+    )
     assert verify_layout(root, variants=("base", "awq")) == []
 
 
@@ -131,8 +138,13 @@ def _hub_listing() -> dict[str, list[str]]:
     return {
         "stepfun-ai/Step-Audio-EditX": editx + extras,
         "stepfun-ai/Step-Audio-Tokenizer": [*tok, f"{FUNASR_MODEL_ID}/seg_dict", f"{FUNASR_MODEL_ID}/example/asr.wav"],
-        "stepfun-ai/Step-Audio-EditX-AWQ-4bit": ["config.json", "tokenizer.model", "tokenizer_config.json",
-                                                  "model.safetensors", "README.md"],
+        "stepfun-ai/Step-Audio-EditX-AWQ-4bit": [
+            "config.json",
+            "tokenizer.model",
+            "tokenizer_config.json",
+            "model.safetensors",
+            "README.md",
+        ],
     }
 
 
@@ -211,8 +223,12 @@ def test_defaults(tmp_path, fake_bin):
     assert "--restart=always" in run
     assert f"-v {models}:/app/models:ro" in joined
     assert f"-v {tmp_path / 'cache'}:/app/cache" in joined
-    for env in ("CUDA_VISIBLE_DEVICES=0", "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True",
-                "OMP_NUM_THREADS=8", "MKL_NUM_THREADS=8"):
+    for env in (
+        "CUDA_VISIBLE_DEVICES=0",
+        "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True",
+        "OMP_NUM_THREADS=8",
+        "MKL_NUM_THREADS=8",
+    ):
         assert f"-e {env}" in joined
     assert run[run.index("--name") + 1] == "step-audio-api-opt"
     assert run[-1] == "step-audio-server:latest"
@@ -223,8 +239,21 @@ def test_defaults(tmp_path, fake_bin):
 def test_custom_options_env_and_extra_flags(tmp_path, fake_bin):
     models = make_layout(tmp_path / "m")
     proc, calls = run_script(
-        fake_bin, "-g", "0", "-p", "9100", "-m", str(models), "-c", str(tmp_path / "c"), "-i", "me/img:1",
-        "--no-wait", "--", "--enable-auto-transcribe", env={"STEP_AUDIO_CONTAINER": "tts2"},
+        fake_bin,
+        "-g",
+        "0",
+        "-p",
+        "9100",
+        "-m",
+        str(models),
+        "-c",
+        str(tmp_path / "c"),
+        "-i",
+        "me/img:1",
+        "--no-wait",
+        "--",
+        "--enable-auto-transcribe",
+        env={"STEP_AUDIO_CONTAINER": "tts2"},
     )
     assert proc.returncode == 0, proc.stderr
     run = _docker_run(calls)
@@ -237,8 +266,9 @@ def test_custom_options_env_and_extra_flags(tmp_path, fake_bin):
 
 def test_existing_container_is_replaced(tmp_path, fake_bin):
     models = make_layout(tmp_path / "models")
-    proc, calls = run_script(fake_bin, "-m", str(models), "-c", str(tmp_path / "c"), "--no-wait",
-                             env={"FAKE_EXISTING": "1"})
+    proc, calls = run_script(
+        fake_bin, "-m", str(models), "-c", str(tmp_path / "c"), "--no-wait", env={"FAKE_EXISTING": "1"}
+    )
     assert proc.returncode == 0, proc.stderr
     verbs = [c[1] for c in calls if c[0] == "docker"]
     assert verbs == ["container", "rm", "run"]

@@ -45,6 +45,7 @@ def _pattern(key: str) -> str:
 
 # --- official names and shapes ---------------------------------------------------------------
 
+
 def test_full_size_flow_has_official_key_count_and_parameter_count(tmp_path: Path) -> None:
     _, flow, _ = _build(tmp_path, "full", meta=True)
     state = flow.state_dict()
@@ -107,6 +108,7 @@ def test_flow_loader_names_missing_unexpected_and_misshaped_keys(tmp_path: Path)
 
 # --- the reshape rule (model-spec §4.3) ------------------------------------------------------
 
+
 def test_reshape_full_groups() -> None:
     codes = [3, 7, 1024, 2000, 5119, 0, 1023, 1030, 1040, 1050]
     expected = [[3, 1025], [7, 2001], [1024, 5120], [0, 1031], [1023, 1041], [1024, 1051]]
@@ -137,6 +139,7 @@ def test_reshape_pads_a_partial_group_like_the_reference(codes: list[int], expec
 
 
 # --- building blocks ---------------------------------------------------------------------------
+
 
 def test_cosine_time_grid() -> None:
     grid = cosine_time_grid(10)
@@ -175,8 +178,9 @@ def test_rel_position_attention_matches_the_direct_formula() -> None:
                 pe[0::2] = torch.sin(rel * freqs)
                 pe[1::2] = torch.cos(rel * freqs)
                 p = (attn.linear_pos.weight.double() @ pe).view(heads, dk)[h]
-                scores[i, j] = ((q[i, h] + attn.pos_bias_u.double()[h]) @ k[j, h]
-                                + (q[i, h] + attn.pos_bias_v.double()[h]) @ p) / math.sqrt(dk)
+                scores[i, j] = (
+                    (q[i, h] + attn.pos_bias_u.double()[h]) @ k[j, h] + (q[i, h] + attn.pos_bias_v.double()[h]) @ p
+                ) / math.sqrt(dk)
         ctx[:, h] = torch.softmax(scores, dim=-1) @ v[:, h]
     expected = ctx.reshape(t, d) @ attn.linear_out.weight.double().T + attn.linear_out.bias.double()
     torch.testing.assert_close(out[0].double(), expected, atol=1e-4, rtol=1e-4)
@@ -224,6 +228,7 @@ def test_causal_conv_block_chunked_with_cache_equals_whole() -> None:
 
 
 # --- the yaml reader -------------------------------------------------------------------------
+
 
 def test_reader_builds_the_tiny_yaml_with_its_dimensions(tmp_path: Path) -> None:
     mel_conf, flow, hift = _build(tmp_path, "tiny")

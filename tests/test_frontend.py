@@ -106,8 +106,17 @@ def test_too_short_or_misshaped_prompts_raise_audio_errors(encoder: SpeakerEncod
 
 
 def test_mel_config_reads_the_yaml_block() -> None:
-    conf = MelConfig.from_mapping({"num_mels": 80, "n_fft": 1920, "hop_size": 480, "win_size": 1920,
-                                   "sampling_rate": 24000, "fmin": 0, "fmax": 8000})
+    conf = MelConfig.from_mapping(
+        {
+            "num_mels": 80,
+            "n_fft": 1920,
+            "hop_size": 480,
+            "win_size": 1920,
+            "sampling_rate": 24000,
+            "fmin": 0,
+            "fmax": 8000,
+        }
+    )
     assert conf == DEFAULT_MEL_CONF
     with pytest.raises(ModelLoadError, match="unknown keys"):
         MelConfig.from_mapping({"num_mels": 80, "center": True})
@@ -152,8 +161,7 @@ def test_speaker_encoder_load_errors(tmp_path: Path) -> None:
 # ---- prompt features in the token cache ------------------------------------------------------
 
 
-def test_cache_hit_returns_the_arrays_of_the_miss(encoder: SpeakerEncoder, stub_onnx: Path,
-                                                  tmp_path: Path) -> None:
+def test_cache_hit_returns_the_arrays_of_the_miss(encoder: SpeakerEncoder, stub_onnx: Path, tmp_path: Path) -> None:
     cache = TokenCache(tmp_path / "cache", max_bytes=50_000_000, fingerprint="tok-v1")
     wav = synthetic_prompt(1.2, 22050)
     key = content_key(wav, 22050)
@@ -226,8 +234,9 @@ def test_stages_match_the_reference(reference_dir: Path, fixture_encoder: Speake
 
 @pytest.mark.fixtures
 @pytest.mark.parametrize("name", ["a", "b"])
-def test_prompt_wav_to_features_matches_the_reference(reference_dir: Path, fixture_encoder: SpeakerEncoder,
-                                                      name: str) -> None:
+def test_prompt_wav_to_features_matches_the_reference(
+    reference_dir: Path, fixture_encoder: SpeakerEncoder, name: str
+) -> None:
     """End to end from the prepared prompt wav: resample, mel, fbank, CAM++."""
     meta, ref = _fixture(reference_dir, name)
     sr = int(meta["wav_sr"])
@@ -237,7 +246,10 @@ def test_prompt_wav_to_features_matches_the_reference(reference_dir: Path, fixtu
     mel = prompt_mel(wav, sr)
     feats = campplus_features(wav, sr)
     emb = fixture_encoder.embed(wav, sr)
-    errors = {"mel": _max_abs(mel, ref["speech_feat"]), "fbank": _max_abs(feats, ref["campplus_input"]),
-              "embedding": _max_abs(emb, ref["speech_embedding"])}
+    errors = {
+        "mel": _max_abs(mel, ref["speech_feat"]),
+        "fbank": _max_abs(feats, ref["campplus_input"]),
+        "embedding": _max_abs(emb, ref["speech_embedding"]),
+    }
     within = errors["mel"] <= MEL_TOL and errors["fbank"] <= FBANK_TOL and errors["embedding"] <= EMBED_TOL
     assert within, errors

@@ -33,8 +33,12 @@ def _tiny_model(seed: int = 0) -> Step1ForCausalLM:
     """2 layers, 6 heads over 2 groups, official vocabulary; weights scaled so logits are decisive."""
     torch.manual_seed(seed)
     config = Step1Config(
-        hidden_size=48, intermediate_size=128, num_attention_heads=6, num_attention_groups=2,
-        num_hidden_layers=2, vocab_size=74752,
+        hidden_size=48,
+        intermediate_size=128,
+        num_attention_heads=6,
+        num_attention_groups=2,
+        num_hidden_layers=2,
+        vocab_size=74752,
     )
     model = Step1ForCausalLM(config).eval()
     g = torch.Generator().manual_seed(seed)
@@ -76,10 +80,14 @@ def pairs(tmp_path_factory) -> list[PromptPair]:
         return "".join(f"<audio_{c}>" for c in codes)
 
     return [
-        build_clone_prompt(tok, speaker="clone_0123456789abcdef", prompt_text="hello world, this is a test.",
-                           audio_token_str=audio(6), target_text="Good morning."),
-        build_edit_prompt(tok, mode="emotion", edit_info="happy", audio_text="hello world",
-                          audio_token_str=audio(3)),
+        build_clone_prompt(
+            tok,
+            speaker="clone_0123456789abcdef",
+            prompt_text="hello world, this is a test.",
+            audio_token_str=audio(6),
+            target_text="Good morning.",
+        ),
+        build_edit_prompt(tok, mode="emotion", edit_info="happy", audio_text="hello world", audio_token_str=audio(3)),
         build_edit_prompt(tok, mode="denoise", audio_token_str=audio(9)),
     ]
 
@@ -110,15 +118,21 @@ def test_first_step_logits_match_the_reference_in_a_padded_batch(reference_dir):
     tok = load_text_tokenizer(editx)  # the real public tokenizer files
 
     def pair(case: dict) -> PromptPair:
-        return build_clone_prompt(tok, speaker=case["speaker"], prompt_text=case["prompt_text"],
-                                  audio_token_str=case["audio_token_str"], target_text=case["target_text"])
+        return build_clone_prompt(
+            tok,
+            speaker=case["speaker"],
+            prompt_text=case["prompt_text"],
+            audio_token_str=case["audio_token_str"],
+            target_text=case["target_text"],
+        )
 
     short, long = pair(cases["lm_clone_short"]), pair(cases["clone"])
     assert short.cond == ref["input_ids"].tolist() and len(long.cond) > len(short.cond)
     model = Step1ForCausalLM.from_pretrained(editx, dtype=torch.float32).eval()
     seen: list[torch.Tensor] = []
-    results = generate(model, [long, short], do_sample=False, max_new_tokens=1,
-                       on_step=lambda _s, _r, x: seen.append(x.clone()))  # short is left-padded by 118
+    results = generate(
+        model, [long, short], do_sample=False, max_new_tokens=1, on_step=lambda _s, _r, x: seen.append(x.clone())
+    )  # short is left-padded by 118
     want = torch.from_numpy(ref["logits_full"][-1])  # position 117: the prediction after the prompt
     assert (seen[0][1] - want).abs().max() <= 1e-4
     assert results[1].token_ids.tolist() == [int(ref["argmax_full"][-1])]
@@ -269,8 +283,14 @@ def test_intensity_one_is_the_plain_reference_path(model, pairs):
     # and the same call with the default intensity is the same computation, bit for bit
     scores_default, scores_one = [], []
     generate(model, pairs[:1], seed=5, max_new_tokens=3, on_step=lambda _s, _r, x: scores_default.append(x.clone()))
-    generate(model, pairs[:1], seed=5, max_new_tokens=3, intensity=1.0,
-             on_step=lambda _s, _r, x: scores_one.append(x.clone()))
+    generate(
+        model,
+        pairs[:1],
+        seed=5,
+        max_new_tokens=3,
+        intensity=1.0,
+        on_step=lambda _s, _r, x: scores_one.append(x.clone()),
+    )
     assert all(torch.equal(a, b) for a, b in zip(scores_default, scores_one, strict=True))
 
 
@@ -288,8 +308,14 @@ def test_guided_generation_runs_one_batched_forward_and_applies_the_formula(mode
     seen: list[torch.Tensor] = []
     sizes, handle = _forward_batch_sizes(model)
     try:
-        (result,) = generate(model, [pairs[1]], seed=3, intensity=intensity, max_new_tokens=3,
-                             on_step=lambda _s, _r, x: seen.append(x.clone()))
+        (result,) = generate(
+            model,
+            [pairs[1]],
+            seed=3,
+            intensity=intensity,
+            max_new_tokens=3,
+            on_step=lambda _s, _r, x: seen.append(x.clone()),
+        )
     finally:
         handle.remove()
     assert sizes == [2] * len(result.token_ids)  # cond + uncond rows together, one forward per step

@@ -23,8 +23,7 @@ TINY_CHANNELS = 16
 def tiny_hift(seed: int = 0) -> HiFTGenerator:
     """A small HiFT with the official layout and seeded weights spread wide enough to matter."""
     torch.manual_seed(seed)
-    model = HiFTGenerator(base_channels=TINY_CHANNELS,
-                          f0_predictor=ConvRNNF0Predictor(cond_channels=TINY_CHANNELS))
+    model = HiFTGenerator(base_channels=TINY_CHANNELS, f0_predictor=ConvRNNF0Predictor(cond_channels=TINY_CHANNELS))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -37,9 +36,12 @@ def tiny_hift(seed: int = 0) -> HiFTGenerator:
 
 def to_legacy_weight_norm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The older ``weight_g``/``weight_v`` storage of the same weights."""
-    return {k.replace("parametrizations.weight.original0", "weight_g")
-            .replace("parametrizations.weight.original1", "weight_v"): v.clone()
-            for k, v in state_dict.items()}
+    return {
+        k.replace("parametrizations.weight.original0", "weight_g").replace(
+            "parametrizations.weight.original1", "weight_v"
+        ): v.clone()
+        for k, v in state_dict.items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +65,13 @@ def test_full_size_reproduces_official_keys_and_shapes() -> None:
 
 
 def test_tiny_keys_equal_full_size_keys(model: HiFTGenerator) -> None:
-    full_keys = set(HiFTGenerator(base_channels=64, f0_predictor=ConvRNNF0Predictor(cond_channels=8))
-                    .state_dict())
+    full_keys = set(HiFTGenerator(base_channels=64, f0_predictor=ConvRNNF0Predictor(cond_channels=8)).state_dict())
     assert set(model.state_dict()) == full_keys
     assert {k for k in full_keys if k.startswith("conv_pre.")} == {
-        "conv_pre.bias", "conv_pre.parametrizations.weight.original0", "conv_pre.parametrizations.weight.original1"}
+        "conv_pre.bias",
+        "conv_pre.parametrizations.weight.original0",
+        "conv_pre.parametrizations.weight.original1",
+    }
 
 
 def test_both_weight_norm_forms_load_to_identical_outputs(model: HiFTGenerator, mel: torch.Tensor) -> None:
@@ -92,8 +96,7 @@ def test_checkpoint_file_loads_and_mismatches_are_named(model: HiFTGenerator, tm
     torch.save(to_legacy_weight_norm(model.state_dict()), path)
     other = tiny_hift(seed=5)
     load_hift_state_dict(other, path)
-    assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), model.state_dict().values(),
-                                                 strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), model.state_dict().values(), strict=True))
 
     state = model.state_dict()
     missing = {k: v for k, v in state.items() if not k.startswith("conv_post.")}
@@ -110,8 +113,12 @@ def test_checkpoint_file_loads_and_mismatches_are_named(model: HiFTGenerator, tm
 
 def test_legacy_key_rename_only_touches_weight_norm_leaves() -> None:
     renamed = normalize_weight_norm_keys({"a.weight_g": 1, "a.weight_v": 2, "a.bias": 3, "weight_g": 4})
-    assert renamed == {"a.parametrizations.weight.original0": 1, "a.parametrizations.weight.original1": 2,
-                       "a.bias": 3, "weight_g": 4}
+    assert renamed == {
+        "a.parametrizations.weight.original0": 1,
+        "a.parametrizations.weight.original1": 2,
+        "a.bias": 3,
+        "weight_g": 4,
+    }
 
 
 @pytest.mark.parametrize("frames", [1, 4, 13])

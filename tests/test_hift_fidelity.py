@@ -85,8 +85,9 @@ def test_f0_from_reference_mel(hift: HiFTGenerator, case: tuple[dict, dict[str, 
     assert max_abs(f0, ref["f0"]) <= F0_TOL
 
 
-def test_source_from_reference_f0_and_recorded_draws(hift: HiFTGenerator,
-                                                     case: tuple[dict, dict[str, torch.Tensor]]) -> None:
+def test_source_from_reference_f0_and_recorded_draws(
+    hift: HiFTGenerator, case: tuple[dict, dict[str, torch.Tensor]]
+) -> None:
     _, ref = case
     with torch.no_grad():
         source = hift.source_from_f0(ref["f0"], draws=recorded_draws(ref))
@@ -107,8 +108,9 @@ def test_whole_hift_with_recorded_draws(hift: HiFTGenerator, case: tuple[dict, d
     assert max_abs(speech, ref["speech"]) <= WHOLE_REL_TOL * float(ref["speech"].abs().max())
 
 
-def test_runner_seed_reproduces_the_recorded_draws(hift: HiFTGenerator,
-                                                   case: tuple[dict, dict[str, torch.Tensor]]) -> None:
+def test_runner_seed_reproduces_the_recorded_draws(
+    hift: HiFTGenerator, case: tuple[dict, dict[str, torch.Tensor]]
+) -> None:
     meta, ref = case
     generator = torch.Generator().manual_seed(int(meta["hift"]["seed"]))
     draws = draw_hift_noise(1, ref["mel"].shape[2] * 480, 9, generator)
@@ -120,12 +122,17 @@ def test_runner_seed_reproduces_the_recorded_draws(hift: HiFTGenerator,
     assert torch.equal(seeded, hift.inference(ref["mel"], draws=recorded_draws(ref)))
 
 
-def test_legacy_weight_norm_form_gives_identical_outputs(vocoder_dir: Path, hift: HiFTGenerator,
-                                                         case: tuple[dict, dict[str, torch.Tensor]]) -> None:
+def test_legacy_weight_norm_form_gives_identical_outputs(
+    vocoder_dir: Path, hift: HiFTGenerator, case: tuple[dict, dict[str, torch.Tensor]]
+) -> None:
     _, ref = case
     stored = torch.load(vocoder_dir / "hift.pt", map_location="cpu", weights_only=True)
-    legacy = {k.replace("parametrizations.weight.original0", "weight_g")
-              .replace("parametrizations.weight.original1", "weight_v"): v for k, v in stored.items()}
+    legacy = {
+        k.replace("parametrizations.weight.original0", "weight_g").replace(
+            "parametrizations.weight.original1", "weight_v"
+        ): v
+        for k, v in stored.items()
+    }
     assert sum(k.endswith(".weight_g") for k in legacy) == 82
     old_form = build_hift(vocoder_dir, legacy)
     draws = recorded_draws(ref)

@@ -162,8 +162,9 @@ def _audio_ids(ids: list[int]) -> list[int]:
 @pytest.mark.parametrize("name", list(EDIT_CASES))
 def test_edit_prompt_exact_ids(tok, name):
     mode, info, text, instruction = EDIT_CASES[name]
-    pair = build_edit_prompt(tok, mode=mode, audio_token_str=f" {AUDIO_STR}\n", edit_info=info,
-                             audio_text=f"  {TRANSCRIPT} ", text=text)
+    pair = build_edit_prompt(
+        tok, mode=mode, audio_token_str=f" {AUDIO_STR}\n", edit_info=info, audio_text=f"  {TRANSCRIPT} ", text=text
+    )
     cond, uncond = pair.cond, pair.uncond
     assert cond == _expected(tok, EDIT_SYS, tok.encode(instruction + "\n" + AUDIO_STR + "\n"))
     _check_turn_layout(cond)
@@ -188,8 +189,9 @@ def test_edit_prompt_exact_ids(tok, name):
 def test_clone_prompt_exact_ids(tok):
     speaker = "clone_0123456789abcdef"
     target = "Good morning, it is a lovely day."
-    pair = build_clone_prompt(tok, speaker=speaker, prompt_text=TRANSCRIPT, audio_token_str=AUDIO_STR,
-                              target_text=target)
+    pair = build_clone_prompt(
+        tok, speaker=speaker, prompt_text=TRANSCRIPT, audio_token_str=AUDIO_STR, target_text=target
+    )
     system = (
         "Generate audio with the following timbre, prosody and speaking style\n\n[speaker_start]\n"
         f"speaker name: {speaker}\nspeaker prompt text: \n{TRANSCRIPT}\nspeaker audio tokens: \n"
@@ -249,9 +251,10 @@ def test_required_texts_per_mode(tok):
         _edit(tok, mode="paralinguistic", edit_info=None, text=None)
     assert err.value.param == "text"
     for mode in ("denoise", "vad"):  # no transcript needed, and none enters the prompt
-        assert _edit(tok, mode=mode, edit_info=None, audio_text=None).cond == _edit(
-            tok, mode=mode, edit_info=None, audio_text="ignored"
-        ).cond
+        assert (
+            _edit(tok, mode=mode, edit_info=None, audio_text=None).cond
+            == _edit(tok, mode=mode, edit_info=None, audio_text="ignored").cond
+        )
     with pytest.raises(InvalidInputError) as err:
         build_clone_prompt(tok, speaker="s", prompt_text="", audio_token_str=AUDIO_STR, target_text="x")
     assert err.value.param == "prompt_text"
@@ -282,4 +285,3 @@ def test_catalogue_for_tags_endpoint():
     assert cat["denoise"] == cat["vad"] == []
     cat["emotion"].append("mutated")  # a copy: callers cannot change the catalogue
     assert "mutated" not in catalogue()["emotion"]
-

@@ -87,9 +87,7 @@ def test_output_length_is_two_mel_frames_per_token_frame_and_480_samples_each(
     assert float(wav.std()) > 0
 
 
-def test_a_seed_reproduces_the_audio_and_another_seed_changes_it(
-    t2w: Token2Wav, prompt: dict[str, np.ndarray]
-) -> None:
+def test_a_seed_reproduces_the_audio_and_another_seed_changes_it(t2w: Token2Wav, prompt: dict[str, np.ndarray]) -> None:
     codes = mixed_codes(3, seed=11)
     a = t2w.token2wav(codes, **prompt, seed=123)
     b = t2w.token2wav(codes, **prompt, seed=123)
@@ -114,8 +112,11 @@ def test_injected_noise_and_draws_replace_the_seeded_ones(t2w: Token2Wav, prompt
 
 def test_prompt_mel_and_embedding_go_through_bf16_by_default(t2w: Token2Wav, prompt: dict[str, np.ndarray]) -> None:
     codes = mixed_codes(2, seed=8)
-    rounded = {**prompt, "prompt_mel": bf16_round_trip(torch.from_numpy(prompt["prompt_mel"])),
-               "spk_emb": bf16_round_trip(torch.from_numpy(prompt["spk_emb"]))}
+    rounded = {
+        **prompt,
+        "prompt_mel": bf16_round_trip(torch.from_numpy(prompt["prompt_mel"])),
+        "spk_emb": bf16_round_trip(torch.from_numpy(prompt["spk_emb"])),
+    }
     assert torch.equal(t2w.token2wav(codes, **prompt, seed=3), t2w.token2wav(codes, **rounded, seed=3))
     exact = Token2Wav(t2w.flow, t2w.hift, bf16_prompt_roundtrip=False)
     assert not torch.equal(exact.token2wav(codes, **prompt, seed=3), t2w.token2wav(codes, **prompt, seed=3))
@@ -124,21 +125,37 @@ def test_prompt_mel_and_embedding_go_through_bf16_by_default(t2w: Token2Wav, pro
 def test_accepts_unbatched_prompt_arrays_and_lists(t2w: Token2Wav, prompt: dict[str, np.ndarray]) -> None:
     codes = mixed_codes(1, seed=2)
     batched = t2w.token2wav(codes, **prompt, seed=4)
-    flat = t2w.token2wav(codes.tolist(), prompt["prompt_codes"].tolist(), prompt["prompt_mel"][0],
-                         torch.from_numpy(prompt["spk_emb"][0]), seed=4)
+    flat = t2w.token2wav(
+        codes.tolist(),
+        prompt["prompt_codes"].tolist(),
+        prompt["prompt_mel"][0],
+        torch.from_numpy(prompt["spk_emb"][0]),
+        seed=4,
+    )
     assert torch.equal(batched, flat)
 
 
 def test_bad_inputs_raise_typed_errors(t2w: Token2Wav, prompt: dict[str, np.ndarray]) -> None:
     codes = mixed_codes(1, seed=2)
     bad_calls = {
-        "codes": [dict(codes=np.array([], dtype=np.int64)), dict(codes=np.array([1, 5120])),
-                  dict(codes=np.array([-1, 3])), dict(codes=np.array([1.5, 2.0])), dict(codes=np.zeros((2, 3)))],
-        "prompt_codes": [dict(prompt_codes=np.array([7000])), dict(prompt_codes=["a", "b"]),
-                         dict(prompt_codes=[2**70])],
-        "prompt_mel": [dict(prompt_mel=np.zeros((1, 10, 81), np.float32)), dict(prompt_mel=np.zeros((1, 0, 80))),
-                       dict(prompt_mel=np.full((1, 10, 80), np.nan, np.float32)),
-                       dict(prompt_mel=np.zeros((1, 10, 80), np.int64))],
+        "codes": [
+            dict(codes=np.array([], dtype=np.int64)),
+            dict(codes=np.array([1, 5120])),
+            dict(codes=np.array([-1, 3])),
+            dict(codes=np.array([1.5, 2.0])),
+            dict(codes=np.zeros((2, 3))),
+        ],
+        "prompt_codes": [
+            dict(prompt_codes=np.array([7000])),
+            dict(prompt_codes=["a", "b"]),
+            dict(prompt_codes=[2**70]),
+        ],
+        "prompt_mel": [
+            dict(prompt_mel=np.zeros((1, 10, 81), np.float32)),
+            dict(prompt_mel=np.zeros((1, 0, 80))),
+            dict(prompt_mel=np.full((1, 10, 80), np.nan, np.float32)),
+            dict(prompt_mel=np.zeros((1, 10, 80), np.int64)),
+        ],
         "spk_emb": [dict(spk_emb=np.zeros((1, 191), np.float32))],
         "noise": [dict(noise=torch.zeros(1, 80, 5))],
     }

@@ -238,8 +238,9 @@ def test_bundle_is_seeded(tiny_tokenizer_dir, tmp_path):
     np.testing.assert_array_equal(
         np.load(again / "linguistic_tokenizer.npy"), np.load(tiny_tokenizer_dir / "linguistic_tokenizer.npy")
     )
-    a, b, c = (torch.load(d / FUNASR_MODEL_ID / "model.pt", weights_only=True)
-               for d in (tiny_tokenizer_dir, again, other))
+    a, b, c = (
+        torch.load(d / FUNASR_MODEL_ID / "model.pt", weights_only=True) for d in (tiny_tokenizer_dir, again, other)
+    )
     assert a.keys() == b.keys() == c.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)

@@ -59,13 +59,13 @@ def test_checkpoints_load_strictly(vocoder_dir: Path) -> None:
 def test_reshape_reproduces_the_reference_flow_tokens(reference_dir: Path, case: str) -> None:
     _, ref = load_reference(reference_dir, f"token2wav/{case}")
     assert torch.equal(reshape_mixed_codes(ref["token_codes"]).unsqueeze(0), torch.from_numpy(ref["flow_token"]))
-    assert torch.equal(reshape_mixed_codes(ref["prompt_codes"]).unsqueeze(0),
-                       torch.from_numpy(ref["flow_prompt_token"]))
+    assert torch.equal(
+        reshape_mixed_codes(ref["prompt_codes"]).unsqueeze(0), torch.from_numpy(ref["flow_prompt_token"])
+    )
 
 
 @pytest.mark.parametrize("case", ["t2w_bf16", "t2w_nobf16"])
-def test_flow_mel_matches_given_the_recorded_inputs_and_noise(reference_dir: Path, t2w: Token2Wav,
-                                                              case: str) -> None:
+def test_flow_mel_matches_given_the_recorded_inputs_and_noise(reference_dir: Path, t2w: Token2Wav, case: str) -> None:
     _, ref = load_reference(reference_dir, f"token2wav/{case}")
     noise = np.load(reference_dir / "token2wav" / "flow_noise.npy")
     assert np.array_equal(noise, ref["flow_noise_used"])
@@ -81,14 +81,21 @@ def test_flow_mel_matches_given_the_recorded_inputs_and_noise(reference_dir: Pat
 
 
 @pytest.mark.parametrize(("case", "bf16"), [("t2w_bf16", True), ("t2w_nobf16", False)])
-def test_speech_from_codes_is_within_the_sanity_bound(reference_dir: Path, vocoder_dir: Path, t2w: Token2Wav,
-                                                      case: str, bf16: bool) -> None:
+def test_speech_from_codes_is_within_the_sanity_bound(
+    reference_dir: Path, vocoder_dir: Path, t2w: Token2Wav, case: str, bf16: bool
+) -> None:
     _, ref = load_reference(reference_dir, f"token2wav/{case}")
     _, frontend = load_reference(reference_dir, "frontend/a")
     runner = Token2Wav(t2w.flow, t2w.hift, bf16_prompt_roundtrip=bf16)
     draws = HiftDraws(*(torch.from_numpy(ref[k]) for k in ("hift_rand_ini", "hift_sine_noise", "hift_source_noise")))
-    speech = runner.token2wav(ref["token_codes"], ref["prompt_codes"], frontend["speech_feat"],
-                              frontend["speech_embedding"], noise=ref["flow_noise_used"], hift_draws=draws)
+    speech = runner.token2wav(
+        ref["token_codes"],
+        ref["prompt_codes"],
+        frontend["speech_feat"],
+        frontend["speech_embedding"],
+        noise=ref["flow_noise_used"],
+        hift_draws=draws,
+    )
     expected = torch.from_numpy(ref["speech"])
     assert speech.shape == expected.shape
     bound = END_TO_END_REL_TOL * float(expected.abs().max())

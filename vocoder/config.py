@@ -135,18 +135,21 @@ class _Builder:
         if value.tag == "!ref":
             ref = str(value.value).strip()
             if not (ref.startswith("<") and ref.endswith(">")):
-                raise ModelLoadError(f"{self.source}: {where}: only plain '!ref <key>' references are "
-                                     f"supported, got {ref!r}")
+                raise ModelLoadError(
+                    f"{self.source}: {where}: only plain '!ref <key>' references are supported, got {ref!r}"
+                )
             return self.top_level(ref[1:-1])
         if not value.tag.startswith("!new:"):
-            raise ModelLoadError(f"{self.source}: {where}: unsupported tag {value.tag!r} "
-                                 f"(only !new: and !ref are understood)")
-        path = value.tag[len("!new:"):]
+            raise ModelLoadError(
+                f"{self.source}: {where}: unsupported tag {value.tag!r} (only !new: and !ref are understood)"
+            )
+        path = value.tag[len("!new:") :]
         class_name = path.rsplit(".", 1)[-1]
         cls = CLASS_TAGS.get(class_name)
         if cls is None:
-            raise ModelLoadError(f"{self.source}: {where}: unknown class tag !new:{path} "
-                                 f"(known: {', '.join(sorted(CLASS_TAGS))})")
+            raise ModelLoadError(
+                f"{self.source}: {where}: unknown class tag !new:{path} (known: {', '.join(sorted(CLASS_TAGS))})"
+            )
         args = self.build(value.value, where)
         try:
             if isinstance(args, dict):
@@ -204,6 +207,10 @@ def load_cosyvoice(vocoder_dir: Path, device: str | torch.device = "cpu") -> Voc
     load_hift_state_dict(hift, vocoder_dir / HIFT_NAME)
     flow.to(device=device, dtype=torch.float32).eval()
     hift.to(device=device, dtype=torch.float32).eval()
-    logger.info("Loaded the vocoder from %s (flow %.1fM, HiFT %.1fM parameters)", vocoder_dir,
-                sum(p.numel() for p in flow.parameters()) / 1e6, sum(p.numel() for p in hift.parameters()) / 1e6)
+    logger.info(
+        "Loaded the vocoder from %s (flow %.1fM, HiFT %.1fM parameters)",
+        vocoder_dir,
+        sum(p.numel() for p in flow.parameters()) / 1e6,
+        sum(p.numel() for p in hift.parameters()) / 1e6,
+    )
     return VocoderParts(directory=vocoder_dir, mel_conf=mel_conf, flow=flow, hift=hift)

@@ -65,8 +65,9 @@ class CausalConv1d(nn.Conv1d):
         super().__init__(in_channels, out_channels, kernel_size)
         self.context = kernel_size - 1
 
-    def forward_time_major(self, x: torch.Tensor, cache: torch.Tensor | None = None
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_time_major(
+        self, x: torch.Tensor, cache: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, T, C) -> (B, T, C') and the new left context (B, kernel-1, C).
 
         The same convolution as ``forward``, computed as one matmul over the unfolded time window
@@ -77,7 +78,7 @@ class CausalConv1d(nn.Conv1d):
         padded = torch.cat([cache, x], dim=1)  # (B, T + k - 1, C)
         windows = padded.unfold(1, self.kernel_size[0], 1).reshape(x.size(0), x.size(1), -1)  # (B, T, C*k)
         y = F.linear(windows, self.weight.reshape(self.out_channels, -1), self.bias)
-        return y, padded[:, padded.size(1) - self.context:]
+        return y, padded[:, padded.size(1) - self.context :]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, T) -> (B, C', T)."""
@@ -129,9 +130,7 @@ class Attention(nn.Module):
         self.k_norm = nn.LayerNorm(head_dim)
         self.proj = nn.Linear(inner, dim)
 
-    def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None, cache: BlockCache | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: BlockCache | None = None) -> torch.Tensor:
         """x: (B, T, C); mask: (B, 1, 1, T_keys) bool (True = attend) or None -> (B, T, C).
 
         With ``cache``, the new keys/values are appended to the cached ones and attended together.
@@ -179,8 +178,9 @@ class DiTBlock(nn.Module):
         self, x: torch.Tensor, c: torch.Tensor, mask: torch.Tensor | None, cache: BlockCache | None = None
     ) -> torch.Tensor:
         """x: (B, T, C); c: (B, 1, C) time embedding; mask: (B, 1, 1, T) or None -> (B, T, C)."""
-        (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp,
-         shift_conv, scale_conv, gate_conv) = self.adaLN_modulation(c).chunk(9, dim=-1)
+        (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, shift_conv, scale_conv, gate_conv) = (
+            self.adaLN_modulation(c).chunk(9, dim=-1)
+        )
         x = torch.addcmul(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa), mask, cache))
         x = torch.addcmul(x, gate_conv, self.conv(modulate(self.norm3(x), shift_conv, scale_conv), cache))
         return torch.addcmul(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))

@@ -56,15 +56,13 @@ def rel_pos_table(d_model: int, length: int) -> torch.Tensor:
     """
     size = -(-length // POS_TABLE_STEP) * POS_TABLE_STEP
     table = _rel_pos_table(d_model, size)
-    return table[:, size - length: size + length - 1]
+    return table[:, size - length : size + length - 1]
 
 
 @lru_cache(maxsize=2)
 def _rel_pos_table(d_model: int, length: int) -> torch.Tensor:
     position = torch.arange(0, length, dtype=torch.float32).unsqueeze(1)
-    div_term = torch.exp(
-        torch.arange(0, d_model, 2, dtype=torch.float32) * -(math.log(POS_ENC_BASE) / d_model)
-    )
+    div_term = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * -(math.log(POS_ENC_BASE) / d_model))
     positive = torch.zeros(length, d_model)
     negative = torch.zeros(length, d_model)
     positive[:, 0::2] = torch.sin(position * div_term)
@@ -257,8 +255,10 @@ class UpsampleConformerEncoderV2(nn.Module):
             ("normalize_before", normalize_before, True),
         ):
             if value != supported:
-                raise ValueError(f"UpsampleConformerEncoderV2: {name}={value!r} is not supported "
-                                 f"(only {supported!r}, as in the released CosyVoice-300M-25Hz)")
+                raise ValueError(
+                    f"UpsampleConformerEncoderV2: {name}={value!r} is not supported "
+                    f"(only {supported!r}, as in the released CosyVoice-300M-25Hz)"
+                )
         if output_size % attention_heads:
             raise ValueError(f"output_size {output_size} is not divisible by attention_heads {attention_heads}")
         self._output_size = output_size
@@ -270,8 +270,7 @@ class UpsampleConformerEncoderV2(nn.Module):
         self.up_layer = Upsample1D(output_size, output_size, up_stride, up_scale_factor)
         self.up_embed = LinearInput(input_size, output_size)
         self.up_encoders = nn.ModuleList(
-            ConformerEncoderLayer(output_size, attention_heads, linear_units, key_bias)
-            for _ in range(num_up_blocks)
+            ConformerEncoderLayer(output_size, attention_heads, linear_units, key_bias) for _ in range(num_up_blocks)
         )
         self.after_norm = nn.LayerNorm(output_size, eps=1e-5)
 

@@ -41,15 +41,16 @@ def reshape_mixed_codes(codes: Sequence[int] | np.ndarray | torch.Tensor) -> tor
     """
     seq = [int(c) for c in (codes.tolist() if hasattr(codes, "tolist") else codes)]
     if len(seq) % GROUP:
-        seq += list(GROUP_PAD_TAIL[-(GROUP - len(seq) % GROUP):])
+        seq += list(GROUP_PAD_TAIL[-(GROUP - len(seq) % GROUP) :])
     groups = torch.tensor(seq, dtype=torch.long).view(-1, GROUP)
     vq02 = torch.cat([groups[:, :2], torch.full((groups.size(0), 1), VQ02_PAD, dtype=torch.long)], dim=1)
     vq06 = groups[:, 2:] + VQ06_SHIFT
     return torch.stack([vq02.reshape(-1), vq06.reshape(-1)], dim=1)
 
 
-def cosine_time_grid(n_timesteps: int, dtype: torch.dtype = torch.float32, device: torch.device | None = None
-                     ) -> torch.Tensor:
+def cosine_time_grid(
+    n_timesteps: int, dtype: torch.dtype = torch.float32, device: torch.device | None = None
+) -> torch.Tensor:
     """t_k = 1 - cos(k/n * pi/2), k = 0..n: small steps near the noise end."""
     t = torch.linspace(0, 1, n_timesteps + 1, dtype=dtype, device=device)
     return 1 - torch.cos(t * 0.5 * math.pi)

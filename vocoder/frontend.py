@@ -108,20 +108,32 @@ def log_mel(wav: torch.Tensor, conf: MelConfig = DEFAULT_MEL_CONF) -> torch.Tens
     """wav : (B, n) at ``conf.sampling_rate`` -> log-mel (B, num_mels, T), T = n // hop."""
     pad = (conf.n_fft - conf.hop_size) // 2
     if wav.shape[-1] <= pad:
-        raise AudioError(f"the prompt is too short for a mel frame ({wav.shape[-1]} samples at "
-                         f"{conf.sampling_rate} Hz, need more than {pad})")
+        raise AudioError(
+            f"the prompt is too short for a mel frame ({wav.shape[-1]} samples at "
+            f"{conf.sampling_rate} Hz, need more than {pad})"
+        )
     y = F.pad(wav[:, None], (pad, pad), mode="reflect")[:, 0]
     window = torch.hann_window(conf.win_size, device=wav.device)
-    spec = torch.stft(y, conf.n_fft, hop_length=conf.hop_size, win_length=conf.win_size, window=window,
-                      center=False, normalized=False, onesided=True, return_complex=True)
+    spec = torch.stft(
+        y,
+        conf.n_fft,
+        hop_length=conf.hop_size,
+        win_length=conf.win_size,
+        window=window,
+        center=False,
+        normalized=False,
+        onesided=True,
+        return_complex=True,
+    )
     mag = torch.sqrt(torch.view_as_real(spec).pow(2).sum(-1) + MAG_EPS)  # (B, n_fft/2+1, T)
     basis = _mel_basis(conf.sampling_rate, conf.n_fft, conf.num_mels, conf.fmin, conf.fmax)
     mel = torch.matmul(basis.to(wav.device), mag)
     return torch.log(torch.clamp(mel, min=LOG_MEL_FLOOR))
 
 
-def prompt_mel(wav: np.ndarray | torch.Tensor, sample_rate: int,
-               mel_conf: MelConfig = DEFAULT_MEL_CONF) -> torch.Tensor:
+def prompt_mel(
+    wav: np.ndarray | torch.Tensor, sample_rate: int, mel_conf: MelConfig = DEFAULT_MEL_CONF
+) -> torch.Tensor:
     """Prepared prompt (1, n) at ``sample_rate`` -> the flow's prompt mel (1, T, num_mels) at 50 Hz."""
     x = resample(_as_prompt(wav), int(sample_rate), mel_conf.sampling_rate, kernel_dtype=torch.float32)
     return log_mel(x, mel_conf).transpose(1, 2).contiguous()
@@ -133,6 +145,7 @@ def _kaldi_mel_banks(num_bins: int) -> torch.Tensor:
 
     Computed in float32 like torchaudio's ``get_mel_banks``; the Nyquist column is zero.
     """
+
     def mel_scale(freq: float) -> float:
         return 1127.0 * math.log(1.0 + freq / 700.0)
 
@@ -153,8 +166,9 @@ def kaldi_fbank(wav16k: torch.Tensor, num_mel_bins: int = FBANK_BINS) -> torch.T
     """wav16k : (n,) float32 in [-1, 1] -> log fbank (frames, num_mel_bins), frames = 1 + (n-400)//160."""
     n = wav16k.shape[-1]
     if n < FBANK_FRAME:
-        raise AudioError(f"the prompt is too short for a speaker embedding ({n} samples at 16 kHz, "
-                         f"need at least {FBANK_FRAME})")
+        raise AudioError(
+            f"the prompt is too short for a speaker embedding ({n} samples at 16 kHz, need at least {FBANK_FRAME})"
+        )
     x = wav16k.reshape(-1).float().contiguous()
     frames = x.as_strided((1 + (n - FBANK_FRAME) // FBANK_SHIFT, FBANK_FRAME), (FBANK_SHIFT, 1))
     frames = frames - frames.mean(dim=1, keepdim=True)  # remove DC
@@ -188,8 +202,7 @@ class SpeakerEncoder:
         options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = 1
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=options,
-                                                providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types for bad files
             raise ModelLoadError(f"cannot load CAM++ speaker model {path}: {exc}") from exc
         self.input_name = self.session.get_inputs()[0].name
@@ -238,11 +251,20 @@ def prompt_features(
         entry = cache.get(key, names=(CACHE_MEL, CACHE_SPK, CACHE_FP))
         if entry is not None and np.array_equal(entry[CACHE_FP], fingerprint):
             logger.debug("prompt features from cache hash=%s", key[:8])
-            return PromptFeatures(torch.from_numpy(np.asarray(entry[CACHE_MEL], dtype=np.float32)),
-                                  torch.from_numpy(np.asarray(entry[CACHE_SPK], dtype=np.float32)))
+            return PromptFeatures(
+                torch.from_numpy(np.asarray(entry[CACHE_MEL], dtype=np.float32)),
+                torch.from_numpy(np.asarray(entry[CACHE_SPK], dtype=np.float32)),
+            )
     start = time.perf_counter()
     features = PromptFeatures(prompt_mel(wav, sample_rate, mel_conf), speaker_encoder.embed(wav, sample_rate))
     if cache is not None and key is not None:
-        cache.put(key, {CACHE_MEL: features.prompt_mel.cpu().numpy(), CACHE_SPK: features.spk_emb.cpu().numpy(),
-                        CACHE_FP: fingerprint}, compute_seconds=time.perf_counter() - start)
+        cache.put(
+            key,
+            {
+                CACHE_MEL: features.prompt_mel.cpu().numpy(),
+                CACHE_SPK: features.spk_emb.cpu().numpy(),
+                CACHE_FP: fingerprint,
+            },
+            compute_seconds=time.perf_counter() - start,
+        )
     return features

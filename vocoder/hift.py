@@ -67,9 +67,7 @@ class HiftDraws:
     source_noise: torch.Tensor | None = None
 
 
-def draw_hift_noise(
-    batch: int, n_samples: int, n_sines: int, generator: torch.Generator | None = None
-) -> HiftDraws:
+def draw_hift_noise(batch: int, n_samples: int, n_sines: int, generator: torch.Generator | None = None) -> HiftDraws:
     """Draw what :class:`SineGen2` needs, exactly as the reference does from its RNG.
 
     The reference takes ``randn_like`` of a transposed tensor (strides ``(S·L, 1, L)``), so
@@ -104,13 +102,11 @@ class ResBlock(nn.Module):
     def __init__(self, channels: int, kernel_size: int, dilations: Sequence[int]) -> None:
         super().__init__()
         self.convs1 = nn.ModuleList(
-            weight_norm(nn.Conv1d(channels, channels, kernel_size, 1, dilation=d,
-                                  padding=get_padding(kernel_size, d)))
+            weight_norm(nn.Conv1d(channels, channels, kernel_size, 1, dilation=d, padding=get_padding(kernel_size, d)))
             for d in dilations
         )
         self.convs2 = nn.ModuleList(
-            weight_norm(nn.Conv1d(channels, channels, kernel_size, 1, dilation=1,
-                                  padding=get_padding(kernel_size, 1)))
+            weight_norm(nn.Conv1d(channels, channels, kernel_size, 1, dilation=1, padding=get_padding(kernel_size, 1)))
             for _ in dilations
         )
         self.activations1 = nn.ModuleList(Snake(channels) for _ in dilations)
@@ -133,8 +129,11 @@ class ConvRNNF0Predictor(nn.Module):
         self.num_class = num_class
         layers: list[nn.Module] = []
         for i in range(5):
-            layers.append(weight_norm(nn.Conv1d(in_channels if i == 0 else cond_channels, cond_channels,
-                                                kernel_size=3, padding=1)))
+            layers.append(
+                weight_norm(
+                    nn.Conv1d(in_channels if i == 0 else cond_channels, cond_channels, kernel_size=3, padding=1)
+                )
+            )
             layers.append(nn.ELU())
         self.condnet = nn.Sequential(*layers)
         self.classifier = nn.Linear(cond_channels, num_class)
@@ -153,8 +152,16 @@ class SineGen2(nn.Module):
     (×scale in value), which keeps the fp32 phase sum short.
     """
 
-    def __init__(self, samp_rate: int, upsample_scale: int, *, harmonic_num: int = 0,
-                 sine_amp: float = 0.1, noise_std: float = 0.003, voiced_threshold: float = 0) -> None:
+    def __init__(
+        self,
+        samp_rate: int,
+        upsample_scale: int,
+        *,
+        harmonic_num: int = 0,
+        sine_amp: float = 0.1,
+        noise_std: float = 0.003,
+        voiced_threshold: float = 0,
+    ) -> None:
         super().__init__()
         self.sine_amp = sine_amp
         self.noise_std = noise_std
@@ -163,8 +170,9 @@ class SineGen2(nn.Module):
         self.sampling_rate = samp_rate
         self.voiced_threshold = voiced_threshold
         self.upsample_scale = int(upsample_scale)
-        self.register_buffer("harmonics", torch.arange(1, self.dim + 1, dtype=torch.float32)[None, None],
-                             persistent=False)
+        self.register_buffer(
+            "harmonics", torch.arange(1, self.dim + 1, dtype=torch.float32)[None, None], persistent=False
+        )
 
     def _f02sine(self, f0_values: torch.Tensor, rand_ini: torch.Tensor) -> torch.Tensor:
         """f0_values : (B, L, H+1) Hz per harmonic -> sines (B, L, H+1), strides (·, 1, L)."""
@@ -173,15 +181,18 @@ class SineGen2(nn.Module):
         rand_ini[:, 0] = 0  # the fundamental starts at phase 0
         rad_values[:, 0, :] = rad_values[:, 0, :] + rand_ini
         # scale_factor as a float (not a size) so the sampling positions match the reference
-        rad_values = F.interpolate(rad_values.transpose(1, 2), scale_factor=1 / self.upsample_scale,
-                                   mode="linear").transpose(1, 2)
+        rad_values = F.interpolate(
+            rad_values.transpose(1, 2), scale_factor=1 / self.upsample_scale, mode="linear"
+        ).transpose(1, 2)
         phase = torch.cumsum(rad_values, dim=1) * 2 * np.pi
-        phase = F.interpolate(phase.transpose(1, 2) * self.upsample_scale,
-                              scale_factor=self.upsample_scale, mode="linear").transpose(1, 2)
+        phase = F.interpolate(
+            phase.transpose(1, 2) * self.upsample_scale, scale_factor=self.upsample_scale, mode="linear"
+        ).transpose(1, 2)
         return torch.sin(phase)
 
-    def forward(self, f0: torch.Tensor, rand_ini: torch.Tensor, sine_noise: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, f0: torch.Tensor, rand_ini: torch.Tensor, sine_noise: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """f0 : (B, L, 1) Hz at sample rate -> (sine_waves (B, L, H+1), uv (B, L, 1))."""
         fn = f0 * self.harmonics
         sine_waves = self._f02sine(fn, rand_ini) * self.sine_amp
@@ -195,13 +206,27 @@ class SineGen2(nn.Module):
 class SourceModuleHnNSF2(nn.Module):
     """Harmonic-plus-noise source: :class:`SineGen2` harmonics merged by Linear(H+1→1) + tanh."""
 
-    def __init__(self, sampling_rate: int, upsample_scale: int, *, harmonic_num: int = 0,
-                 sine_amp: float = 0.1, add_noise_std: float = 0.003, voiced_threshod: float = 0) -> None:
+    def __init__(
+        self,
+        sampling_rate: int,
+        upsample_scale: int,
+        *,
+        harmonic_num: int = 0,
+        sine_amp: float = 0.1,
+        add_noise_std: float = 0.003,
+        voiced_threshod: float = 0,
+    ) -> None:
         super().__init__()
         self.sine_amp = sine_amp
         self.noise_std = add_noise_std
-        self.l_sin_gen = SineGen2(sampling_rate, upsample_scale, harmonic_num=harmonic_num, sine_amp=sine_amp,
-                                  noise_std=add_noise_std, voiced_threshold=voiced_threshod)
+        self.l_sin_gen = SineGen2(
+            sampling_rate,
+            upsample_scale,
+            harmonic_num=harmonic_num,
+            sine_amp=sine_amp,
+            noise_std=add_noise_std,
+            voiced_threshold=voiced_threshod,
+        )
         self.l_linear = nn.Linear(harmonic_num + 1, 1)
         self.l_tanh = nn.Tanh()
 
@@ -244,8 +269,9 @@ class HiFTGenerator(nn.Module):
         if len(upsample_rates) != len(upsample_kernel_sizes) or len(upsample_rates) != len(
             source_resblock_kernel_sizes
         ):
-            raise ModelLoadError("hift: upsample_rates, upsample_kernel_sizes and "
-                                 "source_resblock_kernel_sizes must have the same length")
+            raise ModelLoadError(
+                "hift: upsample_rates, upsample_kernel_sizes and source_resblock_kernel_sizes must have the same length"
+            )
         if len(resblock_kernel_sizes) != len(resblock_dilation_sizes):
             raise ModelLoadError("hift: resblock_kernel_sizes and resblock_dilation_sizes differ in length")
         self.out_channels = 1
@@ -261,15 +287,21 @@ class HiFTGenerator(nn.Module):
         self.num_upsamples = len(upsample_rates)
         self.upsample_scale = math.prod(upsample_rates) * self.hop_len  # samples per mel frame: 480
 
-        self.m_source = SourceModuleHnNSF2(sampling_rate=sampling_rate, upsample_scale=self.upsample_scale,
-                                           harmonic_num=nb_harmonics, sine_amp=nsf_alpha,
-                                           add_noise_std=nsf_sigma, voiced_threshod=nsf_voiced_threshold)
+        self.m_source = SourceModuleHnNSF2(
+            sampling_rate=sampling_rate,
+            upsample_scale=self.upsample_scale,
+            harmonic_num=nb_harmonics,
+            sine_amp=nsf_alpha,
+            add_noise_std=nsf_sigma,
+            voiced_threshod=nsf_voiced_threshold,
+        )
         self.f0_upsamp = nn.Upsample(scale_factor=self.upsample_scale)
         self.conv_pre = weight_norm(nn.Conv1d(in_channels, base_channels, 7, 1, padding=3))
 
         self.ups = nn.ModuleList(
-            weight_norm(nn.ConvTranspose1d(base_channels // 2**i, base_channels // 2 ** (i + 1), k, u,
-                                           padding=(k - u) // 2))
+            weight_norm(
+                nn.ConvTranspose1d(base_channels // 2**i, base_channels // 2 ** (i + 1), k, u, padding=(k - u) // 2)
+            )
             for i, (u, k) in enumerate(zip(upsample_rates, upsample_kernel_sizes, strict=True))
         )
 
@@ -278,8 +310,9 @@ class HiFTGenerator(nn.Module):
         downsample_cum_rates = np.cumprod(downsample_rates)[::-1]
         self.source_downs = nn.ModuleList()
         self.source_resblocks = nn.ModuleList()
-        for i, (rate, k, d) in enumerate(zip(downsample_cum_rates, source_resblock_kernel_sizes,
-                                             source_resblock_dilation_sizes, strict=True)):
+        for i, (rate, k, d) in enumerate(
+            zip(downsample_cum_rates, source_resblock_kernel_sizes, source_resblock_dilation_sizes, strict=True)
+        ):
             ch, u = base_channels // 2 ** (i + 1), int(rate)
             if u == 1:
                 self.source_downs.append(nn.Conv1d(self.n_fft + 2, ch, 1, 1))
@@ -295,26 +328,31 @@ class HiFTGenerator(nn.Module):
         self.conv_post = weight_norm(nn.Conv1d(ch, self.n_fft + 2, 7, 1, padding=3))
         self.reflection_pad = nn.ReflectionPad1d((1, 0))
         # periodic Hann computed in float64 then rounded, as scipy's get_window gives the reference
-        self.register_buffer("stft_window", torch.hann_window(self.n_fft, periodic=True,
-                                                              dtype=torch.float64).float(), persistent=False)
-        self.f0_predictor = f0_predictor if f0_predictor is not None else ConvRNNF0Predictor(
-            in_channels=in_channels, cond_channels=base_channels)
+        self.register_buffer(
+            "stft_window", torch.hann_window(self.n_fft, periodic=True, dtype=torch.float64).float(), persistent=False
+        )
+        self.f0_predictor = (
+            f0_predictor
+            if f0_predictor is not None
+            else ConvRNNF0Predictor(in_channels=in_channels, cond_channels=base_channels)
+        )
 
     # ---- stages ------------------------------------------------------------------------------
 
     def _check_mel(self, speech_feat: torch.Tensor) -> None:
         if speech_feat.dim() != 3 or speech_feat.shape[1] != self.in_channels or speech_feat.shape[2] < 1:
             raise InvalidInputError(
-                f"HiFT expects a mel shaped (batch, {self.in_channels}, frames >= 1), got "
-                f"{tuple(speech_feat.shape)}")
+                f"HiFT expects a mel shaped (batch, {self.in_channels}, frames >= 1), got {tuple(speech_feat.shape)}"
+            )
 
     def predict_f0(self, speech_feat: torch.Tensor) -> torch.Tensor:
         """speech_feat : (B, 80, T) log-mel -> f0 (B, T) in Hz, one value per mel frame."""
         self._check_mel(speech_feat)
         return self.f0_predictor(speech_feat)
 
-    def source_from_f0(self, f0: torch.Tensor, *, generator: torch.Generator | None = None,
-                       draws: HiftDraws | None = None) -> torch.Tensor:
+    def source_from_f0(
+        self, f0: torch.Tensor, *, generator: torch.Generator | None = None, draws: HiftDraws | None = None
+    ) -> torch.Tensor:
         """f0 : (B, T) Hz -> NSF excitation (B, 1, T·480).
 
         ``draws`` replaces the random draws (for parity tests); otherwise they come from
@@ -328,7 +366,8 @@ class HiFTGenerator(nn.Module):
         elif tuple(draws.rand_ini.shape) != (B, S) or tuple(draws.sine_noise.shape) != (B, L, S):
             raise InvalidInputError(
                 f"injected HiFT draws must be rand_ini {(B, S)} and sine_noise {(B, L, S)}, got "
-                f"{tuple(draws.rand_ini.shape)} and {tuple(draws.sine_noise.shape)}")
+                f"{tuple(draws.rand_ini.shape)} and {tuple(draws.sine_noise.shape)}"
+            )
         f0_up = self.f0_upsamp(f0[:, None]).transpose(1, 2)  # (B, L, 1), nearest
         return self.m_source(f0_up, draws).transpose(1, 2)
 
@@ -338,9 +377,11 @@ class HiFTGenerator(nn.Module):
         if source.dim() != 3 or source.shape[1] != 1 or source.shape[2] != speech_feat.shape[2] * self.upsample_scale:
             raise InvalidInputError(
                 f"HiFT source must be shaped (batch, 1, {speech_feat.shape[2] * self.upsample_scale}), "
-                f"got {tuple(source.shape)}")
-        spec = torch.stft(source.squeeze(1), self.n_fft, self.hop_len, self.n_fft, window=self.stft_window,
-                          return_complex=True)
+                f"got {tuple(source.shape)}"
+            )
+        spec = torch.stft(
+            source.squeeze(1), self.n_fft, self.hop_len, self.n_fft, window=self.stft_window, return_complex=True
+        )
         spec = torch.view_as_real(spec)  # (B, n_fft/2+1, frames, 2)
         s_stft = torch.cat([spec[..., 0], spec[..., 1]], dim=1).to(source.dtype)  # (B, n_fft+2, T·120+1)
 
@@ -366,8 +407,14 @@ class HiFTGenerator(nn.Module):
         return torch.clamp(wav.to(x.dtype), -self.audio_limit, self.audio_limit)
 
     @torch.inference_mode()
-    def inference(self, speech_feat: torch.Tensor, *, generator: torch.Generator | None = None,
-                  draws: HiftDraws | None = None, cache_source: torch.Tensor | None = None) -> torch.Tensor:
+    def inference(
+        self,
+        speech_feat: torch.Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        draws: HiftDraws | None = None,
+        cache_source: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """speech_feat : (B, 80, T) log-mel -> waveform (B, T·480) float32 at ``sampling_rate``.
 
         ``cache_source`` (B, 1, n) overwrites the start of the source, as streaming does to

@@ -112,16 +112,24 @@ class Token2Wav:
         self.last_timings: Token2WavTimings | None = None  # of the latest call (benchmarks, logs)
 
     @classmethod
-    def from_parts(cls, parts: VocoderParts, *, n_timesteps: int = N_TIMESTEPS,
-                   bf16_prompt_roundtrip: bool = True) -> Token2Wav:
+    def from_parts(
+        cls, parts: VocoderParts, *, n_timesteps: int = N_TIMESTEPS, bf16_prompt_roundtrip: bool = True
+    ) -> Token2Wav:
         return cls(parts.flow, parts.hift, n_timesteps=n_timesteps, bf16_prompt_roundtrip=bf16_prompt_roundtrip)
 
     @classmethod
-    def from_dir(cls, vocoder_dir: Path, device: str | torch.device = "cpu", *, n_timesteps: int = N_TIMESTEPS,
-                 bf16_prompt_roundtrip: bool = True) -> Token2Wav:
+    def from_dir(
+        cls,
+        vocoder_dir: Path,
+        device: str | torch.device = "cpu",
+        *,
+        n_timesteps: int = N_TIMESTEPS,
+        bf16_prompt_roundtrip: bool = True,
+    ) -> Token2Wav:
         """Load ``CosyVoice-300M-25Hz/`` (yaml + flow.pt + hift.pt) onto ``device``."""
-        return cls.from_parts(load_cosyvoice(vocoder_dir, device), n_timesteps=n_timesteps,
-                              bf16_prompt_roundtrip=bf16_prompt_roundtrip)
+        return cls.from_parts(
+            load_cosyvoice(vocoder_dir, device), n_timesteps=n_timesteps, bf16_prompt_roundtrip=bf16_prompt_roundtrip
+        )
 
     @property
     def device(self) -> torch.device:
@@ -171,8 +179,9 @@ class Token2Wav:
         mel = mel.unsqueeze(0) if mel.dim() == 2 else mel
         n_mels = self.flow.output_size
         if mel.dim() != 3 or mel.size(0) != 1 or mel.size(2) != n_mels or mel.size(1) == 0:
-            raise InvalidInputError(f"prompt_mel must have shape (1, T, {n_mels}), got {tuple(mel.shape)}",
-                                    param="prompt_mel")
+            raise InvalidInputError(
+                f"prompt_mel must have shape (1, T, {n_mels}), got {tuple(mel.shape)}", param="prompt_mel"
+            )
         emb = _float_tensor(spk_emb, "spk_emb").reshape(1, -1)
         spk_dim = self.flow.spk_embed_affine_layer.in_features
         if emb.size(1) != spk_dim:
@@ -196,8 +205,9 @@ class Token2Wav:
         else:
             z = _float_tensor(noise, "noise")
             if tuple(z.shape) != (1, n_mels, n_prompt + n_target):
-                raise InvalidInputError(f"noise must have shape (1, {n_mels}, {n_prompt + n_target}), "
-                                        f"got {tuple(z.shape)}", param="noise")
+                raise InvalidInputError(
+                    f"noise must have shape (1, {n_mels}, {n_prompt + n_target}), got {tuple(z.shape)}", param="noise"
+                )
         n_samples = n_target * self.samples_per_frame
         if hift_draws is None:
             hift_draws = draw_hift_noise(1, n_samples, self.hift.nb_harmonics + 1, generator)
@@ -213,11 +223,14 @@ class Token2Wav:
             n_timesteps=self.n_timesteps,
         )
         flow_done = time.perf_counter()
-        draws = HiftDraws(*(None if d is None else d.to(device) for d in
-                            (hift_draws.rand_ini, hift_draws.sine_noise, hift_draws.source_noise)))
+        draws = HiftDraws(
+            *(
+                None if d is None else d.to(device)
+                for d in (hift_draws.rand_ini, hift_draws.sine_noise, hift_draws.source_noise)
+            )
+        )
         speech = self.hift.inference(target_mel, draws=draws)
         end = time.perf_counter()
         self.last_timings = Token2WavTimings(flow_done - start, end - flow_done, n_target)
-        logger.debug("token2wav: %d mel frames, flow %.3f s, HiFT %.3f s", n_target, flow_done - start,
-                     end - flow_done)
+        logger.debug("token2wav: %d mel frames, flow %.3f s, HiFT %.3f s", n_target, flow_done - start, end - flow_done)
         return speech.float().cpu()
