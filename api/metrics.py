@@ -51,6 +51,14 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.ttfa = Histogram(
+            "step_audio_time_to_first_audio_seconds",
+            "Time from request to the first audio byte, by mode and delivery (streamed: the streaming "
+            "vocoder, while the LLM generates; whole: after the whole generation).",
+            ["mode", "delivery"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.rtf = Histogram(
             "step_audio_real_time_factor",
             "Inference seconds per second of audio produced (lower is faster).",

@@ -16,10 +16,11 @@ own lock, so two requests overlap in different stages while (GPU) memory stays b
 from __future__ import annotations
 
 import logging
+import queue
 import secrets
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -32,10 +33,11 @@ import torch
 
 import model_loader
 from audio import VOCODER_SR, AudioError, prepare_prompt
-from engine.types import AudioInput, CloneRequest, EditRequest, SynthesisResult
-from errors import InvalidInputError, TooLargeError
+from engine.types import AudioInput, AudioSink, CloneRequest, EditRequest, StreamInfo, SynthesisResult
+from errors import InvalidInputError, RequestCancelledError, TooLargeError
 from llm import prompts
-from llm.generate import generate_audio_ids
+from llm.generate import STOP_IDS, generate
+from llm.text_tokenizer import AUDIO_ID_END, AUDIO_ID_OFFSET
 from token_cache import content_key
 from vocoder.frontend import prompt_features
 
@@ -110,6 +112,11 @@ def _tagged_text(request: EditRequest) -> str | None:
             "paralinguistic editing needs the transcript with inline tags as the input text", param="input"
         )
     return text
+
+
+def _raise_if_cancelled(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise RequestCancelledError("the client went away; its work was stopped")
 
 
 def pcm16_round_trip(wav: np.ndarray) -> np.ndarray:
@@ -229,18 +236,32 @@ class StepAudioEngine:
         self._prompt_features(audio.samples, audio.sample_rate, "prompt_audio")
 
     # --- requests -------------------------------------------------------------------------
-    def clone(self, request: CloneRequest) -> SynthesisResult:
-        """Speak ``request.text`` in the voice of ``request.prompt_audio``."""
+    def clone(
+        self, request: CloneRequest, *, sink: AudioSink | None = None, cancel: threading.Event | None = None
+    ) -> SynthesisResult:
+        """Speak ``request.text`` in the voice of ``request.prompt_audio``.
+
+        With a ``sink`` the audio is also streamed there while the LLM generates; ``cancel`` set
+        (the client went away) stops the work within one decode step (``RequestCancelledError``).
+        """
         start = time.perf_counter()
         timings: dict[str, float] = {}
-        llm = self._llm(request.variant)
+        self._llm(request.variant)
         self._check_controls(request.intensity, request.speed)
         seed = self._seed(request.seed)
         prepared = self.prepare_clone(request, timings)
-        codes = self._generate(
-            llm, request.variant, prepared.pair, intensity=request.intensity, seed=seed, timings=timings
+        if sink is not None:
+            sink.start(StreamInfo(seed, request.intensity, VOCODER_SR, 1, prepared.transcript))
+        codes, wav = self._synthesize(
+            request.variant,
+            prepared,
+            intensity=request.intensity,
+            seed=seed,
+            speed=request.speed,
+            timings=timings,
+            sink=sink,
+            cancel=cancel,
         )
-        wav = self._vocode(codes, prepared.features, seed, timings)
         final = self._apply_speed(wav, request.speed, timings)
         timings["total"] = time.perf_counter() - start
         return SynthesisResult(
@@ -254,11 +275,16 @@ class StepAudioEngine:
             timings=timings,
         )
 
-    def edit(self, request: EditRequest) -> SynthesisResult:
-        """Edit ``request.audio`` ``n_edit_iter`` times, each iteration on the previous output."""
+    def edit(
+        self, request: EditRequest, *, sink: AudioSink | None = None, cancel: threading.Event | None = None
+    ) -> SynthesisResult:
+        """Edit ``request.audio`` ``n_edit_iter`` times, each iteration on the previous output.
+
+        With a ``sink`` the earlier iterations run whole and the last one streams there.
+        """
         start = time.perf_counter()
         timings: dict[str, float] = {}
-        llm = self._llm(request.variant)
+        self._llm(request.variant)
         self._check_controls(request.intensity, request.speed)
         if not 1 <= request.n_edit_iter <= self.options.max_edit_iter:
             raise InvalidInputError(
@@ -296,10 +322,20 @@ class StepAudioEngine:
                         iteration,
                     )
                     break
-            codes = self._generate(
-                llm, request.variant, prepared.pair, intensity=request.intensity, seed=iter_seed, timings=timings
+            last = iteration == request.n_edit_iter - 1
+            if last and sink is not None:
+                sink.start(StreamInfo(seed, request.intensity, VOCODER_SR, request.n_edit_iter, source_text))
+            codes, wav = self._synthesize(
+                request.variant,
+                prepared,
+                intensity=request.intensity,
+                seed=iter_seed,
+                speed=request.speed,
+                timings=timings,
+                sink=sink if last else None,
+                cancel=cancel,
             )
-            outputs.append(self._vocode(codes, prepared.features, iter_seed, timings))
+            outputs.append(wav)
         iterations = [self._apply_speed(wav, request.speed, timings) for wav in outputs]
         timings["total"] = time.perf_counter() - start
         return SynthesisResult(
@@ -476,20 +512,55 @@ class StepAudioEngine:
             timings["prompt_features"] = timings.get("prompt_features", 0.0) + time.perf_counter() - begin
         return PromptFeatures(key, tokens, features.prompt_mel.float(), features.spk_emb.float())
 
+    def _synthesize(
+        self,
+        variant: str,
+        prepared: PreparedPrompt,
+        *,
+        intensity: float,
+        seed: int,
+        speed: float,
+        timings: dict[str, float],
+        sink: AudioSink | None,
+        cancel: threading.Event | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Generate and vocode one prompt: (mixed codes, 24 kHz audio before the speed change).
+
+        Without a sink: the whole-utterance vocoder (the reference's output). With one: the
+        streaming vocoder, fed while the LLM generates (a different function of the same codes).
+        """
+        if sink is None:
+            codes = self._generate(
+                variant,
+                prepared.pair,
+                intensity=intensity,
+                seed=seed,
+                timings=timings,
+                should_stop=None if cancel is None else cancel.is_set,
+            )
+            _raise_if_cancelled(cancel)
+            return codes, self._vocode(codes, prepared.features, seed, timings)
+        return self._generate_streamed(
+            variant, prepared, intensity=intensity, seed=seed, speed=speed, timings=timings, sink=sink, cancel=cancel
+        )
+
     def _generate(
         self,
-        llm: Step1ForCausalLM,
         variant: str,
         pair: prompts.PromptPair,
         *,
         intensity: float,
         seed: int,
         timings: dict[str, float],
+        should_stop: Callable[[], bool] | None = None,
+        on_token: Callable[[int], None] | None = None,
     ) -> np.ndarray:
+        """Mixed audio codes of one prompt; ``on_token`` sees every id as it is sampled, and
+        ``should_stop`` ends the generation between two decode steps."""
         begin = time.perf_counter()
         with self._llm_locks[variant], torch.inference_mode():
-            codes = generate_audio_ids(
-                llm,
+            (result,) = generate(
+                self._llm(variant),
                 [pair],
                 intensity=intensity,
                 seed=seed,
@@ -497,9 +568,114 @@ class StepAudioEngine:
                 top_k=self.options.top_k,
                 max_length=self.options.max_length,
                 max_new_tokens=self.options.max_new_tokens,
-            )[0]
+                on_token=None if on_token is None else lambda _, token: on_token(token),
+                should_stop=should_stop,
+            )
         timings["llm"] = timings.get("llm", 0.0) + time.perf_counter() - begin
-        return np.asarray(codes, dtype=np.int64)
+        return np.asarray(result.codes, dtype=np.int64)
+
+    def _generate_streamed(
+        self,
+        variant: str,
+        prepared: PreparedPrompt,
+        *,
+        intensity: float,
+        seed: int,
+        speed: float,
+        timings: dict[str, float],
+        sink: AudioSink,
+        cancel: threading.Event | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The LLM samples in its own thread while this one feeds the streaming vocoder.
+
+        The ids cross a queue; the vocoder session's output does not depend on how they are
+        split across feeds, so the streamed audio is the same whatever the thread timing. With
+        ``speed`` != 1 the pieces are held back and the stretched whole is sent at the end (a
+        phase-vocoder stretch needs the whole signal).
+        """
+        stop = threading.Event()
+        ids: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        outcome: dict[str, Any] = {}
+
+        def should_stop() -> bool:
+            return stop.is_set() or (cancel is not None and cancel.is_set())
+
+        def run_llm() -> None:
+            try:
+                with torch.inference_mode():
+                    outcome["codes"] = self._generate(
+                        variant,
+                        prepared.pair,
+                        intensity=intensity,
+                        seed=seed,
+                        timings=timings,
+                        should_stop=should_stop,
+                        on_token=ids.put,
+                    )
+            except BaseException as exc:  # re-raised in the consuming thread
+                outcome["error"] = exc
+            finally:
+                ids.put(None)
+
+        llm_thread = threading.Thread(target=run_llm, name="llm-stream", daemon=True)
+        pieces: list[np.ndarray] = []
+
+        def emit(new: list[np.ndarray]) -> None:
+            for piece in new:
+                if piece.size:
+                    pieces.append(piece)
+                    if speed == 1.0:
+                        sink.put(piece)
+
+        features = prepared.features
+        begin = time.perf_counter()
+        vocode_s = 0.0
+        llm_thread.start()
+        try:
+            with self.token2wav.stream(
+                np.asarray(features.tokens.prompt_codes), features.prompt_mel, features.spk_emb, seed=seed
+            ) as session:
+                ended = stopped = False
+                while not ended:
+                    batch = [ids.get()]
+                    with_more = True
+                    while with_more:  # take whatever else the LLM has sampled meanwhile
+                        try:
+                            batch.append(ids.get_nowait())
+                        except queue.Empty:
+                            with_more = False
+                    codes: list[int] = []
+                    for token in batch:
+                        if token is None:
+                            ended = True
+                        elif not stopped and token in STOP_IDS:
+                            stopped = True
+                        elif not stopped and AUDIO_ID_OFFSET <= token < AUDIO_ID_END:
+                            codes.append(token - AUDIO_ID_OFFSET)
+                    if should_stop():
+                        break
+                    if codes:
+                        t = time.perf_counter()
+                        with self._vocoder_lock, torch.inference_mode():
+                            emit(session.feed(np.asarray(codes, dtype=np.int64)))
+                        vocode_s += time.perf_counter() - t
+                if ended and "error" not in outcome and not should_stop():
+                    t = time.perf_counter()
+                    with self._vocoder_lock, torch.inference_mode():
+                        emit(session.finish())
+                    vocode_s += time.perf_counter() - t
+        finally:
+            stop.set()
+            llm_thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        _raise_if_cancelled(cancel)
+        wav = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
+        if speed != 1.0 and wav.size:
+            sink.put(self._apply_speed(wav, speed, timings))
+        timings["vocoder"] = timings.get("vocoder", 0.0) + vocode_s
+        timings["stream"] = time.perf_counter() - begin
+        return outcome["codes"], wav
 
     def _vocode(self, codes: np.ndarray, features: PromptFeatures, seed: int, timings: dict[str, float]) -> np.ndarray:
         if codes.size == 0:

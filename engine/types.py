@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -60,3 +60,27 @@ class SynthesisResult:
     transcript: str | None = None
     n_audio_tokens: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    """What a streamed answer can say before its first audio (its response headers)."""
+
+    seed: int
+    intensity: float
+    sample_rate: int
+    iterations: int  # the edit iterations run in all (the last one is the streamed one)
+    transcript: str | None = None
+
+
+class AudioSink(Protocol):
+    """Where a streamed request's audio goes as it is made (the HTTP layer's response).
+
+    ``start`` is called once, after everything that can reject the request has run and right
+    before the first audio is made; ``put`` then receives the 24 kHz float32 pieces in order.
+    Both are called from the worker thread and must not block.
+    """
+
+    def start(self, info: StreamInfo) -> None: ...
+
+    def put(self, piece: np.ndarray) -> None: ...

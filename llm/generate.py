@@ -68,6 +68,7 @@ MIN_INTENSITY = 0.1
 MAX_INTENSITY = 3.0
 
 StepHook = Callable[[int, list[int], torch.Tensor], None]
+TokenHook = Callable[[int, int], None]  # (prompt index, sampled id)
 
 
 @dataclass(frozen=True)
@@ -261,6 +262,8 @@ def generate(
     max_new_tokens: int | None = None,
     do_sample: bool = True,
     on_step: StepHook | None = None,
+    on_token: TokenHook | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[GenerationResult]:
     """Generate audio ids for every prompt in one batch; see the module docstring for the rules.
 
@@ -269,6 +272,10 @@ def generate(
     seed: one int for all prompts, one per prompt, or None (fresh seeds, reported in the results).
     on_step(step, prompt_indices, scores): called each step with the (n, V) float32 scores after
     guidance and before the repetition rule, for the prompts still running; for tests and probes.
+    on_token(prompt_index, id): called with every sampled id as soon as it is sampled (stop ids
+    included), in order, so a consumer (the streaming vocoder) can work while the LLM goes on.
+    should_stop(): checked before every decode step; True ends every prompt there (the client
+    went away), so no step runs for nobody. Neither changes what is generated.
     """
     config = getattr(model, "config", None)
     _check_args(
@@ -314,10 +321,12 @@ def generate(
         for r, token in enumerate(next_ids.tolist()):
             i = active[r]
             generated[i].append(token)
+            if on_token is not None:
+                on_token(i, token)
             stopped[i] = token in STOP_IDS
             if not stopped[i] and len(generated[i]) < budgets[i]:
                 keep.append(r)
-        if not keep:
+        if not keep or (should_stop is not None and should_stop()):
             break
         window = torch.cat([window[:, 1:], next_ids[:, None]], dim=1)
         if len(keep) < n:  # drop finished prompts (both of their rows) from the batch and cache
