@@ -367,3 +367,34 @@ def test_generate_audio_ids_returns_codes(model, pairs):
     x, y = X - AUDIO_ID_OFFSET, Y - AUDIO_ID_OFFSET
     assert codes.dtype == np.int64 and codes.tolist() == [x, x, y, x, y]
     assert isinstance(generate(biased, [pairs[2]], max_new_tokens=1)[0], GenerationResult)
+
+
+def test_on_token_hands_out_every_id_in_order_and_changes_nothing(model, pairs):
+    seen: list[tuple[int, int]] = []
+    plain = generate(model, pairs, seed=[3, 4, 5], max_new_tokens=12)
+    hooked = generate(model, pairs, seed=[3, 4, 5], max_new_tokens=12, on_token=lambda i, t: seen.append((i, t)))
+    for i, (a, b) in enumerate(zip(plain, hooked, strict=True)):
+        np.testing.assert_array_equal(a.token_ids, b.token_ids)
+        assert [t for j, t in seen if j == i] == b.token_ids.tolist()
+
+
+def test_should_stop_ends_generation_between_steps(model, pairs):
+    steps: list[int] = []
+
+    def count(step: int, _rows: list[int], _scores: torch.Tensor) -> None:
+        steps.append(step)
+
+    full = generate(model, [pairs[0]], seed=1, max_new_tokens=30, do_sample=False)[0]
+    assert len(full.token_ids) == 30  # the tiny model does not stop by itself within 30 ids
+    stopped = generate(
+        model,
+        [pairs[0]],
+        seed=1,
+        max_new_tokens=30,
+        do_sample=False,
+        on_step=count,
+        should_stop=lambda: len(steps) >= 5,
+    )[0]
+    assert len(steps) == 5  # no decode step ran after the request to stop
+    np.testing.assert_array_equal(stopped.token_ids, full.token_ids[:5])
+    assert not stopped.stopped
