@@ -59,6 +59,14 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.stream_start = Histogram(
+            "step_audio_stream_first_audio_generation_fraction",
+            "Share of a streamed request's LLM ids already sampled when its first audio left "
+            "(below 1: audio was on its way while the LLM still generated).",
+            ["mode"],
+            buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0),
+            registry=r,
+        )
         self.rtf = Histogram(
             "step_audio_real_time_factor",
             "Inference seconds per second of audio produced (lower is faster).",

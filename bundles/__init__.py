@@ -3,7 +3,9 @@
 ``write_bundle(root)`` writes a complete ``<root>/Step-Audio-Tokenizer`` +
 ``<root>/Step-Audio-EditX`` (with ``CosyVoice-300M-25Hz/`` inside) by calling each stage's own
 writer. Tests and the demo server use the tiny size (seconds, a few MB); benchmarks use
-``full`` (official dimensions). A finished bundle carries a marker file, so a second call with
+``full`` (official dimensions) and ``mid``: the ``mid`` Step1 (768 wide, 8 layers) with the tiny
+tokenizer and vocoder, for serving benchmarks on CPU, where it gives the LLM the larger share of
+a request's time, as the full model has on a GPU. A finished bundle carries a marker file, so a second call with
 the same size and seed reuses it; a file lock keeps two processes from writing one root at once.
 """
 
@@ -20,6 +22,12 @@ logger = logging.getLogger(__name__)
 
 MARKER_NAME = ".bundle-complete.json"
 LOCK_NAME = ".bundle.lock"
+# bundle size -> each stage's size
+BUNDLE_SIZES: dict[str, dict[str, str]] = {
+    "tiny": {"tokenizer": "tiny", "llm": "tiny", "vocoder": "tiny"},
+    "mid": {"tokenizer": "tiny", "llm": "mid", "vocoder": "tiny"},
+    "full": {"tokenizer": "full", "llm": "full", "vocoder": "full"},
+}
 BUNDLE_FORMAT = 1  # bump when a writer's output changes incompatibly, so old bundles are rewritten
 
 
@@ -38,10 +46,11 @@ def bundle_is_complete(root: Path, size: str = "tiny", seed: int = 0) -> bool:
 def write_bundle(root: Path, size: str = "tiny", seed: int = 0) -> Path:
     """Write (or reuse) a complete bundle under ``root`` and return ``root``.
 
-    ``size``: ``tiny`` or ``full``. Every stage's weights are drawn from ``seed``.
+    ``size``: ``tiny``, ``mid`` or ``full``. Every stage's weights are drawn from ``seed``.
     """
-    if size not in {"tiny", "full"}:
-        raise ValueError(f"bundle size must be 'tiny' or 'full', got {size!r}")
+    if size not in BUNDLE_SIZES:
+        raise ValueError(f"bundle size must be one of {', '.join(BUNDLE_SIZES)}, got {size!r}")
+    stage_size = BUNDLE_SIZES[size]
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root / LOCK_NAME)):
@@ -55,13 +64,13 @@ def write_bundle(root: Path, size: str = "tiny", seed: int = 0) -> Path:
 
         start = time.perf_counter()
         (root / MARKER_NAME).unlink(missing_ok=True)
-        write_tokenizer_bundle(root, size=size, seed=seed)
-        editx_dir = write_llm_bundle(root, size=size, seed=seed)
+        write_tokenizer_bundle(root, size=stage_size["tokenizer"], seed=seed)
+        editx_dir = write_llm_bundle(root, size=stage_size["llm"], seed=seed)
         if not (Path(editx_dir) / "tokenizer.model").is_file():
             from bundles.text_tokenizer_bundle import write_text_tokenizer
 
             write_text_tokenizer(Path(editx_dir))
-        write_vocoder_bundle(Path(editx_dir), size=size, seed=seed)
+        write_vocoder_bundle(Path(editx_dir), size=stage_size["vocoder"], seed=seed)
         (root / MARKER_NAME).write_text(json.dumps(_marker(size, seed)))
         logger.info("Wrote a %s bundle (seed %d) at %s in %.1fs", size, seed, root, time.perf_counter() - start)
     return root

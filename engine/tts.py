@@ -596,6 +596,11 @@ class StepAudioEngine:
         stop = threading.Event()
         ids: queue.SimpleQueue[int | None] = queue.SimpleQueue()
         outcome: dict[str, Any] = {}
+        sampled = [0]  # ids the LLM has sampled so far (written by its thread only)
+
+        def on_token(token: int) -> None:
+            sampled[0] += 1
+            ids.put(token)
 
         def should_stop() -> bool:
             return stop.is_set() or (cancel is not None and cancel.is_set())
@@ -610,7 +615,7 @@ class StepAudioEngine:
                         seed=seed,
                         timings=timings,
                         should_stop=should_stop,
-                        on_token=ids.put,
+                        on_token=on_token,
                     )
             except BaseException as exc:  # re-raised in the consuming thread
                 outcome["error"] = exc
@@ -623,6 +628,9 @@ class StepAudioEngine:
         def emit(new: list[np.ndarray]) -> None:
             for piece in new:
                 if piece.size:
+                    if not pieces:  # how far the LLM was when the first audio left
+                        timings["first_audio_ids"] = float(sampled[0])
+                        timings["first_audio"] = time.perf_counter() - begin
                     pieces.append(piece)
                     if speed == 1.0:
                         sink.put(piece)
@@ -673,6 +681,7 @@ class StepAudioEngine:
         wav = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
         if speed != 1.0 and wav.size:
             sink.put(self._apply_speed(wav, speed, timings))
+        timings["generated_ids"] = float(sampled[0])
         timings["vocoder"] = timings.get("vocoder", 0.0) + vocode_s
         timings["stream"] = time.perf_counter() - begin
         return outcome["codes"], wav

@@ -347,6 +347,9 @@ async def _stream_pieces(
             m.requests.labels(mode, str(status_of(exc)) if isinstance(exc, StepAudioError) else "499").inc()
             return
         _record_run(state, mode, result, timing, cache_delta)
+        generated = result.timings.get("generated_ids", 0.0)
+        if generated > 0 and "first_audio_ids" in result.timings:
+            m.stream_start.labels(mode).observe(result.timings["first_audio_ids"] / generated)
         data = await run_in_threadpool(writer.finish)
         if data:
             mark_first()
