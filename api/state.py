@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import threading
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Protocol
 
@@ -11,19 +12,23 @@ from fastapi import Depends, Request
 from api.errors import UnauthorizedError
 from api.metrics import Metrics
 from engine.service import InferenceService
-from engine.types import AudioInput, CloneRequest, EditRequest, SynthesisResult
+from engine.types import AudioInput, AudioSink, CloneRequest, EditRequest, SynthesisResult
 from engine.voices import VoiceStore
 from errors import ModelLoadError, NotReadyError
 from settings import Settings
 
 
 class Engine(Protocol):
-    """What the HTTP layer needs from ``engine.tts.StepAudioEngine`` (see INTERFACES.md)."""
+    """What the HTTP layer needs from ``engine.tts.StepAudioEngine`` ."""
 
     variants: list[str]
 
-    def clone(self, request: CloneRequest) -> SynthesisResult: ...
-    def edit(self, request: EditRequest) -> SynthesisResult: ...
+    def clone(
+        self, request: CloneRequest, *, sink: AudioSink | None = None, cancel: threading.Event | None = None
+    ) -> SynthesisResult: ...
+    def edit(
+        self, request: EditRequest, *, sink: AudioSink | None = None, cancel: threading.Event | None = None
+    ) -> SynthesisResult: ...
     def tags(self) -> dict[str, list[str]]: ...
     def prepare_voice(self, audio: AudioInput) -> None: ...
     def cache_stats(self) -> dict[str, Any]: ...

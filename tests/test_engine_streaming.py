@@ -101,7 +101,7 @@ def test_streamed_clone_is_the_streaming_vocoder_on_the_generated_codes(engine, 
     ) as session:
         expected = np.concatenate([*session.feed(codes), *session.finish()])
     np.testing.assert_array_equal(result.audio, expected)
-    assert 0 < result.timings["first_audio_ids"] <= result.timings["generated_ids"] == codes.size
+    assert 0 < result.timings["first_audio_ids"] <= result.timings["generated_ids"] >= codes.size
 
 
 def test_streamed_audio_does_not_depend_on_thread_timing(engine, voice) -> None:

@@ -1,0 +1,135 @@
+"""Real streaming through the real server (uvicorn on loopback, tiny bundle): audio leaves while the LLM runs.
+
+The evidence that audio left during generation is server-side: the
+``step_audio_stream_first_audio_generation_fraction`` metric (the share of the request's LLM ids
+already sampled when its first audio left) and the generation's own log line, not wall-clock
+thresholds.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from api.audio_io import to_s16le
+from engine.types import CloneRequest, StreamInfo
+from tests.api_live import LiveServer, test_settings
+from tests.test_api_units import FORMATS, decode
+
+LONG = 600  # ids per generation: 14.4 s of audio, many streaming chunks
+SAMPLES_PER_GROUP = 2880
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    settings = test_settings(tiny_bundle, tmp_path_factory.mktemp("stream-cache"), inference_workers=2)
+    with LiveServer(settings, max_new_tokens=LONG) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def http(server: LiveServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=300) as c:
+        yield c
+
+
+def _body(seed: int, fmt: str = "pcm", **extra: object) -> dict:
+    return {
+        "input": "A long streamed sentence.",
+        "voice": "alloy",
+        "response_format": fmt,
+        "step_audio": {"seed": seed},
+    } | extra
+
+
+def _metric(http: httpx.Client, name: str) -> float:
+    text = http.get("/metrics").text
+    values = [float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, flags=re.M)]
+    return sum(values)
+
+
+class _Collect:
+    def __init__(self) -> None:
+        self.pieces: list[np.ndarray] = []
+
+    def start(self, info: StreamInfo) -> None:
+        pass
+
+    def put(self, piece: np.ndarray) -> None:
+        self.pieces.append(piece)
+
+
+def test_first_audio_leaves_while_the_llm_generates(http: httpx.Client, server: LiveServer) -> None:
+    before_sum = _metric(http, "step_audio_stream_first_audio_generation_fraction_sum")
+    before_n = _metric(http, "step_audio_stream_first_audio_generation_fraction_count")
+    with http.stream("POST", "/v1/audio/speech", json=_body(31, stream_format="sse")) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers["x-step-audio-seed"] == "31"
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    assert [e["type"] for e in events] == ["speech.audio.delta"] * (len(events) - 1) + ["speech.audio.done"]
+    assert len(events) > 3, "a long generation arrives in many pieces"
+    n_ids = events[-1]["usage"]["output_tokens"]
+    assert n_ids > 100
+    streamed = b"".join(base64.b64decode(e["audio"]) for e in events[:-1])
+    assert _metric(http, "step_audio_stream_first_audio_generation_fraction_count") == before_n + 1
+    fraction = _metric(http, "step_audio_stream_first_audio_generation_fraction_sum") - before_sum
+    assert 0 < fraction < 0.5, fraction  # the first audio left before half of the ids were sampled
+
+    # the pieces are the engine's streamed output for this request, byte for byte
+    engine = server.app.state.step_audio.engine
+    audio, transcript = engine.default_voice()
+    sink = _Collect()
+    engine.clone(CloneRequest(audio, transcript, "A long streamed sentence.", seed=31), sink=sink)
+    assert streamed == to_s16le(np.concatenate(sink.pieces))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_format_streams_and_decodes(http: httpx.Client, fmt: str) -> None:
+    with http.stream("POST", "/v1/audio/speech", json=_body(7, fmt, stream_format="audio")) as r:
+        assert r.status_code == 200 and r.headers.get("transfer-encoding") == "chunked"
+        chunks = [c for c in r.iter_bytes() if c]
+    assert len(chunks) > 1
+    y, sr = decode(b"".join(chunks), fmt)
+    pcm = http.post("/v1/audio/speech", json=_body(7, "pcm", stream_format="audio")).content
+    n = len(pcm) // 2
+    assert sr == 24000 and n % SAMPLES_PER_GROUP == 0
+    tolerance = 0 if fmt in ("wav", "flac", "pcm") else 2048  # codec frame padding
+    assert abs(len(y) - n) <= tolerance, (len(y), n)
+
+
+def test_a_bad_streamed_request_is_still_a_proper_error(http: httpx.Client) -> None:
+    r = http.post("/v1/audio/speech", json=_body(1, stream_format="audio") | {"voice": "nobody"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "voice"
+
+
+def test_disconnect_mid_stream_stops_generation(
+    http: httpx.Client, server: LiveServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    full = http.post("/v1/audio/speech", json=_body(13))  # the same request, whole: how many ids it needs
+    needed = int(full.headers["x-step-audio-audio-tokens"])
+    assert needed > 100
+    caplog.set_level(logging.INFO, logger="llm.generate")
+    service = server.app.state.step_audio.service
+    with (
+        httpx.Client(base_url=server.url, timeout=300) as c,
+        c.stream("POST", "/v1/audio/speech", json=_body(13, stream_format="audio")) as r,
+    ):
+        assert r.status_code == 200
+        next(r.iter_bytes())  # the first audio arrived; now the client goes away
+    deadline = time.monotonic() + 60
+    while service.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert service.running == 0
+    lines = [m for rec in caplog.records if (m := rec.getMessage()).startswith("generated ")]
+    assert lines, "the generation logged its end"
+    generated = int(re.match(r"generated (\d+) ids", lines[-1]).group(1))
+    assert generated < needed, lines[-1]
