@@ -16,7 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.gpu_check import CONCURRENT_CLIENTS, EDITS, NO_CUDA_MESSAGE
+from bench.gpu_check import (
+    CONCURRENT_CLIENTS,
+    EDITS,
+    NO_CUDA_MESSAGE,
+    RequestResult,
+    VariantReport,
+    target_verdicts,
+)
 from bundles import bundle_is_complete, write_bundle
 from bundles.llm_bundle import EOS_TOKEN_ID, llm_config_dict, random_llm_weights
 from model_files import AWQ_DIR
@@ -37,10 +44,27 @@ def run_check(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
     )
 
 
-def test_without_cuda_it_says_so_and_exits_0(tmp_path: Path) -> None:
+def test_make_gpu_check_without_cuda_says_so_and_exits_0(tmp_path: Path) -> None:
+    """The documented command itself, with this interpreter's venv (no install step)."""
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
     out = tmp_path / "report.json"
-    done = run_check("--root", str(tmp_path / "root"), "--out", str(out), env={"CUDA_VISIBLE_DEVICES": ""})
-    assert done.returncode == 0, done.stderr
+    done = subprocess.run(
+        [
+            "make",
+            "-s",
+            "gpu-check",
+            f"BIN={Path(sys.executable).parent}",
+            "STAMP=",  # no venv install step: this interpreter's environment is the one under test
+            f"ARGS=--root {tmp_path / 'root'} --out {out}",
+        ],
+        cwd=REPO,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},  # no CUDA, even on a GPU runner
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
     assert NO_CUDA_MESSAGE in done.stdout
     assert not out.exists() and not (tmp_path / "root").exists()  # nothing written, nothing loaded
 
@@ -96,6 +120,23 @@ def test_a_variant_that_does_not_load_fails_the_check(
     assert done.returncode == 1
     assert "awq: did not load" in done.stdout
     assert "1 failure(s)" in done.stdout
+
+
+def test_targets_are_judged_on_the_base_variant() -> None:
+    base = VariantReport("base", decode_tokens_per_s={1: 180.0, 8: 900.0})
+    base.requests = [
+        RequestResult("clone", False, 200, seconds=5.0, first_audio_s=5.0, audio_s=10.0),  # RTF 0.5
+        RequestResult("clone", True, 200, seconds=5.2, first_audio_s=0.25, audio_s=10.0),
+    ]
+    awq = VariantReport("awq", decode_tokens_per_s={1: 10.0})  # a slow variant does not decide
+    verdicts = target_verdicts([awq, base])
+    assert {name: v["met"] for name, v in verdicts.items()} == {
+        "decode_tokens_per_s_batch1": True,
+        "rtf_clone": False,
+        "first_audio_s": True,
+    }
+    assert verdicts["rtf_clone"]["value"] == 0.5
+    assert target_verdicts([awq]) == {}
 
 
 # --- the check's bundle -----------------------------------------------------------------------------
