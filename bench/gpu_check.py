@@ -28,6 +28,7 @@ import base64
 import gc
 import json
 import logging
+import os
 import platform
 import sys
 import time
@@ -227,10 +228,11 @@ def check_variant(variant: str, args: argparse.Namespace, voice_b64: str) -> Var
 
     report = VariantReport(variant)
     cuda = args.device.startswith("cuda")
-    if cuda:
+    device = torch.device(args.device)
+    if cuda:  # the previous variant's server is gone: its memory must not count here
         gc.collect()
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(device)
     engines: list[StepAudioEngine] = []
 
     def factory(settings: Settings) -> StepAudioEngine:
@@ -257,7 +259,7 @@ def check_variant(variant: str, args: argparse.Namespace, voice_b64: str) -> Var
     try:
         report.load_s = round(time.perf_counter() - start, 2)
         if cuda:
-            report.gpu_memory_after_load_gb = _gb(torch.cuda.memory_allocated())
+            report.gpu_memory_after_load_gb = _gb(torch.cuda.memory_allocated(device))
         with httpx.Client(base_url=server.url, timeout=REQUEST_TIMEOUT_S) as http:
             _run_requests(http, report, voice_b64)
         for batch in DECODE_BATCHES:
@@ -268,7 +270,7 @@ def check_variant(variant: str, args: argparse.Namespace, voice_b64: str) -> Var
         report.failures.append(f"{variant}: {type(exc).__name__}: {exc}")
     finally:
         if cuda:
-            report.peak_gpu_memory_gb = _gb(torch.cuda.max_memory_allocated())
+            report.peak_gpu_memory_gb = _gb(torch.cuda.max_memory_allocated(device))
         server.__exit__(None, None, None)
         engines.clear()
     return report
@@ -416,7 +418,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     reports = [check_variant(variant, args, voice_b64) for variant in args.variants]
     context: dict[str, Any] = {
         "device": args.device,
-        "device_name": torch.cuda.get_device_name(torch.device(args.device)) if cuda else platform.processor() or "CPU",
+        "device_name": torch.cuda.get_device_name(torch.device(args.device))
+        if cuda
+        else f"CPU ({platform.machine()}, {os.cpu_count()} cores)",
         "size": args.size,
         "variants": args.variants,
         "max_new_tokens": args.max_new_tokens,
