@@ -86,7 +86,7 @@ class RequestResult:
     streamed: bool
     status: int
     seconds: float = 0.0  # request sent -> last byte
-    first_audio_s: float | None = None  # request sent -> first body byte
+    first_audio_s: float | None = None  # request sent -> first byte of audio (past the WAV header)
     audio_s: float = 0.0
     audio_tokens: int = 0
     error: str | None = None
@@ -134,17 +134,25 @@ def speech_body(mode: str, variant: str, voice_b64: str, seed: int, streamed: bo
 
 
 def run_request(http: httpx.Client, body: dict[str, Any], variant: str) -> RequestResult:
-    """Send ``body``, time the first and last byte, and check the answer is decodable 24 kHz audio of ``variant``."""
+    """Send ``body``, time the first audio byte and the last byte, and check the answer is decodable
+    24 kHz audio of ``variant``.
+
+    The first audio byte is the first one past the WAV header: a streaming server may send the
+    header before it has any audio.
+    """
+    from api.audio_io import WAV_HEADER_BYTES
     from audio import VOCODER_SR, decode_audio
 
     mode, streamed = body["step_audio"]["mode"], "stream_format" in body
     start = time.perf_counter()
     first: float | None = None
     chunks: list[bytes] = []
+    received = 0
     try:
         with http.stream("POST", "/v1/audio/speech", json=body) as r:
             for chunk in r.iter_bytes():
-                if chunk and first is None:
+                received += len(chunk)
+                if first is None and received > WAV_HEADER_BYTES:
                     first = time.perf_counter() - start
                 chunks.append(chunk)
             seconds = time.perf_counter() - start
@@ -357,7 +365,7 @@ def print_report(reports: Sequence[VariantReport], context: dict[str, Any]) -> N
         )
     print(
         f"\n{'variant':8} {'mode':16} {'whole/stream':12} {'status':>6} {'audio s':>8} {'total s':>8} "
-        f"{'1st byte s':>10} {'RTF':>7}"
+        f"{'1st audio s':>11} {'RTF':>7}"
     )
     for rep in reports:
         for r in rep.requests:
@@ -365,7 +373,7 @@ def print_report(reports: Sequence[VariantReport], context: dict[str, Any]) -> N
                 continue
             print(
                 f"{rep.variant:8} {r.mode:16} {'streamed' if r.streamed else 'whole':12} {r.status:6d} "
-                f"{r.audio_s:8.2f} {r.seconds:8.2f} {_fmt(r.first_audio_s, '.3f'):>10} {_fmt(r.rtf, '.3f'):>7}"
+                f"{r.audio_s:8.2f} {r.seconds:8.2f} {_fmt(r.first_audio_s, '.3f'):>11} {_fmt(r.rtf, '.3f'):>7}"
             )
     verdicts = context.get("targets") or {}
     if verdicts:
