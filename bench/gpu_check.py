@@ -412,6 +412,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(NO_CUDA_MESSAGE)
+        if torch.version.cuda is None:  # a GPU host with a CPU-only torch would otherwise look checked
+            print(f"gpu-check: this torch ({torch.__version__}) is a CPU-only build; a GPU needs the CUDA build.")
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per /readyz poll and request otherwise
