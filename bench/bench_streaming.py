@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.bench_streaming [--size mid] [--seconds 10] [--prompt-seconds 3]
         [--repeats 3] [--threads 2] [--root DIR]
 
-Not a test. One server (``bench.live_server``, the production app) on the ``mid`` bundle on CPU
+Not a test. One server (``api.loopback``: the production app under uvicorn) on the ``mid`` bundle on CPU
 (``full`` in bf16 on CUDA when a GPU is present); the generation is capped at the ids of
 ``--seconds`` of audio (random weights rarely stop by themselves). Each repeat sends the same
 clone (same seed, a ``--prompt-seconds`` Piper prompt, cached after the warm-up) twice:
@@ -26,15 +26,18 @@ import logging
 import math
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 import httpx
 import soundfile as sf
 import torch
 
+from api.loopback import LOOPBACK, LoopbackServer
 from bench.bench_wav2token import SENTENCES, piper_speech
-from bench.live_server import BenchServer, bench_settings
 from bundles import write_bundle
+from engine.tts import build_engine
+from settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +80,8 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     size = args.size or ("full" if cuda else "mid")
     bundle = write_bundle(args.root / size, size=size, seed=0)
-    settings = bench_settings(
+    settings = Settings(
+        api_host=LOOPBACK,
         model_path=bundle,
         cache_dir=args.root / f"cache-{size}",
         device="cuda" if cuda else "cpu",
@@ -97,7 +101,10 @@ def main() -> None:
         },
     }
     runs: dict[str, list[dict[str, float]]] = {"whole": [], "streamed": []}
-    with BenchServer(settings, max_new_tokens=max_ids) as server, httpx.Client(base_url=server.url, timeout=3600) as c:
+    server = LoopbackServer(
+        settings, engine_factory=partial(build_engine, max_new_tokens=max_ids), ready_timeout_s=1800
+    )
+    with server, httpx.Client(base_url=server.url, timeout=3600) as c:
         _request(c, body, stream=False)  # warm-up: prompt tokens cached, lazy inits done
         for _ in range(args.repeats):
             runs["whole"].append(_request(c, body, stream=False))
