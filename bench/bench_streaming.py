@@ -79,7 +79,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available()
     size = args.size or ("full" if cuda else "mid")
-    bundle = write_bundle(args.root / size, size=size, seed=0)
+    bundle = write_bundle(args.root / f"{size}-no-eos", size=size, seed=0, eos=False)  # exactly --seconds
     settings = Settings(
         api_host=LOOPBACK,
         model_path=bundle,
