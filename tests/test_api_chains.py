@@ -8,12 +8,15 @@ must be byte-identical.
 from __future__ import annotations
 
 import base64
+import re
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
+import soundfile as sf
 
 from tests.api_live import LiveServer, test_settings
 
@@ -191,3 +194,26 @@ def test_a_chain_that_breaks_a_rule_is_refused_before_any_work(
     assert r.status_code == status, (case, r.text)
     assert r.json()["error"]["param"] == param
     assert engine.generations == before  # no generation step ran
+
+
+@pytest.mark.parametrize("section", ["## Edit chains", "## `instructions`", "## Inline paralinguistic tags"])
+def test_the_documented_curl_examples_work(server: LiveServer, tmp_path: Path, section: str) -> None:
+    doc = (REPO / "docs" / "api.md").read_text()
+    start = doc.index(section)
+    text = doc[start : doc.index("\n## ", start + 1)]
+    blocks = re.findall(r"```bash\n(.*?)\n```", text, re.S)
+    assert blocks, section
+    for block in blocks:
+        script = block.replace("http://localhost:8003", server.url).replace(
+            "engine/default_voice/voice.wav", str(VOICE_WAV)
+        )
+        done = subprocess.run(
+            ["bash", "-o", "pipefail", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, (block, done.stdout, done.stderr)
+        if "| grep" in block:  # the header the example greps for, with the value its comment shows
+            shown = re.search(r"# (.+)$", block.splitlines()[-1])
+            assert shown is None or shown.group(1).strip() in done.stdout, done.stdout
+    for wav in tmp_path.glob("*.wav"):
+        y, sr = sf.read(wav)
+        assert sr == 24000 and len(y) > 0
