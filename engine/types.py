@@ -11,8 +11,9 @@ from typing import Literal, get_args
 
 import numpy as np
 
-EditMode = Literal["emotion", "style", "paralinguistic", "speed", "denoise", "vad"]
-Mode = Literal["clone", "emotion", "style", "paralinguistic", "speed", "denoise", "vad"]
+# the names of llm.prompts.EDIT_OPTIONS as types (pydantic needs literals; a test keeps the three equal)
+EditMode = Literal["emotion", "style", "speed", "paralinguistic", "denoise", "vad"]
+Mode = Literal["clone", "emotion", "style", "speed", "paralinguistic", "denoise", "vad"]  # one enum in the schema
 EDIT_MODES: tuple[str, ...] = get_args(EditMode)
 
 MIN_SPEED, MAX_SPEED = 0.25, 4.0

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
 from engine import chains
 from engine.instructions import PHRASES, map_instructions
-from engine.types import MAX_SEED, EditStep
+from engine.types import EDIT_MODES, MAX_SEED, EditStep, Mode
 from errors import InvalidInputError, TooLargeError
 from llm import prompts
 
@@ -159,3 +160,8 @@ def test_the_documented_phrase_table_is_the_code_table() -> None:
         for phrase in phrases.split(",")
     }
     assert documented == PHRASES
+
+
+def test_the_mode_types_are_the_catalogue() -> None:
+    assert tuple(prompts.EDIT_OPTIONS) == EDIT_MODES
+    assert get_args(Mode) == ("clone", *EDIT_MODES)
