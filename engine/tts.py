@@ -277,7 +277,7 @@ class StepAudioEngine:
         seed = self._seed(request.seed)
         run = _ChainRun(llm, request, seed, timings)
         with count_lookups() as lookups:
-            prepared = self.prepare_edit(request, timings, needs_transcript=needs_transcript(steps))
+            prepared = self.prepare_edit(request, timings, steps=steps)
             self._run_steps(run, steps, prepared, prepared.transcript)
         return self._result(run, prepared.transcript, lookups, start)
 
@@ -390,19 +390,23 @@ class StepAudioEngine:
         return PreparedPrompt(pair, features, prompt_text)
 
     def prepare_edit(
-        self, request: EditRequest, timings: dict[str, float] | None = None, *, needs_transcript: bool | None = None
+        self,
+        request: EditRequest,
+        timings: dict[str, float] | None = None,
+        *,
+        steps: Sequence[EditStep] | None = None,
     ) -> PreparedPrompt:
-        """Validate an edit request's first step and build its first prompt (transcribing if needed).
+        """Build an edit request's first prompt, transcribing the audio if a step of its chain needs it.
 
-        ``needs_transcript``: whether any step of the chain names the text (default: the first step).
+        ``steps``: the request's steps as ``check_steps`` returned them (checked here when None).
         """
         timings = {} if timings is None else timings
-        step = self.check_steps([request.first_step])[0]
+        if steps is None:
+            steps = self.check_steps((request.first_step, *request.edits))
+        step = steps[0]
         audio = request.audio
         self._check_audio(audio, "audio")
-        if needs_transcript is None:
-            needs_transcript = needs_transcript([step])
-        if needs_transcript:
+        if needs_transcript(steps):
             audio_text = self._transcript(request.audio_text, audio, "audio_text", timings)
         else:
             audio_text = (request.audio_text or "").strip() or None
