@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Protocol
 
@@ -12,7 +13,7 @@ from fastapi import Depends, Request
 from api.errors import UnauthorizedError
 from api.metrics import Metrics
 from engine.service import InferenceService
-from engine.types import AudioInput, AudioSink, CloneRequest, EditRequest, SynthesisResult
+from engine.types import AudioInput, AudioSink, CloneRequest, EditRequest, EditStep, SynthesisResult
 from engine.voices import VoiceStore
 from errors import ModelLoadError, NotReadyError
 from settings import Settings
@@ -30,6 +31,7 @@ class Engine(Protocol):
         self, request: EditRequest, *, sink: AudioSink | None = None, cancel: threading.Event | None = None
     ) -> SynthesisResult: ...
     def tags(self) -> dict[str, list[str]]: ...
+    def check_steps(self, steps: Sequence[EditStep]) -> tuple[EditStep, ...]: ...
     def prepare_voice(self, audio: AudioInput) -> None: ...
     def cache_stats(self) -> dict[str, Any]: ...
     def clear_cache(self) -> None: ...

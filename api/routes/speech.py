@@ -3,7 +3,8 @@
 Both build one ``SpeechRequest`` and go through ``synthesize``: ``api.speech_requests`` validates
 it and builds the engine request, the service queue runs it, and the answer is encoded here
 (whole, chunked audio, or SSE). Response headers report what was applied: seed, intensity, the
-number of edit iterations, variant, generated audio tokens.
+number of outputs (clone and edit iterations), variant, generated audio tokens, and the chained
+edits (``X-Step-Audio-Edits``).
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ from api.audio_io import CONTENT_TYPES, StreamingAudioWriter, encode_audio, sse_
 from api.errors import ERROR_RESPONSES, status_of
 from api.inputs import read_upload
 from api.schemas import IterationAudio, IterationsResponse, SpeechRequest
-from api.speech_requests import api_param, build_request
+from api.speech_requests import SpeechJob, api_param, build_request
 from api.state import AppState, Engine, ReadyEngine, State, require_api_key
-from engine.types import CloneRequest, EditRequest, StreamInfo, SynthesisResult
+from engine.types import CloneRequest, StreamInfo, SynthesisResult
 from errors import InvalidInputError, RequestCancelledError, StepAudioError
 
 router = APIRouter(tags=["speech"], dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
@@ -112,15 +113,15 @@ async def _synthesize(
             request, state, engine, job, mode=mode, fmt=fmt, sse=body.stream_format == "sse", t0=t0
         )
     try:
-        result, timing, cache_delta = await _run_until_disconnect(request, _submit(state, engine, mode, job))
+        result, timing = await _run_until_disconnect(request, _submit(state, engine, mode, job))
     except InvalidInputError as exc:
         exc.param = api_param(exc.param)
         raise
-    _record_run(state, mode, result, timing, cache_delta)
+    _record_run(state, mode, result, timing)
     iterations = result.iterations or [result.audio]
     headers = _headers(
         mode,
-        job.variant,
+        job,
         StreamInfo(result.seed, result.intensity, result.sample_rate, len(iterations), result.transcript),
     )
     headers["X-Step-Audio-Audio-Tokens"] = str(result.n_audio_tokens)
@@ -145,63 +146,46 @@ async def _synthesize(
     )
 
 
-def _headers(mode: str, variant: str, info: StreamInfo) -> dict[str, str]:
+def _headers(mode: str, job: SpeechJob, info: StreamInfo) -> dict[str, str]:
     headers = {
         "X-Step-Audio-Mode": mode,
-        "X-Step-Audio-Variant": variant,
+        "X-Step-Audio-Variant": job.request.variant,
         "X-Step-Audio-Seed": str(info.seed),
         "X-Step-Audio-Intensity": f"{info.intensity:g}",
         "X-Step-Audio-Iterations": str(info.iterations),
         "X-Step-Audio-Sample-Rate": str(info.sample_rate),
     }
+    if job.edits_report is not None:
+        headers["X-Step-Audio-Edits"] = job.edits_report
     if info.transcript is not None:
         headers["X-Step-Audio-Transcript"] = quote(info.transcript, safe=" ,.!?'")
     return headers
 
 
-def _record_run(state: AppState, mode: str, result: SynthesisResult, timing: Any, cache_delta: dict[str, int]) -> None:
+def _record_run(state: AppState, mode: str, result: SynthesisResult, timing: Any) -> None:
     audio_s = len(result.audio) / result.sample_rate
     m = state.metrics
     m.queue_wait.labels(mode).observe(timing.queue_wait_s)
     if audio_s > 0:
         m.rtf.labels(mode).observe(timing.run_s / audio_s)
     m.audio_seconds.labels(mode).inc(audio_s)
-    for key, n in cache_delta.items():
+    for key, n in (("hit", result.cache_hits), ("miss", result.cache_misses)):
         if n > 0:
             m.cache_lookups.labels(mode, key).inc(n)
 
 
 async def _submit(
-    state: AppState,
-    engine: Engine,
-    mode: str,
-    job: CloneRequest | EditRequest,
-    *,
-    sink: _LoopSink | None = None,
-) -> tuple[SynthesisResult, Any, dict[str, int]]:
-    delta: dict[str, int] = {}
+    state: AppState, engine: Engine, mode: str, job: SpeechJob, *, sink: _LoopSink | None = None
+) -> tuple[SynthesisResult, Any]:
+    request = job.request
     cancel = threading.Event()  # set by the service when this request's client goes away
 
     def run() -> SynthesisResult:
-        before = _cache_counts(engine)
-        if isinstance(job, CloneRequest):
-            result = engine.clone(job, sink=sink, cancel=cancel)
-        else:
-            result = engine.edit(job, sink=sink, cancel=cancel)
-        after = _cache_counts(engine)
-        delta.update({k: after[k] - before.get(k, 0) for k in after})
-        return result
+        if isinstance(request, CloneRequest):
+            return engine.clone(request, sink=sink, cancel=cancel)
+        return engine.edit(request, sink=sink, cancel=cancel)
 
-    result, timing = await state.service.submit(mode, run, request=job, cancel=cancel)
-    return result, timing, delta
-
-
-def _cache_counts(engine: Engine) -> dict[str, int]:
-    try:
-        stats = engine.cache_stats()
-    except Exception:  # stats are best-effort bookkeeping; a request never fails on them
-        return {}
-    return {"hit": int(stats.get("hits", 0)), "miss": int(stats.get("misses", 0))}
+    return await state.service.submit(mode, run, request=request, cancel=cancel)
 
 
 async def _run_until_disconnect(request: Request, work: Awaitable[T]) -> T:
@@ -244,7 +228,7 @@ async def _stream_response(
     request: Request,
     state: AppState,
     engine: Engine,
-    job: CloneRequest | EditRequest,
+    job: SpeechJob,
     *,
     mode: str,
     fmt: str,
@@ -273,14 +257,14 @@ async def _stream_response(
     if not first.done():  # the job ended before any stream began: an error, or nothing to stream
         first.cancel()
         try:
-            result, timing, cache_delta = work.result()
+            result, timing = work.result()
         except InvalidInputError as exc:
             exc.param = api_param(exc.param)
             raise
-        _record_run(state, mode, result, timing, cache_delta)
+        _record_run(state, mode, result, timing)
         headers = _headers(
             mode,
-            job.variant,
+            job,
             StreamInfo(result.seed, result.intensity, result.sample_rate, len(result.iterations), result.transcript),
         )
         return StreamingResponse(
@@ -293,7 +277,7 @@ async def _stream_response(
     return StreamingResponse(
         _stream_pieces(state, mode, fmt, info=info, sink=sink, work=work, t0=t0, sse=sse),
         media_type="text/event-stream" if sse else CONTENT_TYPES[fmt],
-        headers=_headers(mode, job.variant, info),
+        headers=_headers(mode, job, info),
     )
 
 
@@ -304,7 +288,7 @@ async def _stream_pieces(
     *,
     info: StreamInfo,
     sink: _LoopSink,
-    work: asyncio.Future[tuple[SynthesisResult, Any, dict[str, int]]],
+    work: asyncio.Future[tuple[SynthesisResult, Any]],
     t0: float,
     sse: bool,
 ) -> AsyncIterator[bytes]:
@@ -341,12 +325,12 @@ async def _stream_pieces(
                     mark_first()
                     yield sse_delta(data) if sse else data
         try:
-            result, timing, cache_delta = work.result()
+            result, timing = work.result()
         except (StepAudioError, RequestCancelledError) as exc:
             logger.warning("a %s stream ended early: %s", mode, exc)
             m.requests.labels(mode, str(status_of(exc)) if isinstance(exc, StepAudioError) else "499").inc()
             return
-        _record_run(state, mode, result, timing, cache_delta)
+        _record_run(state, mode, result, timing)
         generated = result.timings.get("generated_ids", 0.0)
         if generated > 0 and "first_audio_ids" in result.timings:
             m.stream_start.labels(mode).observe(result.timings["first_audio_ids"] / generated)
@@ -415,10 +399,15 @@ async def _iterations_response(
         iterations=[
             IterationAudio(
                 index=i + 1,
+                step=label.step,
+                mode=label.mode,
+                edit_info=label.edit_info,
+                iteration=label.iteration,
+                seed=label.seed,
                 audio_base64=base64.b64encode(d).decode("ascii"),
                 seconds=len(a) / result.sample_rate,
             )
-            for i, (d, a) in enumerate(zip(encoded, iterations, strict=True))
+            for i, (d, a, label) in enumerate(zip(encoded, iterations, result.labels, strict=True))
         ],
     )
     m = state.metrics
