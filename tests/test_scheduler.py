@@ -322,3 +322,25 @@ def test_a_failing_callback_fails_only_its_request(model, pairs, sched):
     alone = generate(model, [pairs[1]], seed=2, max_new_tokens=10, do_sample=False)[0]
     assert good.result(TIMEOUT_S).token_ids.tolist() == alone.token_ids.tolist()
     assert bad.steps_run == 1
+
+
+def test_prometheus_metrics_see_shared_steps(model, pairs):
+    from api.metrics import Metrics
+
+    metrics = Metrics(lambda: {})
+    sched = Scheduler(model, max_batch_rows=16, observer=metrics, variant="base")
+    try:
+        gate = threading.Event()
+        first = sched.submit(pairs[0], seed=0, max_new_tokens=10, on_ids=lambda _ids: gate.wait(TIMEOUT_S))
+        second = sched.submit(pairs[1], seed=1, max_new_tokens=10)
+        gate.set()
+        tokens = len(first.result(TIMEOUT_S).token_ids) + len(second.result(TIMEOUT_S).token_ids)
+    finally:
+        sched.close()
+    value = metrics.registry.get_sample_value
+    assert value("step_audio_llm_tokens_total", {"variant": "base"}) == tokens
+    assert value("step_audio_llm_queue_wait_seconds_count", {"variant": "base"}) == 2
+    steps = value("step_audio_llm_batch_size_count", {"variant": "base"})
+    assert steps < tokens  # the two requests shared decode steps
+    assert value("step_audio_llm_batch_size_bucket", {"variant": "base", "le": "1.0"}) < steps
+    assert value("step_audio_llm_decode_seconds_total", {"variant": "base"}) > 0
