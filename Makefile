@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.bench_wav2token
 	$(BIN)/python -m bench.bench_token2wav
 	$(BIN)/python -m bench.bench_llm
+	$(BIN)/python -m bench.bench_scheduler
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

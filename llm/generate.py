@@ -18,6 +18,10 @@ generated ids reach ``max_length`` (8192, the reference's total-length limit), o
 ``max_new_tokens``. A prompt that stops leaves the batch (its rows are dropped from the KV cache),
 the others go on.
 
+Streaming: ``on_token`` sees every id the moment it is sampled, and ``stop_requested`` can end a
+prompt between two steps; neither changes the ids. ``engine.scheduler`` builds continuous batching
+(requests joining a running batch) from the same per-row steps.
+
 Batching: prompts are left-padded into one batch with an ``attention_mask``; each prompt's
 result equals generating it alone (argmax exactly; sampling too, since every prompt draws from
 its own generator, up to float noise between batch shapes).
