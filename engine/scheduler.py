@@ -29,7 +29,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -103,6 +103,7 @@ class _Request:
     error: BaseException | None = None
     result: GenerationResult | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    progress: threading.Condition = field(default_factory=threading.Condition)  # wakes ``GenerationHandle.ids``
 
     def longest_row(self) -> int:
         return max(len(r) for r in self.rows) + len(self.generated)
@@ -115,7 +116,15 @@ class _Request:
             seed=self.seed,
             cancelled=self.cancelled,
         )
+        self.end()
+
+    def end(self) -> None:
         self.done.set()
+        self.publish()
+
+    def publish(self) -> None:
+        with self.progress:
+            self.progress.notify_all()
 
 
 class GenerationHandle:
@@ -140,6 +149,26 @@ class GenerationHandle:
     def cancel(self) -> None:
         """Stop generating: a waiting request leaves the queue, a running one leaves before its next step."""
         self._scheduler._cancel(self._request)
+
+    def ids(self, timeout: float | None = None) -> Iterator[int]:
+        """The request's ids as they are sampled, for a consumer on another thread (the callback's pull twin).
+
+        Ends when the request is done (after its stop id, limit or cancellation); raises what failed
+        it, or TimeoutError when no id comes for ``timeout`` seconds.
+        """
+        request, sent = self._request, 0
+        while True:
+            with request.progress:
+                while len(request.generated) == sent and not request.done.is_set():
+                    if not request.progress.wait(timeout):
+                        raise TimeoutError(f"no id within {timeout}s")
+                new, finished = request.generated[sent:], request.done.is_set()
+            yield from new
+            sent += len(new)
+            if finished and sent == len(request.generated):
+                break
+        if request.error is not None:
+            raise request.error
 
     def result(self, timeout: float | None = None) -> GenerationResult:
         """The request's GenerationResult (``cancelled`` set when it was cancelled); raises what failed it.
@@ -290,7 +319,7 @@ class Scheduler:
     def _fail(requests: Sequence[_Request], error: BaseException) -> None:
         for request in requests:
             request.error = error
-            request.done.set()
+            request.end()
 
     def _fits(self, request: _Request) -> bool:
         if not self._running:
@@ -340,7 +369,7 @@ class Scheduler:
         for j in sorted(leaving):
             request = self._running[j]
             if request.error is not None:
-                request.done.set()
+                request.end()
             else:
                 request.finish()
         self._running = [r for j, r in enumerate(self._running) if j not in leaving]
@@ -368,6 +397,7 @@ class Scheduler:
         leaving = set()
         for j, (request, token) in enumerate(zip(self._running, ids, strict=True)):
             request.generated.append(token)
+            request.publish()
             request.history = [*request.history[1 - REPETITION_WINDOW :], token]
             if request.on_ids is not None:
                 try:

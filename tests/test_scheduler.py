@@ -344,3 +344,40 @@ def test_prometheus_metrics_see_shared_steps(model, pairs):
     assert steps < tokens  # the two requests shared decode steps
     assert value("step_audio_llm_batch_size_bucket", {"variant": "base", "le": "1.0"}) < steps
     assert value("step_audio_llm_decode_seconds_total", {"variant": "base"}) > 0
+
+
+def test_ids_iterator_on_another_thread_yields_the_result_in_order(model, pairs, sched):
+    pulled: list[int] = []
+    handle = sched.submit(pairs[1], seed=5, intensity=1.5, max_new_tokens=30)
+    consumer = threading.Thread(target=lambda: pulled.extend(handle.ids(TIMEOUT_S)))
+    consumer.start()
+    result = handle.result(TIMEOUT_S)
+    consumer.join(TIMEOUT_S)
+    assert pulled == result.token_ids.tolist() and len(pulled) > 5
+    assert list(handle.ids(TIMEOUT_S)) == pulled  # after the end it replays and stops
+
+
+def test_max_length_counts_the_prompt_and_is_honoured_per_request(model, pairs, sched):
+    short = sched.submit(pairs[0], seed=1, max_length=len(pairs[0].cond) + 7)
+    capped = sched.submit(pairs[1], seed=2, max_new_tokens=11, intensity=2.0)
+    assert len(short.result(TIMEOUT_S).token_ids) <= 7 and len(capped.result(TIMEOUT_S).token_ids) <= 11
+    alone = generate(model, [pairs[0]], seed=1, max_length=len(pairs[0].cond) + 7)[0]
+    assert short.result().token_ids.tolist() == alone.token_ids.tolist()
+
+
+def test_close_ends_waiting_and_running_requests(model, pairs):
+    from errors import NotReadyError
+
+    sched = Scheduler(model, max_batch_rows=2)
+    gate = threading.Event()
+    running = sched.submit(pairs[0], max_new_tokens=50, on_ids=lambda _ids: gate.wait(TIMEOUT_S))
+    waiting = sched.submit(pairs[1], intensity=2.0, max_new_tokens=50)
+    closer = threading.Thread(target=sched.close)
+    closer.start()
+    gate.set()
+    closer.join(TIMEOUT_S)
+    for handle in (running, waiting):
+        with pytest.raises(NotReadyError):
+            handle.result(TIMEOUT_S)
+    with pytest.raises(NotReadyError):
+        sched.submit(pairs[0])
