@@ -344,8 +344,12 @@ class Scheduler:
                 logger.exception("prefill failed")
                 self._fail([request], exc)
                 continue
-            self._cache.join(cache)
-            self._logits = logits if self._logits is None else torch.cat([self._logits, logits])
+            try:
+                self._cache.join(cache)
+                self._logits = logits if self._logits is None else torch.cat([self._logits, logits])
+            except Exception as exc:  # out of memory while merging: the batch is reset by the loop
+                self._fail([request], exc)
+                raise
             self._running.append(request)
 
     def _first_rows(self) -> list[int]:
