@@ -25,6 +25,7 @@ from llm.generate import (
     LastLogits,
     guidance_logits,
     left_pad,
+    model_device,
     repetition_rule,
     repetition_windows,
     sample_next,
@@ -39,8 +40,7 @@ def kv_bytes_per_token(model: nn.Module) -> int:
     config = model.config
     head_dim = config.hidden_size // config.num_attention_heads
     dtype = getattr(model, "dtype", torch.float32)  # activations (hence K/V) are in the model dtype, even quantised
-    element = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 2
-    return 2 * config.num_hidden_layers * config.num_attention_groups * head_dim * element
+    return 2 * config.num_hidden_layers * config.num_attention_groups * head_dim * dtype.itemsize
 
 
 class RowKVCache:
@@ -152,8 +152,7 @@ def prefill(model: nn.Module, forward: LastLogits, rows: Sequence[Sequence[int]]
     Returns the (rows, vocab) float32 logits of the next token and a cache ready to ``join``.
     Prefilling each request on its own keeps its numbers those of a solo run.
     """
-    device = next(model.parameters()).device
-    ids, mask = left_pad(rows, device)
+    ids, mask = left_pad(rows, model_device(model))
     cache = RowKVCache(model.config.num_hidden_layers, len(rows))
     logits = forward(ids, mask, cache)  # type: ignore[arg-type] - duck-typed cache
     cache.lengths = [len(r) for r in rows]

@@ -381,3 +381,17 @@ def test_close_ends_waiting_and_running_requests(model, pairs):
             handle.result(TIMEOUT_S)
     with pytest.raises(NotReadyError):
         sched.submit(pairs[0])
+
+
+def test_kv_bytes_of_the_official_model_match_the_documented_default() -> None:
+    from llm.config import Step1Config
+    from llm.model import Step1ForCausalLM
+    from settings import Settings
+
+    with torch.device("meta"):
+        full = Step1ForCausalLM(Step1Config()).to(torch.bfloat16)
+    per_token = kv_bytes_per_token(full)
+    assert per_token == 32 * 2**10  # 2 x 32 layers x 4 groups x 64 x 2 bytes
+    budget = Settings.model_fields["llm_kv_cache_mib"].default * 2**20
+    rows = Settings.model_fields["llm_max_batch_rows"].default
+    assert rows * 8192 * per_token <= budget  # the default rows fit at the longest length (before block slack)
