@@ -80,6 +80,9 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory | None = Non
             yield
         finally:
             service.stop()
+            close = getattr(state.engine, "close", None)
+            if close is not None:  # the LLM decode loops
+                close()
 
     app = FastAPI(
         title="Step-Audio-EditX speech server",
@@ -122,6 +125,9 @@ def _load_engine(state: AppState, factory: EngineFactory | None) -> None:
             factory = build_engine
         begin = time.perf_counter()
         engine = factory(settings)
+        observe = getattr(engine, "set_observer", None)
+        if observe is not None:  # batch size per decode step, LLM queue wait, tokens/s
+            observe(state.metrics)
         state.voices.default_voice = _default_voice(engine)
         state.engine = engine
         state.ready_at = time.time()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hmac
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Protocol
@@ -13,7 +12,7 @@ from fastapi import Depends, Request
 from api.errors import UnauthorizedError
 from api.metrics import Metrics
 from engine.service import InferenceService
-from engine.types import AudioInput, AudioSink, CloneRequest, EditRequest, EditStep, SynthesisResult
+from engine.types import AudioInput, AudioSink, CancelToken, CloneRequest, EditRequest, EditStep, SynthesisResult
 from engine.voices import VoiceStore
 from errors import ModelLoadError, NotReadyError
 from settings import Settings
@@ -25,10 +24,10 @@ class Engine(Protocol):
     variants: list[str]
 
     def clone(
-        self, request: CloneRequest, *, sink: AudioSink | None = None, cancel: threading.Event | None = None
+        self, request: CloneRequest, *, sink: AudioSink | None = None, cancel: CancelToken | None = None
     ) -> SynthesisResult: ...
     def edit(
-        self, request: EditRequest, *, sink: AudioSink | None = None, cancel: threading.Event | None = None
+        self, request: EditRequest, *, sink: AudioSink | None = None, cancel: CancelToken | None = None
     ) -> SynthesisResult: ...
     def tags(self) -> dict[str, list[str]]: ...
     def check_steps(self, steps: Sequence[EditStep]) -> tuple[EditStep, ...]: ...

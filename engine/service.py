@@ -26,6 +26,7 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
+from engine.types import CancelToken
 from errors import BusyError, NotReadyError
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ class Job(Generic[T]):
     enqueued_at: float = field(default_factory=time.perf_counter)
     started_at: float | None = None
     cancelled: bool = False
-    cancel: threading.Event | None = None  # set when the caller goes away, for a running job to see
+    cancel: CancelToken | None = None  # set when the caller goes away, for a running job to see
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ class InferenceService:
 
     # --- submission ---------------------------------------------------------------------
     async def submit(
-        self, kind: str, run: Callable[[], T], request: Any = None, cancel: threading.Event | None = None
+        self, kind: str, run: Callable[[], T], request: Any = None, cancel: CancelToken | None = None
     ) -> tuple[T, JobTiming]:
         """Queue ``run`` and await its result; raises ``BusyError`` at once when full.
 

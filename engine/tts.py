@@ -18,11 +18,10 @@ own lock, so two requests overlap in different stages while (GPU) memory stays b
 from __future__ import annotations
 
 import logging
-import queue
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -37,12 +36,14 @@ import model_loader
 from audio import PCM16_SCALE, VOCODER_SR, AudioError, prepare_prompt, to_pcm16
 from audio_codes import CODES_PER_GROUP, FRAMES_PER_GROUP
 from engine.chains import check_step, generation_seed, needs_transcript
+from engine.scheduler import GenerationHandle, Scheduler, SchedulerObserver
 from engine.types import (
     MAX_SEED,
     MAX_SPEED,
     MIN_SPEED,
     AudioInput,
     AudioSink,
+    CancelToken,
     CloneRequest,
     EditRequest,
     EditStep,
@@ -52,7 +53,7 @@ from engine.types import (
 )
 from errors import InvalidInputError, RequestCancelledError, TooLargeError
 from llm import prompts
-from llm.generate import MAX_INTENSITY, MIN_INTENSITY, STOP_IDS, generate
+from llm.generate import MAX_INTENSITY, MIN_INTENSITY, STOP_IDS
 from llm.text_tokenizer import AUDIO_ID_END, AUDIO_ID_OFFSET
 from token_cache import LookupTally, content_key, count_lookups
 from vocoder.frontend import prompt_features
@@ -90,6 +91,8 @@ class EngineOptions:
     top_k: int = 50
     max_length: int = 8192  # total LLM length, prompt included, as the reference
     max_new_tokens: int | None = None  # cap on generated audio ids (tests keep it small)
+    max_batch_rows: int = 16  # KV-cache rows in one decode step of a variant's loop
+    kv_cache_bytes: int = 4 * 2**30  # KV budget of a variant's running batch (worst case)
 
 
 @dataclass(frozen=True)
@@ -123,7 +126,7 @@ class _ChainRun:
     labels: list[IterationLabel] = field(default_factory=list)
     codes: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     sink: AudioSink | None = None  # streams the request's last generation
-    cancel: threading.Event | None = None  # set when the client went away
+    cancel: CancelToken | None = None  # set when the client went away
     transcript: str | None = None  # of the request's audio, for the stream's headers
 
     @property
@@ -131,7 +134,7 @@ class _ChainRun:
         return len(self.outputs)
 
 
-def _raise_if_cancelled(cancel: threading.Event | None) -> None:
+def _raise_if_cancelled(cancel: CancelToken | None) -> None:
     if cancel is not None and cancel.is_set():
         raise RequestCancelledError("the client went away; its work was stopped")
 
@@ -216,12 +219,27 @@ class StepAudioEngine:
         self.transcriber = transcriber
         self.options = options or EngineOptions()
         self.device = torch.device(device)
-        # the tokenizer and the prompt frontend keep no per-call state; the LLM and the vocoder
-        # run one request at a time each, which bounds (GPU) memory to one activation set per stage
+        # the tokenizer and the prompt frontend keep no per-call state; each LLM variant has one
+        # decode loop that batches every request generating on it (continuous batching), and the
+        # vocoder runs one chunk or utterance at a time, which bounds its activation memory
+        opts = self.options
+        self.schedulers = {
+            name: Scheduler(llm, max_batch_rows=opts.max_batch_rows, kv_budget_bytes=opts.kv_cache_bytes, variant=name)
+            for name, llm in self.llms.items()
+        }
         self._vocoder_lock = threading.Lock()
-        self._llm_locks = {name: threading.Lock() for name in self.llms}
         self._count_lock = threading.Lock()
         self.generations = 0  # LLM generations run since start (every clone and edit iteration)
+
+    def set_observer(self, observer: SchedulerObserver | None) -> None:
+        """Metrics hooks for every variant's decode loop (batch size per step, queue wait, tokens)."""
+        for scheduler in self.schedulers.values():
+            scheduler.observer = observer
+
+    def close(self) -> None:
+        """Stop the decode loops (waiting and running generations end with NotReadyError)."""
+        for scheduler in self.schedulers.values():
+            scheduler.close()
 
     # --- catalogue ------------------------------------------------------------------------
     @property
@@ -260,7 +278,7 @@ class StepAudioEngine:
 
     # --- requests -------------------------------------------------------------------------
     def clone(
-        self, request: CloneRequest, *, sink: AudioSink | None = None, cancel: threading.Event | None = None
+        self, request: CloneRequest, *, sink: AudioSink | None = None, cancel: CancelToken | None = None
     ) -> SynthesisResult:
         """Speak ``request.text`` in the voice of ``request.prompt_audio``, then run ``request.edits``.
 
@@ -283,7 +301,7 @@ class StepAudioEngine:
         return self._result(run, prepared.transcript, lookups, start)
 
     def edit(
-        self, request: EditRequest, *, sink: AudioSink | None = None, cancel: threading.Event | None = None
+        self, request: EditRequest, *, sink: AudioSink | None = None, cancel: CancelToken | None = None
     ) -> SynthesisResult:
         """Edit ``request.audio`` (``n_edit_iter`` times, each on the previous output), then ``request.edits``.
 
@@ -391,9 +409,8 @@ class StepAudioEngine:
                 intensity=request.intensity,
                 seed=seed,
                 timings=run.timings,
-                should_stop=None if run.cancel is None else run.cancel.is_set,
+                cancel=run.cancel,
             )
-            _raise_if_cancelled(run.cancel)
             wav = self._vocode(codes, prompt.features, seed, run.timings)
         run.codes = codes
         run.outputs.append(wav)
@@ -565,6 +582,32 @@ class StepAudioEngine:
             timings["prompt_features"] = timings.get("prompt_features", 0.0) + time.perf_counter() - begin
         return PromptFeatures(key, tokens, features.prompt_mel.float(), features.spk_emb.float())
 
+    def _submit_generation(
+        self,
+        variant: str,
+        pair: prompts.PromptPair,
+        *,
+        intensity: float,
+        seed: int,
+        cancel: CancelToken | None,
+    ) -> GenerationHandle:
+        """Queue one prompt on its variant's decode loop; ``cancel`` stops it before its next step."""
+        opts = self.options
+        handle = self.schedulers[variant].submit(
+            pair,
+            seed=seed,
+            intensity=intensity,
+            temperature=opts.temperature,
+            top_k=opts.top_k,
+            max_length=opts.max_length,
+            max_new_tokens=opts.max_new_tokens,
+        )
+        if cancel is not None:
+            cancel.on_cancel(handle.cancel)
+        with self._count_lock:
+            self.generations += 1
+        return handle
+
     def _generate(
         self,
         variant: str,
@@ -573,28 +616,15 @@ class StepAudioEngine:
         intensity: float,
         seed: int,
         timings: dict[str, float],
-        should_stop: Callable[[], bool] | None = None,
-        on_token: Callable[[int], None] | None = None,
+        cancel: CancelToken | None = None,
     ) -> np.ndarray:
-        """Mixed audio codes of one prompt; ``on_token`` sees every id as it is sampled, and
-        ``should_stop`` ends the generation between two decode steps."""
+        """Mixed audio codes of one prompt, generated in the variant's running batch."""
         begin = time.perf_counter()
-        with self._llm_locks[variant], torch.inference_mode():
-            (result,) = generate(
-                self._llm(variant),
-                [pair],
-                intensity=intensity,
-                seed=seed,
-                temperature=self.options.temperature,
-                top_k=self.options.top_k,
-                max_length=self.options.max_length,
-                max_new_tokens=self.options.max_new_tokens,
-                on_token=None if on_token is None else lambda _, token: on_token(token),
-                should_stop=should_stop,
-            )
-            with self._count_lock:
-                self.generations += 1
+        handle = self._submit_generation(variant, pair, intensity=intensity, seed=seed, cancel=cancel)
+        result = handle.result()
         timings["llm"] = timings.get("llm", 0.0) + time.perf_counter() - begin
+        if result.cancelled:
+            raise RequestCancelledError("the client went away during generation")
         return np.asarray(result.codes, dtype=np.int64)
 
     def _generate_streamed(
@@ -607,107 +637,60 @@ class StepAudioEngine:
         speed: float,
         timings: dict[str, float],
         sink: AudioSink,
-        cancel: threading.Event | None,
+        cancel: CancelToken | None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The LLM samples in its own thread while this one feeds the streaming vocoder.
+        """The decode loop samples while this thread feeds the streaming vocoder with its ids.
 
-        The ids cross a queue; the vocoder session's output does not depend on how they are
-        split across feeds, so the streamed audio is the same whatever the thread timing. With
-        ``speed`` != 1 the pieces are held back and the stretched whole is sent at the end (a
-        phase-vocoder stretch needs the whole signal).
+        The vocoder session's output does not depend on how the codes are split across feeds,
+        so the streamed audio is the same whatever the thread timing. With ``speed`` != 1 the
+        pieces are held back and the stretched whole is sent at the end (a phase-vocoder
+        stretch needs the whole signal).
         """
-        stop = threading.Event()
-        ids: queue.SimpleQueue[int | None] = queue.SimpleQueue()
-        outcome: dict[str, Any] = {}
-        sampled = [0]  # ids the LLM has sampled so far (written by its thread only)
-
-        def on_token(token: int) -> None:
-            sampled[0] += 1
-            ids.put(token)
-
-        def should_stop() -> bool:
-            return stop.is_set() or (cancel is not None and cancel.is_set())
-
-        def run_llm() -> None:
-            try:
-                with torch.inference_mode():
-                    outcome["codes"] = self._generate(
-                        variant,
-                        prepared.pair,
-                        intensity=intensity,
-                        seed=seed,
-                        timings=timings,
-                        should_stop=should_stop,
-                        on_token=on_token,
-                    )
-            except BaseException as exc:  # re-raised in the consuming thread
-                outcome["error"] = exc
-            finally:
-                ids.put(None)
-
-        llm_thread = threading.Thread(target=run_llm, name="llm-stream", daemon=True)
         pieces: list[np.ndarray] = []
+        begin = time.perf_counter()
+        handle = self._submit_generation(variant, prepared.pair, intensity=intensity, seed=seed, cancel=cancel)
 
         def emit(new: list[np.ndarray]) -> None:
             for piece in new:
                 if piece.size:
                     if not pieces:  # how far the LLM was when the first audio left
-                        timings["first_audio_ids"] = float(sampled[0])
+                        timings["first_audio_ids"] = float(handle.steps_run)
                         timings["first_audio"] = time.perf_counter() - begin
                     pieces.append(piece)
                     if speed == 1.0:
                         sink.put(piece)
 
         features = prepared.features
-        begin = time.perf_counter()
         vocode_s = 0.0
-        llm_thread.start()
         try:
             with self.token2wav.stream(
                 np.asarray(features.tokens.prompt_codes), features.prompt_mel, features.spk_emb, seed=seed
             ) as session:
-                ended = stopped = False
-                while not ended:
-                    batch = [ids.get()]
-                    with_more = True
-                    while with_more:  # take whatever else the LLM has sampled meanwhile
-                        try:
-                            batch.append(ids.get_nowait())
-                        except queue.Empty:
-                            with_more = False
-                    codes: list[int] = []
-                    for token in batch:
-                        if token is None:
-                            ended = True
-                        elif not stopped and token in STOP_IDS:
-                            stopped = True
-                        elif not stopped and AUDIO_ID_OFFSET <= token < AUDIO_ID_END:
-                            codes.append(token - AUDIO_ID_OFFSET)
-                    if should_stop():
-                        break
-                    if codes:
-                        t = time.perf_counter()
-                        with self._vocoder_lock, torch.inference_mode():
-                            emit(session.feed(np.asarray(codes, dtype=np.int64)))
-                        vocode_s += time.perf_counter() - t
-                if ended and "error" not in outcome and not should_stop():
+                stopped = False
+                for token in handle.ids():
+                    if stopped or not AUDIO_ID_OFFSET <= token < AUDIO_ID_END:
+                        stopped = stopped or token in STOP_IDS  # the reference's postprocess: cut at a stop id
+                        continue
                     t = time.perf_counter()
                     with self._vocoder_lock, torch.inference_mode():
-                        emit(session.finish())
+                        emit(session.feed([token - AUDIO_ID_OFFSET]))
                     vocode_s += time.perf_counter() - t
+                result = handle.result()
+                if result.cancelled:
+                    raise RequestCancelledError("the client went away during streaming")
+                t = time.perf_counter()
+                with self._vocoder_lock, torch.inference_mode():
+                    emit(session.finish())
+                vocode_s += time.perf_counter() - t
         finally:
-            stop.set()
-            llm_thread.join()
-        if "error" in outcome:
-            raise outcome["error"]
-        _raise_if_cancelled(cancel)
+            handle.cancel()  # a no-op when it is done; stops the LLM if the vocoder failed
         wav = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
         if speed != 1.0 and wav.size:
             sink.put(self._apply_speed(wav, speed, timings))
-        timings["generated_ids"] = float(sampled[0])
+        timings["generated_ids"] = float(handle.steps_run)
+        timings["llm"] = timings.get("llm", 0.0) + time.perf_counter() - begin - vocode_s
         timings["vocoder"] = timings.get("vocoder", 0.0) + vocode_s
-        timings["stream"] = time.perf_counter() - begin
-        return outcome["codes"], wav
+        return np.asarray(result.codes, dtype=np.int64), wav
 
     def _vocode(self, codes: np.ndarray, features: PromptFeatures, seed: int, timings: dict[str, float]) -> np.ndarray:
         if codes.size == 0:
@@ -787,6 +770,8 @@ def build_engine(
         max_edit_iter=settings.max_edit_iter,
         enable_auto_transcribe=settings.enable_auto_transcribe,
         max_new_tokens=max_new_tokens,
+        max_batch_rows=settings.llm_max_batch_rows,
+        kv_cache_bytes=settings.llm_kv_cache_mib * 2**20,
     )
     return StepAudioEngine(
         tokenizer=tokenizer,

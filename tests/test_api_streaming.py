@@ -135,7 +135,7 @@ def endless(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
 def test_first_audio_arrives_while_generating_and_leaving_stops_it(
     endless: LiveServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="llm.generate")
+    caplog.set_level(logging.INFO, logger="engine.scheduler")
     service = endless.app.state.step_audio.service
     with (
         httpx.Client(base_url=endless.url, timeout=300) as c,

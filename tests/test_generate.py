@@ -369,32 +369,36 @@ def test_generate_audio_ids_returns_codes(model, pairs):
     assert isinstance(generate(biased, [pairs[2]], max_new_tokens=1)[0], GenerationResult)
 
 
-def test_on_token_hands_out_every_id_in_order_and_changes_nothing(model, pairs):
-    seen: list[tuple[int, int]] = []
-    plain = generate(model, pairs, seed=[3, 4, 5], max_new_tokens=12)
-    hooked = generate(model, pairs, seed=[3, 4, 5], max_new_tokens=12, on_token=lambda i, t: seen.append((i, t)))
-    for i, (a, b) in enumerate(zip(plain, hooked, strict=True)):
-        np.testing.assert_array_equal(a.token_ids, b.token_ids)
-        assert [t for j, t in seen if j == i] == b.token_ids.tolist()
+# ---- streaming and stopping between steps ------------------------------------------------------
 
 
-def test_should_stop_ends_generation_between_steps(model, pairs):
-    steps: list[int] = []
+def test_on_token_streams_exactly_the_result_ids_in_order(model, pairs):
+    seen: dict[int, list[int]] = {0: [], 1: [], 2: []}
+    results = generate(
+        model, pairs, seed=[4, 5, 6], intensity=1.5, max_new_tokens=12, on_token=lambda i, t: seen[i].append(t)
+    )
+    plain = generate(model, pairs, seed=[4, 5, 6], intensity=1.5, max_new_tokens=12)
+    for i, (got, ref) in enumerate(zip(results, plain, strict=True)):
+        assert seen[i] == got.token_ids.tolist() == ref.token_ids.tolist()  # streaming changes nothing
+        assert not got.cancelled
 
-    def count(step: int, _rows: list[int], _scores: torch.Tensor) -> None:
-        steps.append(step)
 
-    full = generate(model, [pairs[0]], seed=1, max_new_tokens=30, do_sample=False)[0]
-    assert len(full.token_ids) == 30  # the tiny model does not stop by itself within 30 ids
-    stopped = generate(
+def test_stop_requested_ends_one_prompt_between_steps_and_leaves_the_others_alone(model, pairs):
+    counts = [0, 0, 0]
+
+    def on_token(i: int, _token: int) -> None:
+        counts[i] += 1
+
+    results = generate(
         model,
-        [pairs[0]],
-        seed=1,
-        max_new_tokens=30,
-        do_sample=False,
-        on_step=count,
-        should_stop=lambda: len(steps) >= 5,
-    )[0]
-    assert len(steps) == 5  # no decode step ran after the request to stop
-    np.testing.assert_array_equal(stopped.token_ids, full.token_ids[:5])
-    assert not stopped.stopped
+        pairs,
+        seed=[7, 8, 9],
+        max_new_tokens=16,
+        on_token=on_token,
+        stop_requested=lambda i: i == 1 and counts[1] >= 5,
+    )
+    full = generate(model, pairs, seed=[7, 8, 9], max_new_tokens=16)
+    assert results[1].cancelled and not results[1].stopped
+    assert results[1].token_ids.tolist() == full[1].token_ids.tolist()[:5]  # no id sampled after the stop
+    for i in (0, 2):
+        assert results[i].token_ids.tolist() == full[i].token_ids.tolist() and not results[i].cancelled

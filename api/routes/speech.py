@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import Annotated, Any, TypeVar
@@ -30,7 +29,7 @@ from api.inputs import read_upload
 from api.schemas import IterationAudio, IterationsResponse, SpeechRequest
 from api.speech_requests import SpeechJob, api_param, build_request
 from api.state import AppState, Engine, ReadyEngine, State, require_api_key
-from engine.types import CloneRequest, StreamInfo, SynthesisResult
+from engine.types import CancelToken, CloneRequest, StreamInfo, SynthesisResult
 from errors import InvalidInputError, RequestCancelledError, StepAudioError
 
 router = APIRouter(tags=["speech"], dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
@@ -178,7 +177,7 @@ async def _submit(
     state: AppState, engine: Engine, mode: str, job: SpeechJob, *, sink: _LoopSink | None = None
 ) -> tuple[SynthesisResult, Any]:
     request = job.request
-    cancel = threading.Event()  # set by the service when this request's client goes away
+    cancel = CancelToken()  # set by the service when this request's client goes away
 
     def run() -> SynthesisResult:
         if isinstance(request, CloneRequest):
