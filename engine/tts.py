@@ -592,6 +592,7 @@ class StepAudioEngine:
         cancel: CancelToken | None,
     ) -> GenerationHandle:
         """Queue one prompt on its variant's decode loop; ``cancel`` stops it before its next step."""
+        _raise_if_cancelled(cancel)
         opts = self.options
         handle = self.schedulers[variant].submit(
             pair,
