@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import io
 import math
-from functools import lru_cache
+import threading
+from collections import OrderedDict
 
 import numpy as np
 import soundfile as sf
@@ -99,7 +100,64 @@ def prepare_prompt(wav: np.ndarray | torch.Tensor, sr: int) -> torch.Tensor:
     return limit_peak(x)
 
 
-@lru_cache(maxsize=32)
+# A dense polyphase kernel has ``new * (2 * width + orig)`` taps for the reduced rates; rates that
+# share no factor (4001 -> 16000) would make it gigabytes, so past this size the windowed sinc is
+# evaluated only where the output needs it (``_resample_direct``). Every common rate pair
+# (8k-48k, 11.025k/22.05k/44.1k) stays far below and keeps the reference's exact kernel.
+DENSE_KERNEL_MAX_TAPS = 1 << 20
+KERNEL_CACHE_MAX_BYTES = 32 << 20  # dense kernels kept for reuse, least recently used evicted first
+_DIRECT_BLOCK_TAPS = 1 << 18  # weights evaluated at once by the direct path (bounds its scratch memory)
+
+
+def _band(orig: int, new: int) -> tuple[float, int]:
+    """The low-pass cutoff (in units of the lower rate) and the kernel's half-width in input samples."""
+    base = min(orig, new) * RESAMPLE_ROLLOFF
+    return base, math.ceil(RESAMPLE_LOWPASS_WIDTH * orig / base)
+
+
+def _windowed_sinc(t: torch.Tensor, base: float, orig: int) -> torch.Tensor:
+    """Hann-windowed sinc at ``t`` (input-minus-output time in input periods x cutoff), in the reference's order."""
+    t = t.clamp(-RESAMPLE_LOWPASS_WIDTH, RESAMPLE_LOWPASS_WIDTH)
+    window = torch.cos(t * math.pi / RESAMPLE_LOWPASS_WIDTH / 2) ** 2
+    t = t * math.pi
+    kernel = torch.where(t == 0, torch.ones_like(t), torch.sin(t) / t)
+    return kernel * (window * (base / orig))
+
+
+class _KernelCache:
+    """Dense kernels by ``(orig, new, dtype)``, bounded by their bytes rather than their count."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple[int, int, torch.dtype], tuple[torch.Tensor, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, orig: int, new: int, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+        key = (orig, new, dtype)
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        item = _sinc_kernel(orig, new, dtype)
+        size = item[0].numel() * item[0].element_size()
+        with self._lock:
+            if key not in self._items and size <= self.max_bytes:
+                self._items[key] = item
+                self._bytes += size
+                while self._bytes > self.max_bytes:
+                    _, (old, _) = self._items.popitem(last=False)
+                    self._bytes -= old.numel() * old.element_size()
+        return item
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+
+_KERNELS = _KernelCache(KERNEL_CACHE_MAX_BYTES)
+
+
 def _sinc_kernel(orig: int, new: int, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
     """Polyphase kernel ``(new, 1, 2*width + orig)`` for reduced rates ``orig -> new``.
 
@@ -109,16 +167,35 @@ def _sinc_kernel(orig: int, new: int, dtype: torch.dtype) -> tuple[torch.Tensor,
     difference (about 6e-6 on the samples) is amplified past the fixture tolerances by log
     features, so each caller picks the precision its reference counterpart used.
     """
-    base = min(orig, new) * RESAMPLE_ROLLOFF
-    width = math.ceil(RESAMPLE_LOWPASS_WIDTH * orig / base)
+    base, width = _band(orig, new)
     idx = torch.arange(-width, width + orig, dtype=dtype)[None, None] / orig
     t = torch.arange(0, -new, -1, dtype=dtype)[:, None, None] / new + idx
-    t = (t * base).clamp(-RESAMPLE_LOWPASS_WIDTH, RESAMPLE_LOWPASS_WIDTH)
-    window = torch.cos(t * math.pi / RESAMPLE_LOWPASS_WIDTH / 2) ** 2
-    t = t * math.pi
-    kernel = torch.where(t == 0, torch.ones_like(t), torch.sin(t) / t)
-    kernel = kernel * (window * (base / orig))
+    kernel = _windowed_sinc(t * base, base, orig)
     return kernel.to(torch.float32), width
+
+
+def _resample_direct(x: torch.Tensor, orig: int, new: int) -> torch.Tensor:
+    """``(b, n)`` float32 resampled by evaluating the kernel at each output's own inputs only.
+
+    Output ``j`` sits at input time ``j * orig / new``; the window reaches ``width`` input samples
+    either side, so it takes ``2 * width + 1`` weights, computed from exact integer offsets (float64)
+    block by block. Memory is bounded by the block and time by ``n_out * (2 * width + 1)``, whatever
+    the rates; the values equal the dense kernel's up to float32 rounding.
+    """
+    base, width = _band(orig, new)
+    n = x.shape[-1]
+    n_out = math.ceil(new * n / orig)
+    offsets = torch.arange(-width, width + 1, dtype=torch.int64)
+    block = max(1, _DIRECT_BLOCK_TAPS // offsets.numel())
+    y = torch.empty(x.shape[0], n_out, dtype=torch.float32, device=x.device)
+    for start in range(0, n_out, block):
+        j = torch.arange(start, min(n_out, start + block), dtype=torch.int64)[:, None]
+        idx = (j * orig) // new + offsets
+        t = (idx * new - j * orig).to(torch.float64) / (orig * new) * base
+        weights = _windowed_sinc(t, base, orig) * ((idx >= 0) & (idx < n))
+        taken = x[:, idx.clamp(0, n - 1).to(x.device)]
+        y[:, start : start + j.shape[0]] = (taken * weights.to(torch.float32, copy=False).to(x.device)).sum(-1)
+    return y
 
 
 def resample(
@@ -127,7 +204,8 @@ def resample(
     """Band-limited resampling of ``(..., n)`` float32 audio; any rate pair, up or down.
 
     Output length is ``ceil(n * new_sr / orig_sr)``. ``kernel_dtype`` float64 matches the
-    reference tokenizer's resampler, float32 its frontend's (see ``_sinc_kernel``).
+    reference tokenizer's resampler, float32 its frontend's (see ``_sinc_kernel``); rate pairs
+    whose dense kernel would pass ``DENSE_KERNEL_MAX_TAPS`` take ``_resample_direct`` instead.
     """
     if orig_sr <= 0 or new_sr <= 0:
         raise AudioError(f"invalid sample rates {orig_sr} -> {new_sr}")
@@ -135,10 +213,14 @@ def resample(
         return wav
     g = math.gcd(int(orig_sr), int(new_sr))
     orig, new = int(orig_sr) // g, int(new_sr) // g
-    kernel, width = _sinc_kernel(orig, new, kernel_dtype)
     shape = wav.shape
     x = wav.reshape(-1, shape[-1]).to(torch.float32)
     n = x.shape[-1]
+    _, width = _band(orig, new)
+    if new * (2 * width + orig) > DENSE_KERNEL_MAX_TAPS:
+        y = _resample_direct(x, orig, new)
+        return y.reshape(*shape[:-1], y.shape[-1])
+    kernel, width = _KERNELS.get(orig, new, kernel_dtype)
     x = F.pad(x, (width, width + orig))
     y = F.conv1d(x[:, None], kernel.to(x.device), stride=orig)
     y = y.transpose(1, 2).reshape(x.shape[0], -1)
