@@ -11,13 +11,14 @@ import io
 import math
 import threading
 from collections import OrderedDict
+from typing import Any
 
 import numpy as np
 import soundfile as sf
 import torch
 import torch.nn.functional as F
 
-from errors import InvalidInputError
+from errors import InvalidInputError, TooLargeError
 
 TOKENIZER_SR = 16000  # wav2token and the CAM++ speaker fbank work at 16 kHz
 VOCODER_SR = 24000  # the prompt mel and the generated speech are 24 kHz
@@ -25,25 +26,28 @@ PROMPT_PEAK = 0.6  # the reference limits prompt peaks to this before any featur
 
 RESAMPLE_LOWPASS_WIDTH = 6
 RESAMPLE_ROLLOFF = 0.99
+_UNKNOWN_FRAMES = 1 << 62  # libsndfile's length for a stream that does not state one is the largest int64
 
 
 class AudioError(InvalidInputError):
     """Audio that cannot be used: undecodable, empty, silent, non-finite or too short."""
 
 
-def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
-    """Decode any container soundfile or FFmpeg (PyAV) reads.
+def decode_audio(data: bytes, *, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
+    """Decode any container soundfile or FFmpeg (PyAV) reads, refusing audio past ``max_seconds``.
 
     Returns float32 samples shaped ``(channels, n)`` in [-1, 1] (PCM16 / 32768, as the
-    reference's loader gives) and the sample rate.
+    reference's loader gives) and the sample rate. Compression makes bytes a poor bound (2 h of
+    silence is a 200 KB FLAC), so the duration is checked first from the container's header where
+    it states one, and decoding stops as soon as ``max_seconds`` is passed otherwise: memory and
+    time stay bounded by the limit, not by what the file claims or holds.
     """
     if not data:
         raise AudioError("the audio is empty (0 bytes)")
     try:
-        samples, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-        wav = np.ascontiguousarray(samples.T)
+        wav, sr = _decode_with_soundfile(data, max_seconds)
     except (sf.LibsndfileError, RuntimeError, TypeError):
-        wav, sr = _decode_with_av(data)
+        wav, sr = _decode_with_av(data, max_seconds)
     if wav.size == 0:
         raise AudioError("the audio holds no samples")
     if not np.isfinite(wav).all():
@@ -51,7 +55,29 @@ def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
     return wav, int(sr)
 
 
-def _decode_with_av(data: bytes) -> tuple[np.ndarray, int]:
+def _too_long(max_seconds: float, seconds: float | None = None) -> TooLargeError:
+    lasts = f"lasts {seconds:.1f} s" if seconds is not None else f"lasts more than {max_seconds:g} s"
+    return TooLargeError(f"the audio {lasts}; the limit is {max_seconds:g} s")
+
+
+def _frame_limit(max_seconds: float | None, sr: int) -> int | None:
+    """Frames allowed at ``sr`` (None: no limit); one more than this means the audio is too long."""
+    return None if max_seconds is None else math.floor(max_seconds * sr)
+
+
+def _decode_with_soundfile(data: bytes, max_seconds: float | None) -> tuple[np.ndarray, int]:
+    with sf.SoundFile(io.BytesIO(data)) as f:
+        sr = int(f.samplerate)
+        limit = _frame_limit(max_seconds, sr)
+        if max_seconds is not None and limit is not None and limit < f.frames < _UNKNOWN_FRAMES:
+            raise _too_long(max_seconds, f.frames / sr)
+        samples = f.read(-1 if limit is None else limit + 1, dtype="float32", always_2d=True)
+    if max_seconds is not None and limit is not None and samples.shape[0] > limit:
+        raise _too_long(max_seconds)
+    return np.ascontiguousarray(samples.T), sr
+
+
+def _decode_with_av(data: bytes, max_seconds: float | None) -> tuple[np.ndarray, int]:
     import av  # imported lazily: only needed for compressed formats soundfile cannot read
 
     try:
@@ -59,17 +85,38 @@ def _decode_with_av(data: bytes) -> tuple[np.ndarray, int]:
             stream = next((s for s in container.streams if s.type == "audio"), None)
             if stream is None:
                 raise AudioError("the file holds no audio stream")
+            if max_seconds is not None:
+                stated = _stated_seconds(stream, container)
+                if stated is not None and stated > max_seconds:
+                    raise _too_long(max_seconds, stated)
             resampler = av.AudioResampler(format="fltp")
-            chunks = [out.to_ndarray() for frame in container.decode(stream) for out in resampler.resample(frame)]
+            chunks: list[np.ndarray] = []
+            total = 0
+            limit = _frame_limit(max_seconds, int(stream.rate)) if stream.rate else None
+            for frame in container.decode(stream):
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray())
+                    total += chunks[-1].shape[-1]
+                if max_seconds is not None and limit is not None and total > limit:
+                    raise _too_long(max_seconds)
             chunks += [out.to_ndarray() for out in resampler.resample(None)]
             sr = stream.rate
-    except AudioError:
+    except (AudioError, TooLargeError):
         raise
     except (av.FFmpegError, ValueError, IndexError, StopIteration) as exc:
         raise AudioError(f"the bytes are not a readable audio file ({exc.__class__.__name__})") from exc
     if not chunks:
         raise AudioError("the audio holds no samples")
     return np.concatenate(chunks, axis=1).astype(np.float32), int(sr)
+
+
+def _stated_seconds(stream: Any, container: Any) -> float | None:
+    """The duration the container's header states (stream first, then container), None if unstated."""
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / 1_000_000  # AV_TIME_BASE
+    return None
 
 
 def to_mono(wav: np.ndarray | torch.Tensor) -> torch.Tensor:

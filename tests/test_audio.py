@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 
 import audio
 from audio import AudioError, decode_audio, limit_peak, prepare_prompt, resample, to_mono
+from errors import TooLargeError
 from tests.conftest import REPO_ROOT, load_reference
 
 
@@ -154,3 +156,61 @@ def test_kernel_cache_is_bounded_by_bytes() -> None:
         kernel, _ = cache.get(orig, 160, torch.float64)
         assert kernel.shape[0] == 160
     assert 0 < cache.nbytes <= 1 << 20
+
+
+def flac_bomb(hours: float = 2.0, sr: int = 8000, *, state_length: bool = True) -> bytes:
+    """Hours of silence as FLAC (~90 KB per hour); ``state_length=False`` zeroes STREAMINFO's total
+    (what a streamed FLAC carries), so only decoding can tell its length."""
+    buf = io.BytesIO()
+    with sf.SoundFile(buf, "w", samplerate=sr, channels=1, format="FLAC", subtype="PCM_16") as f:
+        minute = np.zeros(sr * 60, dtype=np.int16)
+        for _ in range(round(hours * 60)):
+            f.write(minute)
+    data = bytearray(buf.getvalue())
+    if not state_length:
+        # "fLaC", a 4-byte block header, then STREAMINFO whose bytes 13-17 end in the 36-bit total
+        data[8 + 13] &= 0xF0
+        data[8 + 14 : 8 + 18] = bytes(4)
+    return bytes(data)
+
+
+def _peak_allocation(fn) -> tuple[BaseException | None, int]:
+    """Run ``fn``; return what it raised and the peak bytes Python and numpy allocated meanwhile."""
+    tracemalloc.start()
+    try:
+        fn()
+        raised = None
+    except Exception as exc:
+        raised = exc
+    finally:
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    return raised, peak
+
+
+@pytest.fixture(scope="module")
+def bombs() -> dict[str, bytes]:
+    return {"stated": flac_bomb(), "unstated": flac_bomb(state_length=False)}
+
+
+@pytest.mark.parametrize("kind", ["stated", "unstated"])
+@pytest.mark.parametrize("decoder", ["soundfile", "ffmpeg"])
+def test_a_flac_bomb_is_refused_without_decoding_it(bombs: dict[str, bytes], kind: str, decoder: str) -> None:
+    data = bombs[kind]
+    assert len(data) < 400_000  # two hours: 57.6 M samples, 230 MB as float32
+    decode = decode_audio if decoder == "soundfile" else audio._decode_with_av
+    raised, peak = _peak_allocation(lambda: decode(data, max_seconds=60.0))
+    assert isinstance(raised, TooLargeError), raised
+    assert "the limit is 60 s" in str(raised)
+    # at most the limit's worth of float32 samples (60 s x 8 kHz = 1.9 MB) and scratch
+    assert peak < 8 << 20, peak
+
+
+def test_audio_within_the_limit_decodes_whole() -> None:
+    x = (0.1 * np.sin(np.arange(8000 * 3) * 0.05)).astype(np.float32)
+    data = _wav_bytes(x, 8000, "FLAC")
+    for decode in (decode_audio, audio._decode_with_av):
+        wav, sr = decode(data, max_seconds=3.0)
+        assert sr == 8000 and wav.shape == (1, 8000 * 3)
+        with pytest.raises(TooLargeError, match=r"lasts 3\.0 s"):
+            decode(data, max_seconds=2.5)
