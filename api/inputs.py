@@ -10,7 +10,6 @@ import base64
 import binascii
 import re
 
-from fastapi import UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from api.url_fetch import fetch_audio_url
@@ -20,7 +19,6 @@ from errors import InvalidInputError, TooLargeError
 from settings import Settings
 
 _DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
-_UPLOAD_CHUNK = 1 << 16
 
 
 def decode_base64_audio(value: str, *, max_bytes: int, param: str) -> bytes:
@@ -36,18 +34,6 @@ def decode_base64_audio(value: str, *, max_bytes: int, param: str) -> bytes:
     if len(data) > max_bytes:
         raise TooLargeError(f"{param}: the audio is larger than {max_bytes} bytes", param=param)
     return data
-
-
-async def read_upload(upload: UploadFile, *, max_bytes: int, param: str) -> bytes:
-    """An uploaded file's bytes, counted while reading and refused past ``max_bytes``."""
-    chunks: list[bytes] = []
-    total = 0
-    while chunk := await upload.read(_UPLOAD_CHUNK):
-        total += len(chunk)
-        if total > max_bytes:
-            raise TooLargeError(f"{param}: the upload is larger than {max_bytes} bytes", param=param)
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 async def decode_audio_bytes(data: bytes, *, settings: Settings, param: str) -> AudioInput:

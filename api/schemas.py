@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 ResponseFormat = Literal["wav", "mp3", "opus", "aac", "flac", "pcm"]
 StreamFormat = Literal["audio", "sse"]
@@ -25,7 +25,27 @@ N_EDIT_ITER_MAX = 4
 SPEED_MIN, SPEED_MAX = 0.25, 4.0
 
 
-class StepAudioOptions(BaseModel):
+def unicode_text(value: object) -> object:
+    """Refuse a string holding a lone UTF-16 surrogate: valid JSON (``"\\ud800"``) but not text that
+    a tokenizer, a file or a header can take. Every text field passes here at the boundary."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"holds a lone surrogate at character {exc.start}; send valid Unicode text") from None
+    return value
+
+
+class _TextModel(BaseModel):
+    """A request body whose every string field must be valid Unicode text."""
+
+    @field_validator("*")
+    @classmethod
+    def check_unicode_text(cls, value: object) -> object:
+        return unicode_text(value)
+
+
+class StepAudioOptions(_TextModel):
     """The ``step_audio`` object: everything OpenAI's body has no field for."""
 
     model_config = ConfigDict(extra="forbid")
@@ -56,13 +76,13 @@ class StepAudioOptions(BaseModel):
     )
 
 
-class VoiceRef(BaseModel):
+class VoiceRef(_TextModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str
 
 
-class SpeechRequest(BaseModel):
+class SpeechRequest(_TextModel):
     """OpenAI's ``/v1/audio/speech`` body plus ``step_audio``.
 
     Unknown top-level fields are ignored (newer OpenAI clients may send more); unknown
