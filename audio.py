@@ -26,6 +26,7 @@ PROMPT_PEAK = 0.6  # the reference limits prompt peaks to this before any featur
 
 RESAMPLE_LOWPASS_WIDTH = 6
 RESAMPLE_ROLLOFF = 0.99
+_READ_BLOCK = 1 << 16  # frames per soundfile read
 _UNKNOWN_FRAMES = 1 << 62  # libsndfile's length for a stream that does not state one is the largest int64
 
 
@@ -71,10 +72,18 @@ def _decode_with_soundfile(data: bytes, max_seconds: float | None) -> tuple[np.n
         limit = _frame_limit(max_seconds, sr)
         if max_seconds is not None and limit is not None and limit < f.frames < _UNKNOWN_FRAMES:
             raise _too_long(max_seconds, f.frames / sr)
-        samples = f.read(-1 if limit is None else limit + 1, dtype="float32", always_2d=True)
-    if max_seconds is not None and limit is not None and samples.shape[0] > limit:
-        raise _too_long(max_seconds)
-    return np.ascontiguousarray(samples.T), sr
+        blocks: list[np.ndarray] = []
+        total = 0
+        while True:  # block by block: a length the header does not state cannot be read at once
+            want = _READ_BLOCK if limit is None else min(_READ_BLOCK, limit + 1 - total)
+            block = f.read(want, dtype="float32", always_2d=True)
+            blocks.append(block)
+            total += block.shape[0]
+            if max_seconds is not None and limit is not None and total > limit:
+                raise _too_long(max_seconds)
+            if block.shape[0] < want or want == 0:
+                break
+    return np.ascontiguousarray(np.concatenate(blocks).T), sr
 
 
 def _decode_with_av(data: bytes, max_seconds: float | None) -> tuple[np.ndarray, int]:

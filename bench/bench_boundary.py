@@ -10,8 +10,9 @@ allocation error instead of taking the machine down. ``--code-root`` points at a
 * ``resample <rate>``: a 0.5 s clip at ``rate`` through the three resamples a request makes
   (to 16 kHz with the tokenizer's float64 kernel, to 24 kHz and 16 kHz with the vocoder
   frontend's float32 kernel);
-* ``flac-bomb``: 2 h of silence as FLAC (a few hundred KB) through the server's decode-and-limit
-  path (``api.inputs.decode_audio_bytes``, limit 60 s), which must refuse it.
+* ``flac-bomb``: 2 h of silence as FLAC (~180 KB) through the server's decode-and-limit path
+  (``api.inputs.decode_audio_bytes``, limit 60 s), which must refuse it; once with the length in
+  its header, once with the header's total zeroed (a streamed FLAC), so only decoding can tell.
 
 Prints one JSON line per case: peak RSS growth, RSS kept after the case, wall and CPU seconds.
 """
@@ -59,13 +60,18 @@ if case == "resample":
     work = lambda: [resample(x, rate, 16000), resample(x, rate, 24000, kernel_dtype=torch.float32),
                     resample(x, rate, 16000, kernel_dtype=torch.float32)]
 else:
-    seconds, sr = (int(v) for v in arg.split("@"))
+    seconds, sr, stated = arg.split("@")
+    seconds, sr = int(seconds), int(sr)
     buf = io.BytesIO()
     with sf.SoundFile(buf, "w", samplerate=sr, channels=1, format="FLAC", subtype="PCM_16") as f:
         block = np.zeros(sr * 60, dtype=np.int16)
         for _ in range(seconds // 60):
             f.write(block)
-    data = buf.getvalue()
+    data = bytearray(buf.getvalue())
+    if stated == "unstated":  # zero STREAMINFO's 36-bit total, as a streamed FLAC leaves it
+        data[8 + 13] &= 0xF0
+        data[8 + 14 : 8 + 18] = bytes(4)
+    data = bytes(data)
     settings = Settings(max_audio_seconds=%(limit)r)
     def work():
         try:
@@ -118,7 +124,7 @@ def main() -> None:
     args = parser.parse_args()
     cases = [("resample", str(rate)) for rate in args.rates]
     if not args.no_bomb:
-        cases.append(("flac-bomb", f"{BOMB_SECONDS}@{BOMB_RATE}"))
+        cases += [("flac-bomb", f"{BOMB_SECONDS}@{BOMB_RATE}@{stated}") for stated in ("stated", "unstated")]
     for case, arg in cases:
         sys.stdout.write(json.dumps(run_case(args.code_root.resolve(), case, arg, args.cap_gb)) + "\n")
         sys.stdout.flush()

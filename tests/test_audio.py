@@ -214,3 +214,11 @@ def test_audio_within_the_limit_decodes_whole() -> None:
         assert sr == 8000 and wav.shape == (1, 8000 * 3)
         with pytest.raises(TooLargeError, match=r"lasts 3\.0 s"):
             decode(data, max_seconds=2.5)
+
+
+def test_a_flac_without_a_stated_length_decodes_whole() -> None:
+    """A streamed FLAC (no total in STREAMINFO) is read block by block, with or without a limit."""
+    data = flac_bomb(hours=1 / 60, state_length=False)  # one minute
+    for limit in (None, 61.0):
+        wav, sr = decode_audio(data, max_seconds=limit)
+        assert sr == 8000 and wav.shape == (1, 8000 * 60)
