@@ -108,7 +108,7 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory | None = Non
     queued = frozenset(
         (method, route.path)
         for route in iter_route_contexts(app.routes)
-        if getattr(route.endpoint, "queues_a_job", False)
+        if route.path is not None and getattr(route.endpoint, "queues_a_job", False)
         for method in route.methods or ()
     )
     app.add_middleware(
