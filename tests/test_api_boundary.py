@@ -238,6 +238,10 @@ def test_a_flac_bomb_upload_is_413(http: httpx.Client) -> None:
         ({"input": "a", "voice": "alloy", "step_audio": {"prompt_text": "x\udfff"}}, "step_audio.prompt_text"),
         ({"input": "a", "voice": {"id": "\ud800"}}, "voice"),
         ({"input": "a", "voice": "alloy", "instructions": "\udc00"}, "instructions"),
+        (
+            {"input": "a", "voice": "alloy", "step_audio": {"edits": [{"mode": "paralinguistic", "text": "\ud800"}]}},
+            "step_audio.edits.0.text",
+        ),
     ],
 )
 def test_a_lone_surrogate_in_any_text_field_is_400(http: httpx.Client, body: dict, param: str) -> None:
