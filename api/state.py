@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Protocol
 
 from fastapi import Depends, Request
 
-from api.errors import UnauthorizedError
 from api.metrics import Metrics
 from engine.service import InferenceService
 from engine.types import AudioInput, CloneRequest, EditRequest, EditStep, SynthesisResult
@@ -65,14 +63,3 @@ def get_engine(state: State) -> Engine:
 
 
 ReadyEngine = Annotated[Engine, Depends(get_engine)]
-
-
-def require_api_key(request: Request, state: State) -> None:
-    """``Authorization: Bearer <key>`` when the server has a key (every route but /healthz)."""
-    key = state.settings.api_key
-    if key is None:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.get_secret_value().encode()):
-        raise UnauthorizedError("a valid API key is required (Authorization: Bearer <key>)")

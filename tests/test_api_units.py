@@ -158,6 +158,57 @@ def test_service_full_queue_is_busy_at_once_and_cancel_frees_the_place() -> None
     asyncio.run(main())
 
 
+def test_retry_after_comes_from_measured_job_times() -> None:
+    """Retry-After = the queue ahead x the measured job time / workers; no built-in guess."""
+    job_s = 0.3
+
+    async def main() -> None:
+        service = InferenceService(queue_size=4)
+        service.start()
+        gate = threading.Event()
+        try:
+            assert service.job_seconds() == 0.0  # nothing measured yet
+            for _ in range(2):
+                await service.submit("clone", lambda: time.sleep(job_s))
+            assert job_s <= service.job_seconds() < job_s + 0.2
+            holders = [asyncio.ensure_future(service.submit("clone", gate.wait))]
+            while service.running == 0:
+                await asyncio.sleep(0.01)
+            holders += [asyncio.ensure_future(service.submit("clone", gate.wait)) for _ in range(4)]
+            await asyncio.sleep(0.05)
+            with pytest.raises(BusyError) as busy:
+                service.refuse_if_full()
+            drain = 5 * job_s  # one running and four waiting, one worker
+            assert drain <= busy.value.retry_after < drain + 1.0, busy.value.retry_after
+            gate.set()
+            await asyncio.gather(*holders)
+        finally:
+            gate.set()
+            service.stop()
+
+    asyncio.run(main())
+
+
+def test_retry_after_before_any_job_finished_uses_the_running_job() -> None:
+    async def main() -> None:
+        service = InferenceService(queue_size=1)
+        service.start()
+        gate = threading.Event()
+        try:
+            running = asyncio.ensure_future(service.submit("clone", gate.wait))
+            while service.running == 0:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.3)
+            assert 0.3 <= service.job_seconds() < 1.0  # a measured lower bound, not a guess
+            gate.set()
+            await running
+        finally:
+            gate.set()
+            service.stop()
+
+    asyncio.run(main())
+
+
 def test_service_workers_run_jobs_side_by_side() -> None:
     async def main() -> None:
         service = InferenceService(queue_size=4, workers=2)
