@@ -437,6 +437,11 @@ class TokenCache:
         """Close the index connection and give up this writer's lock (a later call reopens both)."""
         with self._lock:
             self._release_owner()
+            self._close_connection()
+
+    def _close_connection(self) -> None:
+        """Close the index connection only (it is reopened on the next use); temp files stay."""
+        with self._lock:
             if self._conn is not None:
                 if self._conn_ident is not None and self._conn_ident[0] == os.getpid():
                     with contextlib.suppress(sqlite3.Error):
@@ -703,7 +708,7 @@ class TokenCache:
             ident = None
         if self._conn is not None and ident == self._conn_ident:
             return self._conn
-        self.close()
+        self._close_connection()
         try:
             self._conn = self._open()
         except sqlite3.Error as exc:
@@ -761,7 +766,7 @@ class TokenCache:
     def _repair_index(self, exc: BaseException) -> sqlite3.Connection:
         """Rebuild a corrupt index empty (one process at a time) and drop the orphaned files."""
         with self._lock:
-            self.close()
+            self._close_connection()
             with self._file_lock:
                 try:  # another process may have rebuilt it while we waited for the lock
                     self._conn = self._open()
@@ -771,7 +776,7 @@ class TokenCache:
                 except sqlite3.Error as again:
                     if not _is_corruption(again):
                         raise
-                    self.close()
+                    self._close_connection()
                 logger.warning("token cache: index %s is damaged (%s); rebuilding it empty", self._index_path, exc)
                 for suffix in ("", "-wal", "-shm"):
                     _unlink(Path(f"{self._index_path}{suffix}"))
