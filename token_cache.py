@@ -545,12 +545,13 @@ class TokenCache:
             return
         sha = hashlib.sha256(payload).hexdigest()
         path = self._path(key)
-        tmp: Path | None = self._write_temp(key, payload)
+        tmp = self._write_temp(key, payload)
+        renamed = False
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with self._write() as conn:
                 os.replace(tmp, path)
-                tmp = None
+                renamed = True
                 now = time.time()
                 conn.execute(
                     "INSERT INTO entries (key, fingerprint, bytes, sha256, layout, compute, seq, created,"
@@ -562,7 +563,7 @@ class TokenCache:
                 )
                 self._evict(conn, keep=key)
         finally:
-            if tmp is not None:
+            if not renamed:
                 _unlink(tmp)
         # Make the rename durable, outside the write lock: losing it in a crash only loses the
         # entry (the row's checksum no longer matches the file, which is a miss).
