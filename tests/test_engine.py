@@ -145,7 +145,7 @@ def test_n_edit_iter_runs_every_iteration_on_the_previous_output(
 ) -> None:
     audio, transcript = prompt
     request = EditRequest(audio=audio, audio_text=transcript, mode="style", edit_info="whisper", n_edit_iter=3, seed=2)
-    with caplog.at_level(logging.INFO, logger="tokenizer"):
+    with caplog.at_level(logging.INFO):
         result = engine.edit(request)
     assert len(result.iterations) == 3
     assert result.audio is result.iterations[-1]
