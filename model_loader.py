@@ -39,6 +39,7 @@ from model_files import (
 
 if TYPE_CHECKING:  # the stages themselves are imported lazily, when a bundle is loaded
     from llm.text_tokenizer import StepTextTokenizer
+    from token_cache import TokenCache
     from tokenizer import StepAudioTokenizer
     from vocoder.frontend import SpeakerEncoder
     from vocoder.token2wav import Token2Wav
@@ -447,22 +448,23 @@ class ModelRegistry:
         *,
         dither: float = 0.0,
         onnx_threads: int = 1,
-        cache_dir: Path | None = None,
-        cache_max_bytes: int = 0,
     ) -> StepAudioTokenizer:
-        """The audio tokenizer, with the token cache attached when ``cache_dir`` and a budget are given."""
-        key = f"tokenizer:{funasr_model_id}:{dither}:{onnx_threads}:{cache_dir}:{cache_max_bytes}"
+        """The audio tokenizer (``wav2token``)."""
         return self.get_or_load(
-            key,
+            f"tokenizer:{funasr_model_id}:{dither}:{onnx_threads}",
             lambda: load_tokenizer(
-                self.bundle.tokenizer,
-                funasr_model_id,
-                self.device,
-                dither=dither,
-                onnx_threads=onnx_threads,
-                cache_dir=cache_dir,
-                cache_max_bytes=cache_max_bytes,
+                self.bundle.tokenizer, funasr_model_id, self.device, dither=dither, onnx_threads=onnx_threads
             ),
+        )
+
+    def get_prompt_cache(self, cache_dir: Path | None, max_bytes: int, fingerprint: str) -> TokenCache | None:
+        """The disk cache of prompt records under ``cache_dir`` (None without a directory or budget).
+
+        One object per directory, budget and fingerprint, so engines built on one registry share it.
+        """
+        return self.get_or_load(
+            f"prompt_cache:{cache_dir}:{max_bytes}:{fingerprint}",
+            lambda: load_prompt_cache(cache_dir, max_bytes, fingerprint),
         )
 
     def get_vocoder(self, onnx_threads: int = 1) -> VocoderStage:
@@ -489,15 +491,8 @@ def load_tokenizer(
     *,
     dither: float = 0.0,
     onnx_threads: int = 1,
-    cache_dir: Path | None = None,
-    cache_max_bytes: int = 0,
 ) -> StepAudioTokenizer:
-    """StepAudioTokenizer from ``tokenizer_dir``, with a TokenCache under ``cache_dir`` (budget > 0).
-
-    The cache's fingerprint is the tokenizer's (model files + settings), so tokens made by other
-    weights or settings are never served.
-    """
-    from token_cache import TokenCache
+    """StepAudioTokenizer from ``tokenizer_dir``."""
     from tokenizer import StepAudioTokenizer
 
     try:
@@ -508,12 +503,19 @@ def load_tokenizer(
         raise
     except Exception as exc:  # unreadable configs or weights in a bundle we did not write
         raise ModelLoadError(f"audio tokenizer cannot be loaded from {tokenizer_dir}: {exc}") from exc
-    if cache_dir is not None and cache_max_bytes > 0:
-        try:
-            tokenizer.cache = TokenCache(Path(cache_dir), cache_max_bytes, tokenizer.fingerprint)
-        except OSError as exc:
-            raise ModelLoadError(f"token cache directory {cache_dir} is not usable: {exc}") from exc
     return tokenizer
+
+
+def load_prompt_cache(cache_dir: Path | None, max_bytes: int, fingerprint: str) -> TokenCache | None:
+    """A TokenCache under ``cache_dir`` (None when there is no directory or the budget is 0)."""
+    from token_cache import TokenCache
+
+    if cache_dir is None or max_bytes <= 0:
+        return None
+    try:
+        return TokenCache(Path(cache_dir), max_bytes, fingerprint)
+    except OSError as exc:
+        raise ModelLoadError(f"token cache directory {cache_dir} is not usable: {exc}") from exc
 
 
 def load_vocoder(vocoder_dir: Path, device: torch.device, onnx_threads: int = 1) -> VocoderStage:

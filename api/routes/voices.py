@@ -35,8 +35,9 @@ def _card(voice: Voice, aliases: list[str] | None = None) -> VoiceCard:
 @router.get("")
 async def list_voices(state: State) -> VoiceList:
     store = state.voices
-    names = await run_in_threadpool(store.names)
-    cards = [_card(v) for v in await run_in_threadpool(lambda: [store.get(n) for n in names])]
+    voices = await run_in_threadpool(store.voices)
+    names = [v.name for v in voices]
+    cards = [_card(v) for v in voices]
     if store.default_voice is not None:
         free = [a for a in OPENAI_VOICES if a not in names]
         cards.append(_card(store.default_voice, aliases=free))
