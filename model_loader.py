@@ -5,7 +5,7 @@ memoises each component, so the HTTP API, the engine and any UI share one copy (
 "unified deployment" halved GPU memory this way). Problems surface at load time as
 ``errors.ModelLoadError`` naming the component or variant and the reason, never at request time.
 
-Bundle layout (model-spec §1.1): ``<root>/Step-Audio-EditX`` (LLM, text tokenizer,
+Bundle layout (docs/model.md §1.1): ``<root>/Step-Audio-EditX`` (LLM, text tokenizer,
 ``CosyVoice-300M-25Hz/`` vocoder), ``<root>/Step-Audio-Tokenizer`` (audio tokenizer), optional
 ``<root>/Step-Audio-EditX-AWQ-4bit`` and ``<root>/Step-Audio-EditX-bnb-4bit``. ``model_path`` may
 be that root or the ``Step-Audio-EditX`` directory itself (the seed's two forms).
@@ -267,7 +267,7 @@ def _quant_method(model_dir: Path) -> str | None:
 
 
 def _bnb_config(dtype: torch.dtype) -> Any:
-    """Runtime NF4 quantisation as the upstream loader does it (model-spec §6.1)."""
+    """Runtime NF4 quantisation as the upstream loader does it (docs/model.md §1.5)."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(

@@ -1,8 +1,8 @@
 """The audio tokenizer stage (``wav2token``): a prompt waveform to Step-Audio's two token streams.
 
-Reference: ``StepAudioTokenizer`` of stepfun-ai/Step-Audio-EditX (model-spec.md §2).
+Reference: ``StepAudioTokenizer`` of stepfun-ai/Step-Audio-EditX (docs/model.md §2).
 
-* **Preprocessing** (§2.2): resample to 16 kHz with the shared sinc resampler, energy
+* **Preprocessing** (docs/model.md §2.2): resample to 16 kHz with the shared sinc resampler, energy
   normalisation, and the reference's silence trim (librosa ``effects.trim``, then a fixed
   lead-in and a frame-aligned length).
 * **vq02** (§2.3), 16.67 Hz, 1024 codes: the pip ``funasr`` streaming Paraformer encoder

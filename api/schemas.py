@@ -1,4 +1,4 @@
-"""Pydantic request/response bodies of the HTTP API (the contract of DESIGN.md §4).
+"""Pydantic request/response bodies of the HTTP API (the contract: docs/api.md).
 
 Only shape and range checks live here; limits that depend on the settings (text length,
 bytes, seconds, iterations) and checks that need the engine (loaded variants, edit_info

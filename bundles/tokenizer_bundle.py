@@ -1,6 +1,6 @@
 """Writes ``Step-Audio-Tokenizer/`` in the official layout with seeded random weights.
 
-Layout (model-spec.md §1.2)::
+Layout (docs/model.md §1.2)::
 
     Step-Audio-Tokenizer/
       linguistic_tokenizer.npy            float32 (1024, D) k-means centres for vq02

@@ -1,4 +1,4 @@
-"""The engine: clone and edit composed from the three stages (model-spec §5, DESIGN §2).
+"""The engine: clone and edit composed from the three stages (docs/model.md §5, docs/engine.md).
 
     clone: prompt audio ─► prepare_prompt ─► wav2token + prompt mel + speaker embedding
                (cached together under the audio's content key)

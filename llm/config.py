@@ -20,7 +20,7 @@ class Step1Config(PretrainedConfig):
     """Step1 (Step-Audio-EditX LLM) configuration; defaults are the official 3.5 B model.
 
     ``tie_word_embeddings`` is forced to False: the checkpoint stores ``lm_head`` separately and
-    transformers >= 4.54 would otherwise tie it to the embeddings (silent audio, model-spec §3.6).
+    transformers >= 4.54 would otherwise tie it to the embeddings (silent audio, docs/model.md §3.6).
     """
 
     model_type = MODEL_TYPE

@@ -4,7 +4,7 @@ A pre-norm decoder-only transformer: RMSNorm, grouped-query attention without bi
 rotary embeddings, SwiGLU MLP, and an untied ``lm_head``. Position enters only through a
 square-root ALiBi bias, ``bias[h, i, j] = -slope_h * sqrt(i - j)`` for ``j <= i``.
 
-Differences from the reference remote code (same function, model-spec §3.1):
+Differences from the reference remote code (same function, docs/model.md §3.1):
 - ``attention_mask`` is honoured, so left-padded batches work (the reference ignores it);
 - the bias is built once per forward for the query rows actually computed (``q x k``), shared by
   every layer, instead of a full ``(heads, T, T)`` tensor per layer per step;

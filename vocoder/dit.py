@@ -1,7 +1,7 @@
 """The flow-matching estimator: a DiT with adaLN-Zero blocks (attention, causal conv, MLP branches).
 
 Parameter names reproduce the official ``flow.pt`` keys under ``decoder.estimator.``
-(checkpoint-keys.md §2). The velocity field is evaluated on (x, mu, speaker, prompt condition)
+(docs/model.md §4.4). The velocity field is evaluated on (x, mu, speaker, prompt condition)
 stacked on channels; the time enters through a sinusoidal embedding that modulates every block.
 
 Streaming is not implemented, but the modules take an explicit :class:`DiTCache` (left context of

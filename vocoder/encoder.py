@@ -1,7 +1,7 @@
 """The flow's token encoder: dual-codebook embedding and the upsampling conformer (25 Hz -> 50 Hz).
 
 Parameter names reproduce the official ``flow.pt`` keys under ``input_embedding.`` and ``encoder.``
-(see checkpoint-keys.md §2). The conformer is ESPnet's: relative-position self-attention
+(see docs/model.md §4.4). The conformer is ESPnet's: relative-position self-attention
 ("rel_selfattn" with ``pos_bias_u``/``pos_bias_v``/``linear_pos`` and the relative shift) over the
 "rel_pos_espnet" sinusoidal table, pre-norm blocks without macaron FFN or convolution module.
 Only the non-streaming path is implemented; every module is stateless, so a chunked path with an
