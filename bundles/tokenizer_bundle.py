@@ -208,7 +208,9 @@ def _am_mvn(rng: np.random.Generator) -> str:
 
 def _paraformer_state_dict(config: dict, vocab: int, seed: int) -> dict[str, torch.Tensor]:
     """State dict of funasr's own ``ParaformerStreaming`` built from ``config``, seeded init."""
-    import funasr  # noqa: F401  (registers the classes)
+    from tokenizer import import_funasr
+
+    import_funasr()
     from funasr.register import tables
 
     model_cls = tables.model_classes[config["model"]]
