@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 EXTRAS ?= cpu,quant,dev
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint typecheck bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -20,11 +20,15 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python api_server.py --demo --api-port 8003
 
+# The gates, in the order `make test` runs them (.pre-commit-config.yaml runs the same tools).
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
-test: $(STAMP)
-	$(BIN)/ruff check .
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: lint typecheck
 	$(BIN)/python -m pytest
 
 # Benchmarks (minutes, several GB of full-size random bundles under bench/out); not part of the tests.
@@ -34,4 +38,4 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.bench_llm
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -54,8 +54,8 @@ def _decode_with_av(data: bytes) -> tuple[np.ndarray, int]:
     import av  # imported lazily: only needed for compressed formats soundfile cannot read
 
     try:
-        with av.open(io.BytesIO(data)) as container:
-            stream = next((s for s in container.streams if s.type == "audio"), None)
+        with av.open(io.BytesIO(data), mode="r") as container:
+            stream = next(iter(container.streams.audio), None)
             if stream is None:
                 raise AudioError("the file holds no audio stream")
             resampler = av.AudioResampler(format="fltp")

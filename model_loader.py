@@ -38,6 +38,7 @@ from model_files import (
 )
 
 if TYPE_CHECKING:  # the stages themselves are imported lazily, when a bundle is loaded
+    from llm.model import Step1ForCausalLM
     from llm.text_tokenizer import StepTextTokenizer
     from tokenizer import StepAudioTokenizer
     from vocoder.frontend import SpeakerEncoder
@@ -74,7 +75,7 @@ def enable_tf32() -> bool:
     matmul = torch.backends.cuda.matmul
     if hasattr(matmul, "fp32_precision"):  # torch >= 2.9 API; the allow_tf32 flags are deprecated
         matmul.fp32_precision = "tf32"
-        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"  # type: ignore[attr-defined]  # torch >= 2.9, untyped
     else:
         matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -299,7 +300,7 @@ def _bnb_cpu_fallback(model: torch.nn.Module) -> None:
 
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
-            state = module.weight.quant_state
+            state = module.weight.quant_state  # type: ignore[attr-defined]  # bitsandbytes Params4bit
             blocksize = getattr(state, "blocksize", 64)
             if module.out_features % 32 or module.in_features % blocksize:
                 module.support_avx512bf16_for_cpu = False
@@ -307,7 +308,7 @@ def _bnb_cpu_fallback(model: torch.nn.Module) -> None:
 
 def load_llm(
     base_dir: Path, variant: str, device: torch.device, dtype: torch.dtype, *, quantized_dir: Path | None = None
-) -> torch.nn.Module:
+) -> Step1ForCausalLM:
     """Load one Step1 variant with our implementation (never remote code), in eval mode, warmed up.
 
     base: ``base_dir`` (bf16 safetensors) at ``dtype``. awq: the compressed-tensors checkpoint at
@@ -345,7 +346,8 @@ def load_llm(
         raise ModelLoadError(f"model variant {variant!r}: no config.json in {source}")
     start = time.perf_counter()
     try:
-        model, info = Step1ForCausalLM.from_pretrained(source, **kwargs)
+        loaded: Any = Step1ForCausalLM.from_pretrained(source, **kwargs)  # (model, info): output_loading_info
+        model, info = loaded
     except Exception as exc:  # unreadable files, wrong shapes, quantiser refusing this device
         raise ModelLoadError(f"model variant {variant!r} cannot be loaded from {source}: {exc}") from exc
     bad = {k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
@@ -415,7 +417,7 @@ class ModelRegistry:
                 self._loaded[key] = value
             return value
 
-    def get_llm(self, variant: str = "base") -> torch.nn.Module:
+    def get_llm(self, variant: str = "base") -> Step1ForCausalLM:
         """The Step1 model of ``variant`` (base, awq, bnb), loaded on first use."""
         quantized = {"awq": self.bundle.awq, "bnb": self.bundle.bnb}.get(variant)
         return self.get_or_load(
@@ -423,7 +425,7 @@ class ModelRegistry:
             lambda: load_llm(self.bundle.editx, variant, self.device, self.dtype, quantized_dir=quantized),
         )
 
-    def load_llms(self, variants: Iterable[str]) -> dict[str, torch.nn.Module]:
+    def load_llms(self, variants: Iterable[str]) -> dict[str, Step1ForCausalLM]:
         """Load every variant in ``variants`` now (startup); the first failure raises."""
         return {variant: self.get_llm(variant) for variant in variants}
 

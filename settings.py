@@ -53,9 +53,7 @@ class Settings(BaseSettings):
     funasr_model_id: str = Field(
         DEFAULT_FUNASR_MODEL_ID, description="Paraformer folder inside the tokenizer directory."
     )
-    variants: list[Variant] = Field(
-        default_factory=lambda: ["base"], description="LLM variants to load (base, awq, bnb)."
-    )
+    variants: list[Variant] = Field(["base"], description="LLM variants to load (base, awq, bnb).")
     awq_model_path: Path | None = Field(
         None, description="AWQ checkpoint dir (default: <model-path>/Step-Audio-EditX-AWQ-4bit)."
     )

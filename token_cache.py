@@ -72,7 +72,7 @@ import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from filelock import FileLock
@@ -187,7 +187,7 @@ def fingerprint_of(paths: Iterable[Path | str], **settings: Any) -> str:
 def _encode(arrays: Mapping[str, np.ndarray]) -> tuple[bytes, dict[str, list[Any]]]:
     """Arrays -> (npz bytes, {name: [dtype, shape]}) without pickle."""
     buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
+    np.savez_compressed(buf, **cast(dict[str, Any], arrays))
     layout = {name: [a.dtype.str, list(a.shape)] for name, a in sorted(arrays.items())}
     return buf.getvalue(), layout
 
@@ -544,13 +544,14 @@ class TokenCache:
             return
         sha = hashlib.sha256(payload).hexdigest()
         path = self._path(key)
-        tmp = self._write_temp(path, payload)
+        written = self._write_temp(path, payload)
+        tmp: Path | None = written  # None once renamed into place
         try:
             with self._write() as conn:
                 cur = conn.execute("SELECT sha256 FROM entries WHERE key = ?", (key,)).fetchone()
                 if (cur[0] if cur else None) != (base.sha256 if base else None):
                     raise _ConflictError
-                os.replace(tmp, path)
+                os.replace(written, path)
                 tmp = None
                 now = time.time()
                 conn.execute(

@@ -123,7 +123,7 @@ async def _clone_request(state: AppState, body: SpeechRequest, uploads: dict[str
 async def _edit_request(state: AppState, body: SpeechRequest, uploads: dict[str, bytes], variant: str) -> EditRequest:
     opts = body.step_audio
     mode = opts.mode
-    assert mode in EDIT_MODES
+    assert mode != "clone" and mode in EDIT_MODES
     _refuse_unused(opts.prompt_audio_base64, opts.prompt_audio_url, uploads.get("prompt_audio"), "prompt_audio", mode)
     audio = await load_audio(
         state.settings,

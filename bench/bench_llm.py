@@ -28,6 +28,7 @@ import logging
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -135,7 +136,7 @@ def step_vs_context(model: Step1ForCausalLM, contexts: tuple[int, ...], repeats:
     return out
 
 
-def full_cpu_steps(layer_counts: list[int], contexts: tuple[int, ...]) -> dict[str, object]:
+def full_cpu_steps(layer_counts: list[int], contexts: tuple[int, ...]) -> dict[str, Any]:
     """Per-step seconds at each context for the 32-layer fp32 model (measured or extrapolated)."""
     measured: dict[int, dict[int, float]] = {}
     for layers in layer_counts:
@@ -170,7 +171,7 @@ def main() -> None:
     cpu = torch.device("cpu")
     results: dict[str, object] = {"threads": args.threads, "context": args.context, "decode": []}
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for size in ("tiny", "mid"):
         model = load_llm(_bundle(args.root, size, cpu), "base", cpu, torch.float32)
         for batch in (1, 8):

@@ -83,6 +83,7 @@ def run_case(vocoder_dir: Path, case: str, device: str, threads: int, repeats: i
         if device == "cuda":
             torch.cuda.synchronize()
         timings = t2w.last_timings
+        assert timings is not None  # set by every token2wav call
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         return wall, timings.flow_s, timings.hift_s, wav.shape[1], cpu
 

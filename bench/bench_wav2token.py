@@ -134,7 +134,9 @@ def bench(
         tokenizer.wav2token(prompt, sr)  # warm-up (allocations, ONNX arena), uncached
         vq02 = timed(lambda a=audio16k: tokenizer.vq02(a), 1)  # the split, measured once
         vq06 = timed(lambda a=audio16k: tokenizer.vq06_tokenizer(a), 1)
-        misses, miss_cpu, hits = [], [], []
+        misses: list[float] = []
+        miss_cpu: list[float] = []
+        hits: list[float] = []
         for _ in range(runs):
             with tempfile.TemporaryDirectory() as cache_dir:
                 tokenizer.cache = TokenCache(Path(cache_dir), 64 * 1024**2, tokenizer.fingerprint)

@@ -265,6 +265,8 @@ class _Block(nn.Module):
 class S3TokenizerStandIn(nn.Module):
     """A Whisper-style encoder + cosine codebook with the real S3 tokenizer's I/O signature."""
 
+    positional_embedding: torch.Tensor  # buffer (positions, width)
+
     def __init__(self, dims: TokenizerDims) -> None:
         super().__init__()
         width = dims.s3_width

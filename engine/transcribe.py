@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -102,7 +103,7 @@ class WhisperTranscriber:
         self.language = language
         self.beam_size = beam_size
         self.download_root = download_root
-        self._model = None
+        self._model: Any = None  # faster_whisper.WhisperModel once loaded
         self._load_lock = threading.Lock()
         self._run_lock = threading.Lock()
 

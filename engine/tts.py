@@ -115,7 +115,8 @@ def _tagged_text(request: EditRequest) -> str | None:
 def pcm16_round_trip(wav: np.ndarray) -> np.ndarray:
     """The reference saves each edit iteration as a 16-bit WAV (soundfile) and reloads it; same in memory."""
     pcm = np.clip(np.floor(wav.astype(np.float32) * np.float32(PCM16_SCALE)), -PCM16_SCALE, PCM16_SCALE - 1)
-    return (pcm / PCM16_SCALE).astype(np.float32)
+    out: np.ndarray = (pcm / PCM16_SCALE).astype(np.float32)
+    return out
 
 
 def change_speed(wav: np.ndarray, speed: float) -> np.ndarray:
@@ -435,7 +436,7 @@ class StepAudioEngine:
         and auto-transcription is on."""
         if given is not None and given.strip():
             return given
-        if not self.auto_transcribe:
+        if not self.auto_transcribe or self.transcriber is None:
             raise InvalidInputError(
                 f"{param} (the transcript of the audio) is required; "
                 "give it, or start the server with --enable-auto-transcribe",

@@ -8,6 +8,7 @@ This class accepts the same keys (``num_attention_groups``, ``max_seq_len``, ...
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from transformers import PretrainedConfig
 
@@ -45,7 +46,7 @@ class Step1Config(PretrainedConfig):
     eos_token_id: int | list[int] | None = 3
     tie_word_embeddings: bool = False
 
-    def __post_init__(self, **kwargs) -> None:
+    def __post_init__(self, **kwargs: Any) -> None:
         kwargs.pop("tie_word_embeddings", None)
         super().__post_init__(**kwargs)
         self.validate_architecture()

@@ -238,7 +238,8 @@ class _Forward:
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
         kwargs: dict[str, object] = {"logits_to_keep": 1} if self.last_only else {}
         out = self.model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, **kwargs)
-        return out.logits[:, -1, :].float()
+        logits: torch.Tensor = out.logits[:, -1, :].float()
+        return logits
 
 
 def _model_device(model: nn.Module) -> torch.device:

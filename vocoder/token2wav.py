@@ -224,10 +224,9 @@ class Token2Wav:
         )
         flow_done = time.perf_counter()
         draws = HiftDraws(
-            *(
-                None if d is None else d.to(device)
-                for d in (hift_draws.rand_ini, hift_draws.sine_noise, hift_draws.source_noise)
-            )
+            hift_draws.rand_ini.to(device),
+            hift_draws.sine_noise.to(device),
+            None if hift_draws.source_noise is None else hift_draws.source_noise.to(device),
         )
         speech = self.hift.inference(target_mel, draws=draws)
         end = time.perf_counter()
