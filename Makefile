@@ -13,6 +13,11 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: an unpinned torch drags in a multi-GB CUDA build
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
+ifneq (,$(findstring dev,$(EXTRAS)))
+	# the tests cover the openai-whisper backend too: pyproject's `openai-whisper` extra, without its
+	# triton dependency (~1 GB, used only by CUDA word-timestamp kernels); its other deps are core ones
+	$(BIN)/pip install -q --no-deps openai-whisper==20250625 more-itertools==11.2.1
+endif
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -40,7 +40,7 @@ from token_cache import content_key
 from vocoder.frontend import prompt_features
 
 if TYPE_CHECKING:
-    from engine.transcribe import WhisperTranscriber
+    from engine.transcribe import Transcriber
     from llm.model import Step1ForCausalLM
     from llm.text_tokenizer import StepTextTokenizer
     from settings import Settings
@@ -178,7 +178,7 @@ class StepAudioEngine:
         token2wav: Token2Wav,
         speaker_encoder: SpeakerEncoder,
         cache: TokenCache | None = None,
-        transcriber: WhisperTranscriber | None = None,
+        transcriber: Transcriber | None = None,
         options: EngineOptions | None = None,
         device: torch.device | str = "cpu",
     ) -> None:
@@ -565,16 +565,20 @@ def build_engine(
     llms = registry.load_llms(dict.fromkeys(settings.variants))  # de-duplicated, in order
     transcriber = None
     if settings.enable_auto_transcribe:
-        from engine.transcribe import WhisperTranscriber
+        from engine.transcribe import make_transcriber
 
-        def load_whisper() -> WhisperTranscriber:
-            whisper = WhisperTranscriber(
-                settings.whisper_model, device=str(registry.device), download_root=settings.cache_dir / "whisper"
+        def load_whisper() -> Transcriber:
+            whisper = make_transcriber(
+                settings.asr_backend,
+                settings.whisper_model,
+                device=str(registry.device),
+                download_root=settings.cache_dir / "whisper",
             )
             whisper.load()  # at startup, so the first request does not pay for it
             return whisper
 
-        transcriber = registry.get_or_load(f"whisper:{settings.whisper_model}", load_whisper)
+        key = f"whisper:{settings.asr_backend}:{settings.whisper_model}"
+        transcriber = registry.get_or_load(key, load_whisper)
     options = EngineOptions(
         max_audio_seconds=settings.max_audio_seconds,
         max_edit_iter=settings.max_edit_iter,
