@@ -9,11 +9,11 @@ its keys and shapes are the package's. ``TINY_DIMS`` keeps what the format fixes
 
 A decoder with purely random weights babbles up to its 224-token limit at each of whisper's six
 fallback temperatures (minutes on a CPU, for text that cannot be checked). So the decoder is made
-to say one word and stop, whatever the audio: its blocks write nothing to the residual stream, and
-the text positions 1 and 2 carry large orthogonal directions that the word's and the
-end-of-text's embeddings point along. Position 0 (after the start token) is left to whisper's
-rule that a segment opens with a timestamp. Everything else, the audio encoder included, stays
-random and still runs.
+to say one word and stop, whatever the audio, and confidently (an unsure first pass would send
+whisper on to its sampled fallbacks): its blocks write nothing to the residual stream, and text
+positions 0, 1 and 2 carry large orthogonal directions that the embeddings of ``<|0.00|>`` (a
+segment opens with a timestamp), the word and end-of-text point along. Everything else, the audio
+encoder included, stays random and still runs.
 
 Needs the optional ``openai-whisper`` package (imported on call).
 """
@@ -41,7 +41,7 @@ TINY_DIMS: dict[str, int] = {
 
 
 SPOKEN_WORD = " hello"  # one GPT-2 token; the checkpoint's transcript of any audio is "hello"
-POSITION_SCALE = 10.0  # norm of the directions at text positions 1 and 2 (other embeddings: ~0.2)
+POSITION_SCALE = 10.0  # norm of the directions at text positions 0..2 (other embeddings: ~0.2)
 LOGIT_SCALE = 2.0  # norm of the word's and end-of-text's embeddings along those directions
 
 
@@ -64,12 +64,13 @@ def write_openai_whisper_checkpoint(path: Path, seed: int = 0) -> Path:
                         out.bias.zero_()
             decoder.token_embedding.weight.normal_(0.0, 0.02)
             decoder.positional_embedding.normal_(0.0, 0.02)  # the package leaves it uninitialised
-            basis = torch.randn(TINY_DIMS["n_text_state"], 2)
+            script = (tokenizer.timestamp_begin, word_id, tokenizer.eot)  # what positions 0, 1, 2 predict
+            basis = torch.randn(TINY_DIMS["n_text_state"], len(script))
             basis -= basis.mean(dim=0)  # zero-mean, so the decoder's final LayerNorm keeps the direction
-            directions = torch.linalg.qr(basis)[0].T  # two orthonormal, zero-mean rows
-            for position, token in ((1, word_id), (2, tokenizer.eot)):
-                decoder.positional_embedding[position] = POSITION_SCALE * directions[position - 1]
-                decoder.token_embedding.weight[token] = LOGIT_SCALE * directions[position - 1]
+            directions = torch.linalg.qr(basis)[0].T  # orthonormal, zero-mean rows
+            for position, token in enumerate(script):
+                decoder.positional_embedding[position] = POSITION_SCALE * directions[position]
+                decoder.token_embedding.weight[token] = LOGIT_SCALE * directions[position]
     state = {name: tensor.half() for name, tensor in model.state_dict().items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
