@@ -5,7 +5,7 @@ memoises each component, so the HTTP API, the engine and any UI share one copy (
 "unified deployment" halved GPU memory this way). Problems surface at load time as
 ``errors.ModelLoadError`` naming the component or variant and the reason, never at request time.
 
-Bundle layout (model-spec §1.1): ``<root>/Step-Audio-EditX`` (LLM, text tokenizer,
+Bundle layout (docs/model.md §1.1): ``<root>/Step-Audio-EditX`` (LLM, text tokenizer,
 ``CosyVoice-300M-25Hz/`` vocoder), ``<root>/Step-Audio-Tokenizer`` (audio tokenizer), optional
 ``<root>/Step-Audio-EditX-AWQ-4bit`` and ``<root>/Step-Audio-EditX-bnb-4bit``. ``model_path`` may
 be that root or the ``Step-Audio-EditX`` directory itself (the seed's two forms).
@@ -38,6 +38,7 @@ from model_files import (
 )
 
 if TYPE_CHECKING:  # the stages themselves are imported lazily, when a bundle is loaded
+    from llm.model import Step1ForCausalLM
     from llm.text_tokenizer import StepTextTokenizer
     from token_cache import TokenCache
     from tokenizer import StepAudioTokenizer
@@ -75,7 +76,7 @@ def enable_tf32() -> bool:
     matmul = torch.backends.cuda.matmul
     if hasattr(matmul, "fp32_precision"):  # torch >= 2.9 API; the allow_tf32 flags are deprecated
         matmul.fp32_precision = "tf32"
-        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"  # type: ignore[attr-defined]  # torch >= 2.9, untyped
     else:
         matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -268,7 +269,7 @@ def _quant_method(model_dir: Path) -> str | None:
 
 
 def _bnb_config(dtype: torch.dtype) -> Any:
-    """Runtime NF4 quantisation as the upstream loader does it (model-spec §6.1)."""
+    """Runtime NF4 quantisation as the upstream loader does it (docs/model.md §1.5)."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -300,7 +301,7 @@ def _bnb_cpu_fallback(model: torch.nn.Module) -> None:
 
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
-            state = module.weight.quant_state
+            state = module.weight.quant_state  # type: ignore[attr-defined]  # bitsandbytes Params4bit
             blocksize = getattr(state, "blocksize", 64)
             if module.out_features % 32 or module.in_features % blocksize:
                 module.support_avx512bf16_for_cpu = False
@@ -308,7 +309,7 @@ def _bnb_cpu_fallback(model: torch.nn.Module) -> None:
 
 def load_llm(
     base_dir: Path, variant: str, device: torch.device, dtype: torch.dtype, *, quantized_dir: Path | None = None
-) -> torch.nn.Module:
+) -> Step1ForCausalLM:
     """Load one Step1 variant with our implementation (never remote code), in eval mode, warmed up.
 
     base: ``base_dir`` (bf16 safetensors) at ``dtype``. awq: the compressed-tensors checkpoint at
@@ -346,7 +347,8 @@ def load_llm(
         raise ModelLoadError(f"model variant {variant!r}: no config.json in {source}")
     start = time.perf_counter()
     try:
-        model, info = Step1ForCausalLM.from_pretrained(source, **kwargs)
+        loaded: Any = Step1ForCausalLM.from_pretrained(source, **kwargs)  # (model, info): output_loading_info
+        model, info = loaded
     except Exception as exc:  # unreadable files, wrong shapes, quantiser refusing this device
         raise ModelLoadError(f"model variant {variant!r} cannot be loaded from {source}: {exc}") from exc
     bad = {k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
@@ -416,7 +418,7 @@ class ModelRegistry:
                 self._loaded[key] = value
             return value
 
-    def get_llm(self, variant: str = "base") -> torch.nn.Module:
+    def get_llm(self, variant: str = "base") -> Step1ForCausalLM:
         """The Step1 model of ``variant`` (base, awq, bnb), loaded on first use."""
         quantized = {"awq": self.bundle.awq, "bnb": self.bundle.bnb}.get(variant)
         return self.get_or_load(
@@ -424,7 +426,7 @@ class ModelRegistry:
             lambda: load_llm(self.bundle.editx, variant, self.device, self.dtype, quantized_dir=quantized),
         )
 
-    def load_llms(self, variants: Iterable[str]) -> dict[str, torch.nn.Module]:
+    def load_llms(self, variants: Iterable[str]) -> dict[str, Step1ForCausalLM]:
         """Load every variant in ``variants`` now (startup); the first failure raises."""
         return {variant: self.get_llm(variant) for variant in variants}
 

@@ -83,7 +83,7 @@ import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from filelock import FileLock
@@ -199,7 +199,7 @@ def fingerprint_of(paths: Iterable[Path | str], **settings: Any) -> str:
 def _encode(arrays: Mapping[str, np.ndarray]) -> tuple[bytes, dict[str, list[Any]]]:
     """Arrays -> (npz bytes, {name: [dtype, shape]}) without pickle."""
     buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
+    np.savez_compressed(buf, **cast(dict[str, Any], arrays))
     layout = {name: [a.dtype.str, list(a.shape)] for name, a in sorted(arrays.items())}
     return buf.getvalue(), layout
 

@@ -1,8 +1,8 @@
 """The audio tokenizer stage (``wav2token``): a prompt waveform to Step-Audio's two token streams.
 
-Reference: ``StepAudioTokenizer`` of stepfun-ai/Step-Audio-EditX (model-spec.md §2).
+Reference: ``StepAudioTokenizer`` of stepfun-ai/Step-Audio-EditX (docs/model.md §2).
 
-* **Preprocessing** (§2.2): resample to 16 kHz with the shared sinc resampler, energy
+* **Preprocessing** (docs/model.md §2.2): resample to 16 kHz with the shared sinc resampler, energy
   normalisation, and the reference's silence trim (librosa ``effects.trim``, then a fixed
   lead-in and a frame-aligned length).
 * **vq02** (§2.3), 16.67 Hz, 1024 codes: the pip ``funasr`` streaming Paraformer encoder
@@ -25,9 +25,13 @@ resampled up instead of crashing; bad input raises ``audio.AudioError`` instead 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
+import threading
 import time
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -272,6 +276,32 @@ class S3Tokenizer:
 # ==============================================================================================
 
 
+_FUNASR_IMPORT_LOCK = threading.Lock()
+
+
+@lru_cache(maxsize=1)
+def import_funasr() -> None:
+    """Import ``funasr`` once, with what it prints and warns kept out of the server's output.
+
+    Importing it prints a notice that ffmpeg is missing and pydub warns the same; both are about
+    audio file loading, which we never ask funasr to do (it only gets waveforms), so to an operator
+    they are false alarms. They go to this module's debug log instead. Every funasr import in the
+    project goes through here, so the first one is always the quiet one.
+    """
+    with _FUNASR_IMPORT_LOCK:
+        # stdout only: stderr must stay the real one, since funasr's first ``logging.debug`` call
+        # can make the root logger create its handler (bound to whatever sys.stderr is then).
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            # the package's __init__ registers its classes; load_utils prints the ffmpeg notice
+            import funasr.utils.load_utils  # noqa: F401
+    noise = [out.getvalue().strip()] if out.getvalue().strip() else []
+    noise += [f"{w.category.__name__}: {w.message}" for w in caught]
+    if noise:
+        logger.debug("funasr import output (silenced): %s", " | ".join(noise))
+
+
 @dataclass(frozen=True)
 class Vq02Encoding:
     """What the streaming encoder saw and produced for one utterance.
@@ -294,7 +324,7 @@ class ParaformerEncoder:
     """
 
     def __init__(self, model_dir: Path, device: str = "cpu", dither: float = 0.0) -> None:
-        import funasr  # noqa: F401  (importing the package registers its classes)
+        import_funasr()
         from funasr.register import tables
 
         conf = _read_yaml(model_dir / FUNASR_CONFIG_FILE)
@@ -383,6 +413,7 @@ class ParaformerEncoder:
         funasr 1.4 returns no frame where the reference's 1.0.8 frontend raised and the
         reference skipped the chunk (a final chunk under 480 samples): the loop ends there.
         """
+        import_funasr()
         from funasr.utils.load_utils import extract_fbank
 
         audio = audio.detach().to("cpu", torch.float32).reshape(-1)

@@ -84,13 +84,14 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory | None = Non
         finally:
             service.stop()
 
+    # with an API key the schema is served behind it (below) and the browser UIs are off
+    hidden: dict[str, Any] = {"openapi_url": None, "docs_url": None, "redoc_url": None} if settings.api_key else {}
     app = FastAPI(
         title="Step-Audio-EditX speech server",
         version="1.0",
         description="OpenAI-compatible voice cloning and speech editing with Step-Audio-EditX.",
         lifespan=lifespan,
-        # with an API key the schema is served behind it (below) and the browser UIs are off
-        **({"openapi_url": None, "docs_url": None, "redoc_url": None} if settings.api_key else {}),
+        **hidden,
     )
     app.state.step_audio = state
     install_error_handlers(app)

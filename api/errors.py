@@ -165,7 +165,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ValidationError)
     async def _pydantic(_: Request, exc: ValidationError) -> JSONResponse:
         # Raised by our own model_validate calls (e.g. the multipart `payload` JSON).
-        message, param = validation_message(list(exc.errors()))
+        message, param = validation_message([dict(error) for error in exc.errors()])
         return error_response(400, message, code="invalid_value", param=param)
 
     @app.exception_handler(StarletteHTTPException)

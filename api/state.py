@@ -17,9 +17,10 @@ from settings import Settings
 
 
 class Engine(Protocol):
-    """What the HTTP layer needs from ``engine.tts.StepAudioEngine`` (see INTERFACES.md)."""
+    """What the HTTP layer needs from ``engine.tts.StepAudioEngine`` (a Protocol, so tests can stand in)."""
 
-    variants: list[str]
+    @property
+    def variants(self) -> list[str]: ...
 
     def clone(self, request: CloneRequest) -> SynthesisResult: ...
     def edit(self, request: EditRequest) -> SynthesisResult: ...
@@ -52,7 +53,8 @@ class AppState:
 
 
 def get_state(request: Request) -> AppState:
-    return request.app.state.step_audio
+    state: AppState = request.app.state.step_audio
+    return state
 
 
 State = Annotated[AppState, Depends(get_state)]

@@ -2,7 +2,7 @@
 
 Run: ``python -m bench.bench_wav2token [--runs 3] [--bundle-dir DIR]``. Not a test.
 
-Same conditions as the reference numbers in PERFORMANCE.md: CPU, fp32, ``torch`` with 2 threads,
+Same conditions as the reference numbers in bench/README.md: CPU, fp32, ``torch`` with 2 threads,
 1 ONNX thread, official dimensions with random weights (random weights cost what real ones
 cost). The prompt is real English speech from Piper (``en_US-joe-medium``, CC0), sentences
 concatenated to the target length at the voice's 22.05 kHz, prepared as the server prepares it.
@@ -62,7 +62,7 @@ MARKER = ".tokenizer-full-complete"
 TORCH_THREADS = 2
 ONNX_THREADS = 1
 PROMPT_SECONDS = (10.0, 30.0)
-REFERENCE_MISS_S = {10.0: 3.8, 30.0: 11.6}  # PERFORMANCE.md: the unmodified reference, same machine kind
+REFERENCE_MISS_S = {10.0: 3.8, 30.0: 11.6}  # bench/README.md: the unmodified reference, same machine kind
 HIT_BUDGET = 0.01  # a hit may cost at most 1% of the miss
 SENTENCES = [
     "Please call Stella and ask her to bring these things with her from the store.",
@@ -151,7 +151,9 @@ def bench(
         tokenizer.wav2token(prompt, sr)  # warm-up (allocations, ONNX arena), uncached
         vq02 = timed(lambda a=audio16k: tokenizer.vq02(a), 1)  # the split, measured once
         vq06 = timed(lambda a=audio16k: tokenizer.vq06_tokenizer(a), 1)
-        misses, miss_cpu, hits = [], [], []
+        misses: list[float] = []
+        miss_cpu: list[float] = []
+        hits: list[float] = []
         for _ in range(runs):
             with tempfile.TemporaryDirectory() as cache_dir:
                 cache = TokenCache(Path(cache_dir), 64 * 1024**2, tokenizer.fingerprint)

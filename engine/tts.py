@@ -1,4 +1,4 @@
-"""The engine: clone and edit composed from the three stages (model-spec §5, DESIGN §2).
+"""The engine: clone and edit composed from the three stages (docs/model.md §5, docs/engine.md).
 
     clone: prompt audio ─► prepare_prompt ─► wav2token + prompt mel + speaker embedding
                (one cache record under the audio's content key, see _prompt_features)
@@ -56,7 +56,7 @@ from tokenizer import AudioTokens, check_prompt
 from vocoder.frontend import frontend_fingerprint, prompt_features
 
 if TYPE_CHECKING:
-    from engine.transcribe import WhisperTranscriber
+    from engine.transcribe import Transcriber
     from llm.model import Step1ForCausalLM
     from llm.text_tokenizer import StepTextTokenizer
     from settings import Settings
@@ -140,7 +140,8 @@ def prompt_cache_fingerprint(tokenizer_fingerprint: str, frontend_fp: str) -> st
 
 def pcm16_round_trip(wav: np.ndarray) -> np.ndarray:
     """The reference saves each edit iteration as a 16-bit WAV (soundfile) and reloads it; same in memory."""
-    return (to_pcm16(wav) / np.float32(PCM16_SCALE)).astype(np.float32)
+    out: np.ndarray = (to_pcm16(wav) / np.float32(PCM16_SCALE)).astype(np.float32)
+    return out
 
 
 def change_speed(wav: np.ndarray, speed: float) -> np.ndarray:
@@ -204,7 +205,7 @@ class StepAudioEngine:
         token2wav: Token2Wav,
         speaker_encoder: SpeakerEncoder,
         cache: TokenCache | None = None,
-        transcriber: WhisperTranscriber | None = None,
+        transcriber: Transcriber | None = None,
         options: EngineOptions | None = None,
         device: torch.device | str = "cpu",
     ) -> None:
@@ -421,6 +422,7 @@ class StepAudioEngine:
         step = steps[0]
         audio = request.audio
         self._check_audio(audio, "audio")
+        audio_text: str | None
         if needs_transcript(steps):
             audio_text = self._transcript(request.audio_text, audio, "audio_text", timings)
         else:
@@ -490,7 +492,7 @@ class StepAudioEngine:
         and auto-transcription is on."""
         if given is not None and given.strip():
             return given
-        if not self.auto_transcribe:
+        if not self.auto_transcribe or self.transcriber is None:
             raise InvalidInputError(
                 f"{param} (the transcript of the audio) is required: auto-transcription is off", param=param
             )
@@ -639,16 +641,20 @@ def build_engine(
     llms = registry.load_llms(dict.fromkeys(settings.variants))  # de-duplicated, in order
     transcriber = None
     if settings.enable_auto_transcribe:
-        from engine.transcribe import WhisperTranscriber
+        from engine.transcribe import make_transcriber
 
-        def load_whisper() -> WhisperTranscriber:
-            whisper = WhisperTranscriber(
-                settings.whisper_model, device=str(registry.device), download_root=settings.cache_dir / "whisper"
+        def load_whisper() -> Transcriber:
+            whisper = make_transcriber(
+                settings.asr_backend,
+                settings.whisper_model,
+                device=str(registry.device),
+                download_root=settings.cache_dir / "whisper",
             )
             whisper.load()  # at startup, so the first request does not pay for it
             return whisper
 
-        transcriber = registry.get_or_load(f"whisper:{settings.whisper_model}", load_whisper)
+        key = f"whisper:{settings.asr_backend}:{settings.whisper_model}"
+        transcriber = registry.get_or_load(key, load_whisper)
     options = EngineOptions(
         max_audio_seconds=settings.max_audio_seconds,
         max_edit_iter=settings.max_edit_iter,

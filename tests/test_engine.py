@@ -403,6 +403,28 @@ def test_auto_transcription_fills_missing_transcripts(transcribing_engine: StepA
     assert edited.audio.shape[0] > 0
 
 
+def test_openai_whisper_backend_fills_missing_transcripts(
+    tiny_bundle: Path, engine_cache_dir: Path, registry: ModelRegistry, tmp_path: Path
+) -> None:
+    """``--asr-backend openai-whisper`` with a ``.pt`` checkpoint, through build_engine and a clone."""
+    pytest.importorskip("whisper.model", reason="the optional openai-whisper package is not installed")
+    from bundles.whisper_bundle import SPOKEN_WORD, write_openai_whisper_checkpoint
+
+    checkpoint = write_openai_whisper_checkpoint(tmp_path / "tiny.pt")
+    settings = engine_settings(
+        tiny_bundle,
+        engine_cache_dir,
+        enable_auto_transcribe=True,
+        asr_backend="openai-whisper",
+        whisper_model=str(checkpoint),
+    )
+    engine = build_engine(settings, registry=registry, max_new_tokens=MAX_NEW_TOKENS)
+    assert engine.transcriber is not None and engine.transcriber.backend == "openai-whisper"
+    audio = AudioInput(np.random.default_rng(5).uniform(-0.3, 0.3, (1, 24000)).astype(np.float32), 24000)
+    cloned = engine.clone(CloneRequest(prompt_audio=audio, prompt_text=None, text="Thank you.", seed=1))
+    assert cloned.transcript == SPOKEN_WORD.strip()
+
+
 def test_write_bundle_reuses_a_complete_bundle(tiny_bundle: Path) -> None:
     weights = tiny_bundle / "Step-Audio-EditX" / "model-00001-of-00001.safetensors"
     before = weights.stat().st_mtime_ns

@@ -1,7 +1,7 @@
 """Prompt frontend: 24 kHz log-mel, Kaldi fbank + CAM++ embedding, the campplus stand-in, caching.
 
-Fixture parity (skipped without ../shared) is checked stage by stage (from the reference's
-resampled audio) and end to end from the prepared prompt wav, with README §6's tolerances.
+Fixture parity (skipped without the reference fixtures) is checked stage by stage (from the reference's
+resampled audio) and end to end from the prepared prompt wav, with the tolerances of docs/model.md §8.
 """
 
 from __future__ import annotations

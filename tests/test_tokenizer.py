@@ -6,6 +6,8 @@ import logging
 import math
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ from audio import AudioError, prepare_prompt, resample
 from audio_codes import AUDIO_ID_OFFSET, VQ02_CODES
 from bundles.tokenizer_bundle import FUNASR_MODEL_ID, write_tokenizer_bundle
 from errors import InvalidInputError, ModelLoadError
+from tests.conftest import REPO_ROOT
 from tokenizer import (
     VQ06_PIECE_SAMPLES,
     AudioTokens,
@@ -270,3 +273,28 @@ def test_resampled_input_sees_the_same_signal(tok):
     a, b = tok.wav2token(x48, 48000), tok.wav2token(x16, 16000)
     np.testing.assert_array_equal(a.vq06, b.vq06)
     np.testing.assert_array_equal(a.vq02, b.vq02)
+
+
+FUNASR_NOTICE = "ffmpeg"  # funasr's import notice and pydub's warning both name it
+
+
+def _run_python(code: str) -> str:
+    """stdout + stderr of a fresh interpreter (the import happens once per process)."""
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=True
+    )
+    return done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_loading_and_running_the_tokenizer_prints_no_funasr_notice(tiny_tokenizer_dir: Path) -> None:
+    bare = _run_python("import funasr")
+    if FUNASR_NOTICE not in bare.lower():
+        pytest.skip("this funasr/pydub prints no ffmpeg notice on import: nothing to silence")
+    ours = _run_python(
+        "import numpy as np\n"
+        "from tokenizer import StepAudioTokenizer\n"
+        f"tok = StepAudioTokenizer({str(tiny_tokenizer_dir)!r})\n"
+        "tok.wav2token(np.random.default_rng(0).uniform(-0.3, 0.3, 16000).astype(np.float32), 16000)\n"
+    )
+    assert FUNASR_NOTICE not in ours.lower(), ours

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from api.admission import queues_a_job
-from api.audio_io import CONTENT_TYPES, StreamingAudioWriter, encode_audio, sse_delta, sse_done
+from api.audio_io import CONTENT_TYPES, AudioFormat, StreamingAudioWriter, encode_audio, sse_delta, sse_done
 from api.errors import ERROR_RESPONSES, status_of
 from api.schemas import IterationAudio, IterationsResponse, SpeechRequest
 from api.speech_requests import SpeechJob, api_param, build_request
@@ -194,7 +194,7 @@ async def _run_until_disconnect(request: Request, work: Awaitable[T]) -> T:
 
 
 async def _stream(
-    state: AppState, mode: str, fmt: str, result: SynthesisResult, t0: float, *, sse: bool
+    state: AppState, mode: str, fmt: AudioFormat, result: SynthesisResult, t0: float, *, sse: bool
 ) -> AsyncIterator[bytes]:
     """Chunked audio or SSE events; the encoder runs in a thread chunk by chunk."""
     m = state.metrics
@@ -225,7 +225,7 @@ async def _iterations_response(
     *,
     state: AppState,
     mode: str,
-    fmt: str,
+    fmt: AudioFormat,
     result: SynthesisResult,
     iterations: list[np.ndarray],
     headers: dict[str, str],
@@ -233,7 +233,7 @@ async def _iterations_response(
 ) -> JSONResponse:
     encoded = [await run_in_threadpool(encode_audio, it, fmt, result.sample_rate) for it in iterations]
     body = IterationsResponse(
-        format=fmt,  # type: ignore[arg-type]
+        format=fmt,
         sample_rate=result.sample_rate,
         seed=result.seed,
         intensity=result.intensity,

@@ -70,7 +70,9 @@ async def register_voice(
     audio = await decode_audio_bytes(data, settings=state.settings, param="file")
 
     def register() -> Voice:
-        heard = text or transcriber.transcribe(audio.samples, audio.sample_rate).strip()
+        heard = text
+        if not heard and transcriber is not None:
+            heard = transcriber.transcribe(audio.samples, audio.sample_rate).strip()
         if not heard:
             raise InvalidInputError("no speech was recognised in the clip; give its transcript", param="transcript")
         return state.voices.register(name, audio, heard, prepare=engine.prepare_voice)
