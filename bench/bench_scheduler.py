@@ -62,6 +62,10 @@ def through_scheduler(model: torch.nn.Module, batch: int, context: int, tokens: 
     observer = _Steps()
     sched = Scheduler(model, max_batch_rows=2 * batch, kv_budget_bytes=2**40, observer=observer)
     gate = threading.Event()
+
+    def hold(_ids: object) -> None:  # the first request waits for the others to be queued
+        gate.wait()
+
     try:
         prompts = _prompts(batch, context)
         start = time.perf_counter()
@@ -71,7 +75,7 @@ def through_scheduler(model: torch.nn.Module, batch: int, context: int, tokens: 
                 max_new_tokens=tokens,
                 do_sample=False,
                 intensity=intensity,
-                on_ids=lambda _ids: gate.wait(),
+                on_ids=hold,
             )
         ]
         handles += [sched.submit(p, max_new_tokens=tokens, do_sample=False, intensity=intensity) for p in prompts[1:]]

@@ -42,6 +42,7 @@ from llm.batching import (
     RowKVCache,
     SamplingSpec,
     kv_bytes_per_token,
+    num_layers,
     peak_kv_bytes,
     prefill,
     request_rows,
@@ -209,7 +210,7 @@ class Scheduler:
         self._vocab = getattr(model.config, "vocab_size", None)
         self._pending: deque[_Request] = deque()
         self._running: list[_Request] = []
-        self._cache = RowKVCache(model.config.num_hidden_layers, 0)
+        self._cache = RowKVCache(num_layers(model), 0)
         self._logits: torch.Tensor | None = None  # (rows, vocab) next-token logits of the running rows
         self._cond = threading.Condition()
         self._closed = False
@@ -308,7 +309,7 @@ class Scheduler:
                     logger.exception("decode step failed; failing %d request(s)", len(self._running))
                     self._fail(self._running, exc)
                     self._running, self._logits = [], None
-                    self._cache = RowKVCache(self.model.config.num_hidden_layers, 0)
+                    self._cache = RowKVCache(num_layers(self.model), 0)
         closed = NotReadyError("the generation scheduler was closed")
         with self._cond:
             self._fail([*self._pending, *self._running], closed)
@@ -405,7 +406,7 @@ class Scheduler:
             self._first_rows(),
             [r.spec for r in self._running],
             [r.history for r in self._running],
-            [r.generator for r in self._running],  # type: ignore[misc] - set at admission
+            [r.generator for r in self._running if r.generator is not None],  # set at admission
         )
         leaving = set()
         for j, (request, token) in enumerate(zip(self._running, ids, strict=True)):
@@ -431,7 +432,7 @@ class Scheduler:
             feed = [token for r, token in zip(self._running, kept_ids, strict=True) for _ in r.rows]
             mask = self._cache.mask(1)
             inputs = torch.tensor(feed, dtype=torch.long, device=self.device)[:, None]
-            self._logits = self._forward(inputs, mask, self._cache)  # type: ignore[arg-type] - duck-typed cache
+            self._logits = self._forward(inputs, mask, self._cache)
             self.steps += 1
         else:
             self._logits = None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,12 +36,18 @@ from llm.prompts import PromptPair
 GROWTH_BLOCK = 64  # columns added at a time when the cache runs out of room (amortises the copy)
 
 
+def num_layers(model: nn.Module) -> int:
+    """Decoder layers of a Step1 model (the KV cache holds one key/value pair per layer)."""
+    config: Any = model.config
+    return int(config.num_hidden_layers)
+
+
 def kv_bytes_per_token(model: nn.Module) -> int:
     """Bytes one row's keys and values take per cached token, summed over layers."""
-    config = model.config
+    config: Any = model.config
     head_dim = config.hidden_size // config.num_attention_heads
     dtype = getattr(model, "dtype", torch.float32)  # activations (hence K/V) are in the model dtype, even quantised
-    return 2 * config.num_hidden_layers * config.num_attention_groups * head_dim * dtype.itemsize
+    return int(2 * config.num_hidden_layers * config.num_attention_groups * head_dim * dtype.itemsize)
 
 
 class RowKVCache:
@@ -153,8 +160,8 @@ def prefill(model: nn.Module, forward: LastLogits, rows: Sequence[Sequence[int]]
     Prefilling each request on its own keeps its numbers those of a solo run.
     """
     ids, mask = left_pad(rows, model_device(model))
-    cache = RowKVCache(model.config.num_hidden_layers, len(rows))
-    logits = forward(ids, mask, cache)  # type: ignore[arg-type] - duck-typed cache
+    cache = RowKVCache(num_layers(model), len(rows))
+    logits = forward(ids, mask, cache)
     cache.lengths = [len(r) for r in rows]
     return logits, cache
 

@@ -244,7 +244,9 @@ class LastLogits:
         params = inspect.signature(model.forward).parameters
         self.last_only = "logits_to_keep" in params  # skip the head on every prompt position
 
-    def __call__(self, ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor, cache: object) -> torch.Tensor:
+        """``cache``: a transformers ``DynamicCache`` or any object with its update interface
+        (``llm.batching.RowKVCache``)."""
         kwargs: dict[str, object] = {"logits_to_keep": 1} if self.last_only else {}
         out = self.model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, **kwargs)
         logits: torch.Tensor = out.logits[:, -1, :].float()

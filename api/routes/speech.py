@@ -225,10 +225,15 @@ class _LoopSink:
 
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self.events: asyncio.Queue[StreamInfo | np.ndarray] = asyncio.Queue()
+        self.started: asyncio.Future[StreamInfo] = self._loop.create_future()
+        self.events: asyncio.Queue[np.ndarray] = asyncio.Queue()
 
     def start(self, info: StreamInfo) -> None:
-        self._loop.call_soon_threadsafe(self.events.put_nowait, info)
+        self._loop.call_soon_threadsafe(self._started, info)
+
+    def _started(self, info: StreamInfo) -> None:
+        if not self.started.done():
+            self.started.set_result(info)
 
     def put(self, piece: np.ndarray) -> None:
         self._loop.call_soon_threadsafe(self.events.put_nowait, piece)
@@ -241,7 +246,7 @@ async def _stream_response(
     job: SpeechJob,
     *,
     mode: str,
-    fmt: str,
+    fmt: AudioFormat,
     sse: bool,
     t0: float,
 ) -> Response:
@@ -253,10 +258,11 @@ async def _stream_response(
     """
     sink = _LoopSink()
     work = asyncio.ensure_future(_submit(state, engine, mode, job, sink=sink))
-    first = asyncio.ensure_future(sink.events.get())
+    first = sink.started
 
     async def started() -> None:
-        await asyncio.wait({work, first}, return_when=asyncio.FIRST_COMPLETED)
+        pending: list[asyncio.Future[Any]] = [work, first]
+        await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
 
     try:
         await _run_until_disconnect(request, started())
@@ -283,7 +289,6 @@ async def _stream_response(
             headers=headers,
         )
     info = first.result()
-    assert isinstance(info, StreamInfo)
     return StreamingResponse(
         _stream_pieces(state, mode, fmt, info=info, sink=sink, work=work, t0=t0, sse=sse),
         media_type="text/event-stream" if sse else CONTENT_TYPES[fmt],
@@ -294,7 +299,7 @@ async def _stream_response(
 async def _stream_pieces(
     state: AppState,
     mode: str,
-    fmt: str,
+    fmt: AudioFormat,
     *,
     info: StreamInfo,
     sink: _LoopSink,
@@ -304,7 +309,7 @@ async def _stream_pieces(
 ) -> AsyncIterator[bytes]:
     """Encode and send each piece as it arrives; a client that leaves cancels the work."""
     m = state.metrics
-    writer = StreamingAudioWriter(fmt, info.sample_rate, streaming=True)  # type: ignore[arg-type]
+    writer = StreamingAudioWriter(fmt, info.sample_rate, streaming=True)
     first = True
 
     def mark_first() -> None:
@@ -322,13 +327,14 @@ async def _stream_pieces(
                 ended = True  # every piece was queued before the job's result: take the rest
             else:
                 get = asyncio.ensure_future(sink.events.get())
-                await asyncio.wait({get, work}, return_when=asyncio.FIRST_COMPLETED)
+                either: list[asyncio.Future[Any]] = [get, work]
+                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
                 if get.done():
-                    pieces.append(get.result())  # type: ignore[arg-type]
+                    pieces.append(get.result())
                 else:
                     get.cancel()
             while not sink.events.empty():
-                pieces.append(sink.events.get_nowait())  # type: ignore[arg-type]
+                pieces.append(sink.events.get_nowait())
             for piece in pieces:
                 data = await run_in_threadpool(writer.write, piece)
                 if data:
@@ -364,7 +370,7 @@ async def _stream_whole(
 ) -> AsyncIterator[bytes]:
     """A finished result sent as chunked audio or SSE events; the encoder runs in a thread."""
     m = state.metrics
-    writer = StreamingAudioWriter(fmt, result.sample_rate, streaming=True, total_samples=len(result.audio))  # type: ignore[arg-type]
+    writer = StreamingAudioWriter(fmt, result.sample_rate, streaming=True, total_samples=len(result.audio))
     step = max(1, int(STREAM_CHUNK_SECONDS * result.sample_rate))
     first = True
     audio = np.asarray(result.audio, dtype=np.float32)
