@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.bench_wav2token
 	$(BIN)/python -m bench.bench_token2wav
 	$(BIN)/python -m bench.bench_llm
+	$(BIN)/python -m bench.bench_scheduler
 
 # Validate a GPU host in one command (docs/deployment.md): every variant and mode through the real
 # server on a full-size random bundle; exit 1 on any failure. Without CUDA it says so and exits 0.

@@ -70,6 +70,19 @@ class Settings(BaseSettings):
         "auto", description="LLM dtype; auto = bfloat16 on CUDA, float32 on CPU."
     )
     onnx_threads: int = Field(1, ge=1, description="intra-op threads of the vq06 ONNX session.")
+    llm_max_batch_rows: int = Field(
+        16,
+        ge=2,
+        description="Most KV-cache rows in one LLM decode step (continuous batching); a request takes "
+        "one row, two when its intensity is not 1.0. Beyond this, requests wait.",
+    )
+    llm_kv_cache_mib: int = Field(
+        4096,
+        ge=1,
+        description="KV-cache budget of each LLM variant's running batch, in MiB, for the worst case of every "
+        "admitted request running to its length limit; beyond it, requests wait. 4096 fits the base "
+        "variant in bf16 on one 24 GB GPU beside its ~7 GB of weights and the vocoder.",
+    )
     funasr_dither: float = Field(
         0.0,
         ge=0.0,
@@ -120,11 +133,12 @@ class Settings(BaseSettings):
     )
     queue_size: int = Field(16, ge=1, description="Requests waiting beyond this answer 429.")
     inference_workers: int = Field(
-        1,
+        8,
         ge=1,
-        le=8,
-        description="Threads running requests; 2 lets one request use the LLM while another is in "
-        "the tokenizer or vocoder (the engine locks each stage).",
+        le=64,
+        description="Requests in flight at once (worker threads): their prompt tokenization, vocoding and "
+        "encoding overlap, and their generations share each LLM variant's decode steps (continuous "
+        "batching, up to --llm-max-batch-rows rows). More requests wait in the queue.",
     )
     allow_audio_urls: bool = Field(False, description="Accept *_audio_url inputs (public hosts only).")
     url_timeout_s: float = Field(10.0, gt=0, description="Time limit for fetching an audio URL.")

@@ -83,6 +83,9 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory | None = Non
             yield
         finally:
             service.stop()
+            close = getattr(state.engine, "close", None)
+            if close is not None:  # the LLM decode loops
+                close()
 
     # with an API key the schema is served behind it (below) and the browser UIs are off
     hidden: dict[str, Any] = {"openapi_url": None, "docs_url": None, "redoc_url": None} if settings.api_key else {}
@@ -140,6 +143,9 @@ def _load_engine(state: AppState, factory: EngineFactory | None) -> None:
             factory = build_engine
         begin = time.perf_counter()
         engine = factory(settings)
+        observe = getattr(engine, "set_observer", None)
+        if observe is not None:  # batch size per decode step, LLM queue wait, tokens/s
+            observe(state.metrics)
         state.voices.default_voice = _default_voice(engine)
         state.engine = engine
         state.ready_at = time.time()

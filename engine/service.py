@@ -9,7 +9,8 @@ queue and awaits its future while worker threads run jobs under ``torch.inferenc
   over finished jobs, the first one replacing any prior; before any job has finished, the
   longest-running job's elapsed time stands in (a measured lower bound, never a guess).
 - A caller that goes away (its task is cancelled, e.g. the client disconnected) frees its place:
-  a queued job is removed; a running job finishes but its result is dropped.
+  a queued job is removed; a running job is told through its ``cancel`` event (the engine then
+  stops within one decode step) and its result is dropped.
 - Jobs carry a ``kind`` and a ``request``; a worker takes jobs through ``_take_batch`` and runs
   them through ``_run_batch``. Today a batch is one job; batching several compatible requests
   into one generation only has to change those two methods.
@@ -29,6 +30,7 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
+from engine.types import CancelToken
 from errors import BusyError, NotReadyError
 
 logger = logging.getLogger(__name__)
@@ -49,6 +51,7 @@ class Job(Generic[T]):
     enqueued_at: float = field(default_factory=time.perf_counter)
     started_at: float | None = None
     cancelled: bool = False
+    cancel: CancelToken | None = None  # set when the caller goes away, for a running job to see
 
 
 @dataclass(frozen=True)
@@ -134,13 +137,16 @@ class InferenceService:
         )
 
     # --- submission ---------------------------------------------------------------------
-    async def submit(self, kind: str, run: Callable[[], T], request: Any = None) -> tuple[T, JobTiming]:
+    async def submit(
+        self, kind: str, run: Callable[[], T], request: Any = None, cancel: CancelToken | None = None
+    ) -> tuple[T, JobTiming]:
         """Queue ``run`` and await its result; raises ``BusyError`` at once when full.
 
-        Cancelling the awaiting task (client gone) removes a job that has not started.
+        Cancelling the awaiting task (client gone) removes a job that has not started, and sets
+        ``cancel`` so a running one can stop early.
         """
         loop = asyncio.get_running_loop()
-        job: Job[T] = Job(kind=kind, run=run, loop=loop, future=loop.create_future(), request=request)
+        job: Job[T] = Job(kind=kind, run=run, loop=loop, future=loop.create_future(), request=request, cancel=cancel)
         with self._cond:
             if self._stopping or not self._threads:
                 raise NotReadyError("the inference workers are not running")
@@ -159,6 +165,8 @@ class InferenceService:
     def _cancel(self, job: Job[Any]) -> None:
         with self._cond:
             job.cancelled = True
+            if job.cancel is not None:
+                job.cancel.set()
             with contextlib.suppress(ValueError):
                 self._queue.remove(job)
                 logger.info("dropped a queued %s job: its client went away", job.kind)

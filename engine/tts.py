@@ -37,20 +37,25 @@ import model_loader
 from audio import PCM16_SCALE, VOCODER_SR, AudioError, prepare_prompt, to_pcm16
 from audio_codes import CODES_PER_GROUP, FRAMES_PER_GROUP
 from engine.chains import check_step, generation_seed, needs_transcript
+from engine.scheduler import GenerationHandle, Scheduler, SchedulerObserver
 from engine.types import (
     MAX_SEED,
     MAX_SPEED,
     MIN_SPEED,
     AudioInput,
+    AudioSink,
+    CancelToken,
     CloneRequest,
     EditRequest,
     EditStep,
     IterationLabel,
+    StreamInfo,
     SynthesisResult,
 )
-from errors import InvalidInputError, TooLargeError
+from errors import InvalidInputError, RequestCancelledError, TooLargeError
 from llm import prompts
-from llm.generate import MAX_INTENSITY, MIN_INTENSITY, generate_audio_ids
+from llm.generate import MAX_INTENSITY, MIN_INTENSITY, STOP_IDS
+from llm.text_tokenizer import AUDIO_ID_END, AUDIO_ID_OFFSET
 from token_cache import LookupTally, content_key, count_lookups
 from tokenizer import AudioTokens, check_prompt
 from vocoder.frontend import frontend_fingerprint, prompt_features
@@ -90,6 +95,8 @@ class EngineOptions:
     top_k: int = 50
     max_length: int = 8192  # total LLM length, prompt included, as the reference
     max_new_tokens: int | None = None  # cap on generated audio ids (tests keep it small)
+    max_batch_rows: int = 16  # KV-cache rows in one decode step of a variant's loop
+    kv_cache_bytes: int = 4 * 2**30  # KV budget of a variant's running batch (worst case)
 
 
 @dataclass(frozen=True)
@@ -122,10 +129,18 @@ class _ChainRun:
     outputs: list[np.ndarray] = field(default_factory=list)
     labels: list[IterationLabel] = field(default_factory=list)
     codes: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    sink: AudioSink | None = None  # streams the request's last generation
+    cancel: CancelToken | None = None  # set when the client went away
+    transcript: str | None = None  # of the request's audio, for the stream's headers
 
     @property
     def generations(self) -> int:
         return len(self.outputs)
+
+
+def _raise_if_cancelled(cancel: CancelToken | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise RequestCancelledError("the client went away; its work was stopped")
 
 
 def prompt_cache_fingerprint(tokenizer_fingerprint: str, frontend_fp: str) -> str:
@@ -220,12 +235,27 @@ class StepAudioEngine:
         self.transcriber = transcriber
         self.options = options or EngineOptions()
         self.device = torch.device(device)
-        # the tokenizer and the prompt frontend keep no per-call state; the LLM and the vocoder
-        # run one request at a time each, which bounds (GPU) memory to one activation set per stage
+        # the tokenizer and the prompt frontend keep no per-call state; each LLM variant has one
+        # decode loop that batches every request generating on it (continuous batching), and the
+        # vocoder runs one chunk or utterance at a time, which bounds its activation memory
+        opts = self.options
+        self.schedulers = {
+            name: Scheduler(llm, max_batch_rows=opts.max_batch_rows, kv_budget_bytes=opts.kv_cache_bytes, variant=name)
+            for name, llm in self.llms.items()
+        }
         self._vocoder_lock = threading.Lock()
-        self._llm_locks = {name: threading.Lock() for name in self.llms}
         self._count_lock = threading.Lock()
         self.generations = 0  # LLM generations run since start (every clone and edit iteration)
+
+    def set_observer(self, observer: SchedulerObserver | None) -> None:
+        """Metrics hooks for every variant's decode loop (batch size per step, queue wait, tokens)."""
+        for scheduler in self.schedulers.values():
+            scheduler.observer = observer
+
+    def close(self) -> None:
+        """Stop the decode loops (waiting and running generations end with NotReadyError)."""
+        for scheduler in self.schedulers.values():
+            scheduler.close()
 
     # --- catalogue ------------------------------------------------------------------------
     @property
@@ -263,37 +293,46 @@ class StepAudioEngine:
         return tuple(check_step(step, max_edit_iter=self.options.max_edit_iter) for step in steps)
 
     # --- requests -------------------------------------------------------------------------
-    def clone(self, request: CloneRequest) -> SynthesisResult:
-        """Speak ``request.text`` in the voice of ``request.prompt_audio``, then run ``request.edits``."""
+    def clone(
+        self, request: CloneRequest, *, sink: AudioSink | None = None, cancel: CancelToken | None = None
+    ) -> SynthesisResult:
+        """Speak ``request.text`` in the voice of ``request.prompt_audio``, then run ``request.edits``.
+
+        With a ``sink`` the request's last generation is streamed there while the LLM samples
+        (the earlier ones run whole); ``cancel`` set (the client went away) stops the work
+        before the next decode step with ``RequestCancelledError``.
+        """
         start = time.perf_counter()
         timings: dict[str, float] = {}
         llm = self._llm(request.variant)
         self._check_controls(request.intensity, request.speed)
         steps = self.check_steps(request.edits)
         seed = self._seed(request.seed)
-        run = _ChainRun(llm, request, seed, timings)
+        run = _ChainRun(llm, request, seed, timings, sink=sink, cancel=cancel)
         with count_lookups() as lookups:
             prepared = self.prepare_clone(request, timings)
-            codes = self._generate(
-                llm, request.variant, prepared.pair, intensity=request.intensity, seed=seed, timings=timings
-            )
-            run.outputs.append(self._vocode(codes, prepared.features, seed, timings))
-            run.labels.append(IterationLabel(step=0, mode="clone", edit_info=None, iteration=1, seed=seed))
-            run.codes = codes
+            run.transcript = prepared.transcript
+            self._output(run, prepared, seed, IterationLabel(0, "clone", None, 1, seed), last=not steps)
             self._run_steps(run, steps, None, request.text)
         return self._result(run, prepared.transcript, lookups, start)
 
-    def edit(self, request: EditRequest) -> SynthesisResult:
-        """Edit ``request.audio`` (``n_edit_iter`` times, each on the previous output), then ``request.edits``."""
+    def edit(
+        self, request: EditRequest, *, sink: AudioSink | None = None, cancel: CancelToken | None = None
+    ) -> SynthesisResult:
+        """Edit ``request.audio`` (``n_edit_iter`` times, each on the previous output), then ``request.edits``.
+
+        ``sink`` and ``cancel`` as for ``clone``: only the last iteration of the last step streams.
+        """
         start = time.perf_counter()
         timings: dict[str, float] = {}
         llm = self._llm(request.variant)
         self._check_controls(request.intensity, request.speed)
         steps = self.check_steps((request.first_step, *request.edits))
         seed = self._seed(request.seed)
-        run = _ChainRun(llm, request, seed, timings)
+        run = _ChainRun(llm, request, seed, timings, sink=sink, cancel=cancel)
         with count_lookups() as lookups:
             prepared = self.prepare_edit(request, timings, steps=steps)
+            run.transcript = prepared.transcript
             self._run_steps(run, steps, prepared, prepared.transcript)
         return self._result(run, prepared.transcript, lookups, start)
 
@@ -316,7 +355,7 @@ class StepAudioEngine:
             audio_text, finished = self._run_step(run, step, k + 1, first_prompt if k == 0 else None, audio_text)
             if not finished:
                 return
-        self._run_step(run, last, len(head) + 1, None if head else first_prompt, audio_text)
+        self._run_step(run, last, len(head) + 1, None if head else first_prompt, audio_text, last=True)
 
     def _run_step(
         self,
@@ -325,6 +364,8 @@ class StepAudioEngine:
         step_no: int,
         prompt: PreparedPrompt | None,
         audio_text: str | None,
+        *,
+        last: bool = False,
     ) -> tuple[str | None, bool]:
         """One step's iterations; returns the transcript of its output and whether it ran in full.
 
@@ -353,16 +394,43 @@ class StepAudioEngine:
                     )
                     return audio_text, False
             gen_seed = generation_seed(run.seed, run.generations)
-            request = run.request
-            run.codes = self._generate(
-                run.llm, request.variant, prompt.pair, intensity=request.intensity, seed=gen_seed, timings=run.timings
-            )
-            run.outputs.append(self._vocode(run.codes, prompt.features, gen_seed, run.timings))
-            run.labels.append(IterationLabel(step_no, step.mode, step.edit_info, iteration + 1, gen_seed))
+            label = IterationLabel(step_no, step.mode, step.edit_info, iteration + 1, gen_seed)
+            self._output(run, prompt, gen_seed, label, last=last and iteration == step.n_edit_iter - 1)
             prompt = None
             if step.text is not None:  # the next edit hears the text this one produced
                 audio_text = step.text
         return audio_text, True
+
+    def _output(self, run: _ChainRun, prompt: PreparedPrompt, seed: int, label: IterationLabel, *, last: bool) -> None:
+        """One generation and its audio, appended to ``run``; the request's last one streams to
+        ``run.sink`` when there is one."""
+        request = run.request
+        if last and run.sink is not None:
+            info = StreamInfo(run.seed, request.intensity, VOCODER_SR, run.generations + 1, run.transcript)
+            run.sink.start(info)
+            codes, wav = self._generate_streamed(
+                request.variant,
+                prompt,
+                intensity=request.intensity,
+                seed=seed,
+                speed=request.speed,
+                timings=run.timings,
+                sink=run.sink,
+                cancel=run.cancel,
+            )
+        else:
+            codes = self._generate(
+                request.variant,
+                prompt.pair,
+                intensity=request.intensity,
+                seed=seed,
+                timings=run.timings,
+                cancel=run.cancel,
+            )
+            wav = self._vocode(codes, prompt.features, seed, run.timings)
+        run.codes = codes
+        run.outputs.append(wav)
+        run.labels.append(label)
 
     def _result(self, run: _ChainRun, transcript: str | None, lookups: LookupTally, start: float) -> SynthesisResult:
         timings = run.timings
@@ -550,32 +618,116 @@ class StepAudioEngine:
             timings["prompt_features"] = timings.get("prompt_features", 0.0) + time.perf_counter() - begin
         return PromptFeatures(key, tokens, prompt_mel, spk_emb)
 
+    def _submit_generation(
+        self,
+        variant: str,
+        pair: prompts.PromptPair,
+        *,
+        intensity: float,
+        seed: int,
+        cancel: CancelToken | None,
+    ) -> GenerationHandle:
+        """Queue one prompt on its variant's decode loop; ``cancel`` stops it before its next step."""
+        _raise_if_cancelled(cancel)
+        opts = self.options
+        handle = self.schedulers[variant].submit(
+            pair,
+            seed=seed,
+            intensity=intensity,
+            temperature=opts.temperature,
+            top_k=opts.top_k,
+            max_length=opts.max_length,
+            max_new_tokens=opts.max_new_tokens,
+        )
+        if cancel is not None:
+            cancel.on_cancel(handle.cancel)
+        with self._count_lock:
+            self.generations += 1
+        return handle
+
     def _generate(
         self,
-        llm: Step1ForCausalLM,
         variant: str,
         pair: prompts.PromptPair,
         *,
         intensity: float,
         seed: int,
         timings: dict[str, float],
+        cancel: CancelToken | None = None,
     ) -> np.ndarray:
+        """Mixed audio codes of one prompt, generated in the variant's running batch."""
         begin = time.perf_counter()
-        with self._llm_locks[variant], torch.inference_mode():
-            codes = generate_audio_ids(
-                llm,
-                [pair],
-                intensity=intensity,
-                seed=seed,
-                temperature=self.options.temperature,
-                top_k=self.options.top_k,
-                max_length=self.options.max_length,
-                max_new_tokens=self.options.max_new_tokens,
-            )[0]
-            with self._count_lock:
-                self.generations += 1
+        handle = self._submit_generation(variant, pair, intensity=intensity, seed=seed, cancel=cancel)
+        result = handle.result()
         timings["llm"] = timings.get("llm", 0.0) + time.perf_counter() - begin
-        return np.asarray(codes, dtype=np.int64)
+        if result.cancelled:
+            raise RequestCancelledError("the client went away during generation")
+        return np.asarray(result.codes, dtype=np.int64)
+
+    def _generate_streamed(
+        self,
+        variant: str,
+        prepared: PreparedPrompt,
+        *,
+        intensity: float,
+        seed: int,
+        speed: float,
+        timings: dict[str, float],
+        sink: AudioSink,
+        cancel: CancelToken | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The decode loop samples while this thread feeds the streaming vocoder with its ids.
+
+        The vocoder session's output does not depend on how the codes are split across feeds,
+        so the streamed audio is the same whatever the thread timing. With ``speed`` != 1 the
+        pieces are held back and the stretched whole is sent at the end (a phase-vocoder
+        stretch needs the whole signal).
+        """
+        pieces: list[np.ndarray] = []
+        begin = time.perf_counter()
+        handle = self._submit_generation(variant, prepared.pair, intensity=intensity, seed=seed, cancel=cancel)
+
+        def emit(new: list[np.ndarray]) -> None:
+            for piece in new:
+                if piece.size:
+                    if not pieces:  # how far the LLM was when the first audio left
+                        timings["first_audio_ids"] = float(handle.steps_run)
+                        timings["first_audio"] = time.perf_counter() - begin
+                    pieces.append(piece)
+                    if speed == 1.0:
+                        sink.put(piece)
+
+        features = prepared.features
+        vocode_s = 0.0
+        try:
+            with self.token2wav.stream(
+                np.asarray(features.tokens.prompt_codes), features.prompt_mel, features.spk_emb, seed=seed
+            ) as session:
+                stopped = False
+                for token in handle.ids():
+                    _raise_if_cancelled(cancel)  # also when the LLM had already finished
+                    if stopped or not AUDIO_ID_OFFSET <= token < AUDIO_ID_END:
+                        stopped = stopped or token in STOP_IDS  # the reference's postprocess: cut at a stop id
+                        continue
+                    t = time.perf_counter()
+                    with self._vocoder_lock, torch.inference_mode():
+                        emit(session.feed([token - AUDIO_ID_OFFSET]))
+                    vocode_s += time.perf_counter() - t
+                result = handle.result()
+                _raise_if_cancelled(cancel)
+                t = time.perf_counter()
+                with self._vocoder_lock, torch.inference_mode():
+                    emit(session.finish())
+                vocode_s += time.perf_counter() - t
+        finally:
+            handle.cancel()  # a no-op when it is done; stops the LLM if the vocoder failed
+        wav = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
+        if speed != 1.0 and wav.size:
+            sink.put(self._apply_speed(wav, speed, timings))
+        timings["generated_ids"] = float(handle.steps_run)
+        timings["llm"] = timings.get("llm", 0.0) + time.perf_counter() - begin - vocode_s
+        timings["vocoder"] = timings.get("vocoder", 0.0) + vocode_s
+        return np.asarray(result.codes, dtype=np.int64), wav
 
     def _vocode(self, codes: np.ndarray, features: PromptFeatures, seed: int, timings: dict[str, float]) -> np.ndarray:
         if codes.size == 0:
@@ -660,6 +812,8 @@ def build_engine(
         max_edit_iter=settings.max_edit_iter,
         enable_auto_transcribe=settings.enable_auto_transcribe,
         max_new_tokens=max_new_tokens,
+        max_batch_rows=settings.llm_max_batch_rows,
+        kv_cache_bytes=settings.llm_kv_cache_mib * 2**20,
     )
     return StepAudioEngine(
         tokenizer=tokenizer,

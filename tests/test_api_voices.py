@@ -39,6 +39,7 @@ def demo_settings(cache_dir: Path, **overrides: object) -> Settings:
         "api_key": KEY,
         "enable_auto_transcribe": False,
         "queue_size": 1,
+        "inference_workers": 1,  # one runs, one waits, the rest are refused
         **overrides,
     }
     return Settings(**values)  # type: ignore[arg-type]

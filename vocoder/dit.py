@@ -4,9 +4,9 @@ Parameter names reproduce the official ``flow.pt`` keys under ``decoder.estimato
 (docs/model.md §4.4). The velocity field is evaluated on (x, mu, speaker, prompt condition)
 stacked on channels; the time enters through a sinusoidal embedding that modulates every block.
 
-Streaming is not implemented, but the modules take an explicit :class:`DiTCache` (left context of
-the causal convolutions, past keys/values of the attention) so a chunked path can be added
-without hidden module state. ``cache=None`` is the non-streaming computation.
+For streaming, the modules take an explicit :class:`DiTCache` (left context of the causal
+convolutions, past keys/values of the attention) instead of hidden module state; ``cache=None``
+is the whole-utterance computation.
 """
 
 from __future__ import annotations
@@ -33,7 +33,12 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 @dataclass
 class BlockCache:
-    """Streaming state of one DiT block: conv left contexts (B, k-1, C) and past keys/values (B, H, T, d)."""
+    """Streaming state of one DiT block: conv left contexts (B, k-1, C) and past keys/values (B, H, T, d).
+
+    Keys and values are stored newest chunk first, as the reference stores them: attention has
+    no mask and no positions, so the order changes nothing but the summation order, and keeping
+    it makes the reference's "first 96 + last prompt frames" truncation mean the same here.
+    """
 
     conv1: torch.Tensor | None = None
     conv2: torch.Tensor | None = None
@@ -50,6 +55,20 @@ class DiTCache:
     @classmethod
     def empty(cls, depth: int) -> DiTCache:
         return cls([BlockCache() for _ in range(depth)])
+
+    @property
+    def frames(self) -> int:
+        """Frames held in the attention cache (0 before the first chunk)."""
+        key = self.blocks[0].key if self.blocks else None
+        return 0 if key is None else int(key.size(2))
+
+    def keep(self, newest: int, oldest: int) -> None:
+        """Keep the first ``newest`` and the last ``oldest`` cached frames of every block (in place)."""
+        for block in self.blocks:
+            if block.key is not None and block.value is not None:
+                n = block.key.size(2)
+                block.key = torch.cat([block.key[:, :, :newest], block.key[:, :, n - oldest :]], dim=2)
+                block.value = torch.cat([block.value[:, :, :newest], block.value[:, :, n - oldest :]], dim=2)
 
 
 class Transpose(nn.Module):
@@ -135,7 +154,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: BlockCache | None = None) -> torch.Tensor:
         """x: (B, T, C); mask: (B, 1, 1, T_keys) bool (True = attend) or None -> (B, T, C).
 
-        With ``cache``, the new keys/values are appended to the cached ones and attended together.
+        With ``cache``, the new keys/values are put before the cached ones (newest first, see
+        :class:`BlockCache`) and attended together.
         """
         b, t, _ = x.shape
         # per-head norms act on the last axis, so apply them before moving heads forward
@@ -144,8 +164,8 @@ class Attention(nn.Module):
         v = self.to_v(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         if cache is not None:
             if cache.key is not None and cache.value is not None:
-                k = torch.cat([cache.key, k], dim=2)
-                v = torch.cat([cache.value, v], dim=2)
+                k = torch.cat([k, cache.key], dim=2)
+                v = torch.cat([v, cache.value], dim=2)
             cache.key, cache.value = k, v
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, d)
         projected: torch.Tensor = self.proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))

@@ -4,13 +4,14 @@ Parameter names reproduce the official ``flow.pt`` keys under ``input_embedding.
 (see docs/model.md §4.4). The conformer is ESPnet's: relative-position self-attention
 ("rel_selfattn" with ``pos_bias_u``/``pos_bias_v``/``linear_pos`` and the relative shift) over the
 "rel_pos_espnet" sinusoidal table, pre-norm blocks without macaron FFN or convolution module.
-Only the non-streaming path is implemented; every module is stateless, so a chunked path with an
-explicit cache object can be added beside ``forward`` without touching the weights.
+Every module is stateless: the whole-utterance path is ``forward``; the streaming path
+(``forward_chunk``) carries its left context in an explicit :class:`ConformerCache`.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
@@ -27,6 +28,27 @@ POS_ENC_BASE = 10000.0
 POS_TABLE_STEP = 5000  # relative tables are built for multiples of this length and sliced (the reference: 5000)
 ATTN_QUERY_BLOCK = 256  # long inputs: scores are formed for this many queries at a time (bounded memory)
 ATTN_BLOCK_ABOVE = 1024  # ... when the sequence is longer than this
+
+
+@dataclass
+class ConformerCache:
+    """Streaming state of :class:`UpsampleConformerEncoderV2`, grown chunk by chunk, never truncated.
+
+    lookahead: (B, C, k-1) last conv1 outputs of the look-ahead layer (conv2's left context);
+    upsample: (B, C, 2*stride) tail of the x``stride`` upsampled input (the up conv's left context);
+    keys/values: one (B, H, T, d_k) tensor per conformer layer (first-stage layers, then up-stage
+    layers), oldest frame first; the first stage holds T token frames, the up stage ``stride`` * T.
+    """
+
+    lookahead: torch.Tensor | None = None
+    upsample: torch.Tensor | None = None
+    keys: list[torch.Tensor] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def frames(self) -> int:
+        """Token frames (25 Hz) already encoded, i.e. the first stage's attention-cache length."""
+        return int(self.keys[0].size(2)) if self.keys else 0
 
 
 def padding_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
@@ -135,21 +157,58 @@ class RelPositionMultiHeadedAttention(nn.Module):
 
         Long inputs are processed in blocks of queries so the (T, 2T-1) score tensors never exist whole.
         """
+        q, k, v = self._project(x)
+        return self._attend(q, k, v, mask=mask, pos_emb=pos_emb, first_query=0)
+
+    def forward_chunk(
+        self,
+        x: torch.Tensor,
+        pos_emb: torch.Tensor,
+        key_cache: torch.Tensor | None,
+        value_cache: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Streaming: x (B, Q, D) are the newest frames; the cached keys/values (B, H, T, d_k) precede them.
+
+        pos_emb: (1, 2(T+Q)-1, D). Attends to cache + chunk without a mask (as the reference's chunk
+        path does) and returns (out (B, Q, D), keys, values) with the chunk appended to the cache.
+        """
+        q, k, v = self._project(x)
+        if key_cache is not None and value_cache is not None:
+            k = torch.cat([key_cache, k], dim=2)
+            v = torch.cat([value_cache, v], dim=2)
+        return self._attend(q, k, v, mask=None, pos_emb=pos_emb, first_query=k.size(2) - q.size(1)), k, v
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (B, T, D) -> q (B, T, H, d_k), k and v (B, H, T, d_k)."""
         b, t, _ = x.shape
         q = self.linear_q(x).view(b, t, self.h, self.d_k)
         k = self.linear_k(x).view(b, t, self.h, self.d_k).transpose(1, 2)
         v = self.linear_v(x).view(b, t, self.h, self.d_k).transpose(1, 2)
+        return q, k, v
+
+    def _attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        mask: torch.Tensor | None,
+        pos_emb: torch.Tensor,
+        first_query: int,
+    ) -> torch.Tensor:
+        """q: (B, Q, H, d_k) for key positions ``first_query`` .. ``first_query + Q - 1``; k, v: (B, H, K, d_k)."""
+        b, t = q.size(0), q.size(1)
         p = self.linear_pos(pos_emb).view(pos_emb.size(0), -1, self.h, self.d_k).transpose(1, 2)
-        q_u = (q + self.pos_bias_u).transpose(1, 2)  # (B, H, T, d_k)
+        q_u = (q + self.pos_bias_u).transpose(1, 2)  # (B, H, Q, d_k)
         q_v = (q + self.pos_bias_v).transpose(1, 2)
-        invalid = None if mask is None else ~mask.unsqueeze(1)  # (B, 1, 1, T)
+        invalid = None if mask is None else ~mask.unsqueeze(1)  # (B, 1, 1, K)
         block = t if t <= ATTN_BLOCK_ABOVE else ATTN_QUERY_BLOCK
         outs = []
         for start in range(0, t, block):
             stop = min(start + block, t)
             matrix_ac = torch.matmul(q_u[:, :, start:stop], k.transpose(-2, -1))
-            matrix_bd = self.rel_shift(torch.matmul(q_v[:, :, start:stop], p.transpose(-2, -1)), start)
-            scores = (matrix_ac + matrix_bd) / math.sqrt(self.d_k)  # (B, H, Q, T)
+            matrix_bd = self.rel_shift(torch.matmul(q_v[:, :, start:stop], p.transpose(-2, -1)), first_query + start)
+            scores = (matrix_ac + matrix_bd) / math.sqrt(self.d_k)  # (B, H, Q, K)
             if invalid is not None:
                 attn = torch.softmax(scores.masked_fill(invalid, -float("inf")), dim=-1).masked_fill(invalid, 0.0)
             else:
@@ -190,6 +249,14 @@ class ConformerEncoderLayer(nn.Module):
         out: torch.Tensor = x + self.feed_forward(self.norm_ff(x))
         return out
 
+    def forward_chunk(
+        self, x: torch.Tensor, pos_emb: torch.Tensor, key_cache: torch.Tensor | None, value_cache: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (B, Q, D) newest frames after the cached ones -> (B, Q, D), keys, values (cache + chunk)."""
+        att, keys, values = self.self_attn.forward_chunk(self.norm_mha(x), pos_emb, key_cache, value_cache)
+        x = x + att
+        return x + self.feed_forward(self.norm_ff(x)), keys, values
+
 
 class PreLookaheadLayer(nn.Module):
     """Residual look-ahead: right-pad ``pre_lookahead_len`` zeros, conv k=len+1, leaky ReLU, causal conv k=3."""
@@ -207,6 +274,19 @@ class PreLookaheadLayer(nn.Module):
         out: torch.Tensor = self.conv2(h)
         return out.transpose(1, 2) + x
 
+    def forward_chunk(self, x: torch.Tensor, cache: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Streaming: x (B, T, C) ends with ``pre_lookahead_len`` look-ahead frames, which only feed conv1.
+
+        cache: (B, C, k2-1) conv1 outputs of the previous chunk (zeros at the start) -> output
+        (B, T - pre_lookahead_len, C) and the new cache.
+        """
+        h = F.leaky_relu(self.conv1(x.transpose(1, 2)))
+        if cache is None:
+            cache = h.new_zeros(h.size(0), h.size(1), self.conv2.kernel_size[0] - 1)
+        new_cache = h[:, :, h.size(2) - (self.conv2.kernel_size[0] - 1) :]
+        out = self.conv2(torch.cat([cache, h], dim=2)).transpose(1, 2)
+        return out + x[:, : x.size(1) - self.pre_lookahead_len], new_cache
+
 
 class Upsample1D(nn.Module):
     """Nearest x``scale_factor``, left-pad 2*stride zeros, conv k=2*stride+1."""
@@ -221,6 +301,14 @@ class Upsample1D(nn.Module):
         """x: (B, C, T) -> (B, C', T*scale), lengths * stride."""
         h = F.interpolate(x, scale_factor=self.scale_factor, mode="nearest")
         return self.conv(F.pad(h, (self.stride * 2, 0))), lengths * self.stride
+
+    def forward_chunk(self, x: torch.Tensor, cache: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Streaming: x (B, C, T), cache (B, C, 2*stride) upsampled tail (zeros at the start) -> (B, C', T*scale)."""
+        h = F.interpolate(x, scale_factor=self.scale_factor, mode="nearest")
+        if cache is None:
+            cache = h.new_zeros(h.size(0), h.size(1), self.stride * 2)
+        h = torch.cat([cache, h], dim=2)
+        return self.conv(h), h[:, :, h.size(2) - self.stride * 2 :]
 
 
 class UpsampleConformerEncoderV2(nn.Module):
@@ -298,3 +386,41 @@ class UpsampleConformerEncoderV2(nn.Module):
         for layer in self.up_encoders:
             xs = layer(xs, attn_mask, pos_emb)
         return self.after_norm(xs), mask
+
+    def forward_chunk(self, xs: torch.Tensor, cache: ConformerCache, *, last_chunk: bool) -> torch.Tensor:
+        """Streaming: encode the next token frames after those in ``cache`` (updated in place).
+
+        xs: (B, T, input_size) embedded token frames. Unless ``last_chunk``, the final
+        ``pre_lookahead_len`` frames are look-ahead only (they are fed again with the next chunk)
+        and the output covers the others; the last chunk is padded with zero frames instead, as
+        ``forward`` pads the end. Attention sees the cached frames and the chunk without a mask;
+        the relative-position table spans cache + chunk (any length: the table is computed, not
+        stored). Returns (B, up * T_out, output_size).
+        """
+        n_first = len(self.encoders)
+        offset = cache.frames
+        xs = self.embed(xs)[0]
+        if last_chunk:
+            xs = F.pad(xs, (0, 0, 0, self.pre_lookahead_layer.pre_lookahead_len))
+        xs, cache.lookahead = self.pre_lookahead_layer.forward_chunk(xs, cache.lookahead)
+        pos_emb = rel_pos_table(self.embed.pos_enc.d_model, offset + xs.size(1)).to(device=xs.device, dtype=xs.dtype)
+        keys: list[torch.Tensor] = []
+        values: list[torch.Tensor] = []
+        for i, layer in enumerate(self.encoders):
+            past_k, past_v = (cache.keys[i], cache.values[i]) if cache.keys else (None, None)
+            xs, k, v = layer.forward_chunk(xs, pos_emb, past_k, past_v)
+            keys.append(k)
+            values.append(v)
+        up, cache.upsample = self.up_layer.forward_chunk(xs.transpose(1, 2), cache.upsample)
+        xs = self.up_embed(up.transpose(1, 2))[0]
+        up_offset = offset * self.up_layer.stride
+        pos_emb = rel_pos_table(self.up_embed.pos_enc.d_model, up_offset + xs.size(1)).to(
+            device=xs.device, dtype=xs.dtype
+        )
+        for i, layer in enumerate(self.up_encoders, start=n_first):
+            past_k, past_v = (cache.keys[i], cache.values[i]) if cache.keys else (None, None)
+            xs, k, v = layer.forward_chunk(xs, pos_emb, past_k, past_v)
+            keys.append(k)
+            values.append(v)
+        cache.keys, cache.values = keys, values
+        return self.after_norm(xs)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -18,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from audio_codes import CODES_PER_GROUP, N_MIXED_CODES, VQ02_CODES
-from vocoder.dit import DiT
-from vocoder.encoder import DualCodebookEmbedding, UpsampleConformerEncoderV2
+from vocoder.dit import DiT, DiTCache
+from vocoder.encoder import ConformerCache, DualCodebookEmbedding, UpsampleConformerEncoderV2
 
 N_TIMESTEPS = 10
 DEFAULT_CFG_RATE = 0.7
@@ -28,6 +29,24 @@ MIXED_VOCAB = N_MIXED_CODES
 VQ02_PAD = VQ02_CODES  # one past the vq02 codes pads the vq02 column
 VQ06_SHIFT = 1  # flow id of a vq06 slot = mixed code + 1 (i.e. 1025 + raw vq06)
 GROUP_PAD_TAIL = (0, 0, 0, VQ02_PAD, VQ02_PAD, VQ02_PAD)  # upstream pads a partial group with its tail
+
+
+@dataclass
+class FlowStreamCache:
+    """Everything a streaming flow carries between chunks: the encoder's and one DiT cache per Euler step."""
+
+    conformer: ConformerCache = field(default_factory=ConformerCache)
+    estimator: list[DiTCache] = field(default_factory=list)
+
+    @property
+    def estimator_frames(self) -> int:
+        """Mel frames in the DiT attention caches: the reference's noise offset for the next chunk."""
+        return self.estimator[0].frames if self.estimator else 0
+
+    def keep_estimator(self, newest: int, oldest: int) -> None:
+        """Truncate every DiT attention cache to its first ``newest`` + last ``oldest`` frames."""
+        for cache in self.estimator:
+            cache.keep(newest, oldest)
 
 
 def reshape_mixed_codes(codes: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -76,10 +95,12 @@ class CausalConditionalCFM(nn.Module):
         cond: torch.Tensor,
         noise: torch.Tensor,
         n_timesteps: int = N_TIMESTEPS,
+        caches: Sequence[DiTCache] | None = None,
     ) -> torch.Tensor:
         """mu, cond, noise: (B, 80, T); mask: (B, 1, T); spks: (B, 80) -> mel (B, 80, T).
 
-        ``noise`` is the ODE start z (temperature 1), used unchanged.
+        ``noise`` is the ODE start z (temperature 1), used unchanged. Streaming passes one
+        :class:`DiTCache` per Euler step (each step attends to its own past keys/values).
         """
         t_span = cosine_time_grid(n_timesteps, mu.dtype, mu.device)
         x = noise.to(mu.dtype)
@@ -93,7 +114,15 @@ class CausalConditionalCFM(nn.Module):
         t = t_span[:1]
         dt = t_span[1] - t_span[0]
         for step in range(1, len(t_span)):
-            v = self.estimator(torch.cat([x, x]), mask_in, mu_in, t.repeat(2 * b), spks=spks_in, cond=cond_in)
+            v = self.estimator(
+                torch.cat([x, x]),
+                mask_in,
+                mu_in,
+                t.repeat(2 * b),
+                spks=spks_in,
+                cond=cond_in,
+                cache=None if caches is None else caches[step - 1],
+            )
             v_cond, v_uncond = v[:b], v[b:]
             x = x + dt * ((1.0 + rate) * v_cond - rate * v_uncond)
             t = t + dt
@@ -131,6 +160,11 @@ class CausalMaskedDiffWithXvec(nn.Module):
         self.encoder_proj = nn.Linear(encoder.output_size(), output_size)
         self.decoder = decoder
         self.up_rate = encoder.up_layer.stride
+        self.pre_lookahead_len = encoder.pre_lookahead_layer.pre_lookahead_len
+
+    def speaker_condition(self, embedding: torch.Tensor) -> torch.Tensor:
+        """(1, spk_embed_dim) CAM++ embedding -> (1, 80) ODE speaker condition (L2-normalised, projected)."""
+        return self.spk_embed_affine_layer(F.normalize(embedding, dim=1))
 
     @torch.inference_mode()
     def inference(
@@ -149,7 +183,7 @@ class CausalMaskedDiffWithXvec(nn.Module):
         with T_pmel = up_rate * T_ptok; embedding: (1, spk_embed_dim); noise: (1, 80, up_rate *
         (T_ptok + T_tok)) -> mel (1, 80, up_rate * T_tok) for the target frames only.
         """
-        spks = self.spk_embed_affine_layer(F.normalize(embedding, dim=1))
+        spks = self.speaker_condition(embedding)
         tokens = torch.cat([prompt_token, token], dim=1)
         lengths = torch.tensor([tokens.size(1)], device=tokens.device)
         h, mask = self.encoder(self.input_embedding(tokens.clamp(min=0)), lengths)
@@ -166,3 +200,40 @@ class CausalMaskedDiffWithXvec(nn.Module):
             n_timesteps=n_timesteps,
         )
         return mel[:, :, n_prompt:]
+
+    @torch.inference_mode()
+    def forward_chunk(
+        self,
+        token: torch.Tensor,
+        spks: torch.Tensor,
+        cache: FlowStreamCache,
+        *,
+        noise: torch.Tensor,
+        cond: torch.Tensor | None = None,
+        last_chunk: bool = False,
+        n_timesteps: int = N_TIMESTEPS,
+    ) -> torch.Tensor:
+        """Streaming flow: the mel of the token frames that follow those already in ``cache``.
+
+        token: (1, T_tok, 2) flow ids, ending with ``pre_lookahead_len`` look-ahead frames unless
+        ``last_chunk``; spks: (1, 80) from :meth:`speaker_condition`; noise: (1, 80, T_mel) the ODE
+        start for exactly this chunk's mel frames; cond: (1, T_mel, 80) or None (zeros). The
+        reference's setup is this call on prompt + first look-ahead tokens with an empty cache and
+        the prompt mel as ``cond``. ``cache`` is updated in place. Returns (1, 80, T_mel).
+        """
+        h = self.encoder.forward_chunk(self.input_embedding(token), cache.conformer, last_chunk=last_chunk)
+        mu = self.encoder_proj(h)  # (1, T_mel, 80)
+        if noise.size(2) != mu.size(1):
+            raise ValueError(f"chunk noise covers {noise.size(2)} frames, the chunk has {mu.size(1)}")
+        if not cache.estimator:
+            cache.estimator = [DiTCache.empty(self.decoder.estimator.depth) for _ in range(n_timesteps)]
+        cond = torch.zeros_like(mu) if cond is None else cond
+        return self.decoder(
+            mu.transpose(1, 2).contiguous(),
+            torch.ones(1, 1, mu.size(1), dtype=mu.dtype, device=mu.device),
+            spks=spks,
+            cond=cond.transpose(1, 2).contiguous(),
+            noise=noise,
+            n_timesteps=n_timesteps,
+            caches=cache.estimator,
+        )

@@ -427,12 +427,24 @@ class HiFTGenerator(nn.Module):
         ``cache_source`` (B, 1, n) overwrites the start of the source, as streaming does to
         avoid glitches at chunk borders; None for whole utterances.
         """
+        return self.inference_with_source(speech_feat, generator=generator, draws=draws, cache_source=cache_source)[0]
+
+    @torch.inference_mode()
+    def inference_with_source(
+        self,
+        speech_feat: torch.Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        draws: HiftDraws | None = None,
+        cache_source: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`inference` that also returns the source it decoded (B, 1, T·480), which streaming caches."""
         with parametrize.cached():
             f0 = self.predict_f0(speech_feat)
             source = self.source_from_f0(f0, generator=generator, draws=draws)
             if cache_source is not None and cache_source.shape[-1] > 0:
                 source[:, :, : cache_source.shape[-1]] = cache_source
-            return self.decode(speech_feat, source)
+            return self.decode(speech_feat, source), source
 
     @property
     def samples_per_frame(self) -> int:

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -40,6 +42,9 @@ from vocoder.flow import (
     reshape_mixed_codes,
 )
 from vocoder.hift import HiftDraws, HiFTGenerator, draw_hift_noise
+
+if TYPE_CHECKING:
+    from vocoder.stream import Token2WavStream
 
 logger = logging.getLogger(__name__)
 
@@ -59,14 +64,17 @@ class Token2WavTimings:
     mel_frames: int
 
 
-def _codes(value: ArrayLike | list[int], name: str) -> torch.Tensor:
+def validate_codes(value: ArrayLike | list[int], name: str, *, allow_empty: bool = False) -> torch.Tensor:
+    """Mixed audio codes as a 1-D int64 CPU tensor; a clear 4xx error for anything else."""
     try:
         codes = torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value)
     except (TypeError, ValueError, OverflowError, RuntimeError) as exc:
         raise InvalidInputError(f"{name} must be a sequence of integer audio codes ({exc})", param=name) from exc
     codes = codes.reshape(-1) if codes.dim() == 2 and codes.size(0) == 1 else codes
-    if codes.dim() != 1 or codes.numel() == 0:
+    if codes.dim() != 1 or (codes.numel() == 0 and not allow_empty):
         raise InvalidInputError(f"{name} must be a non-empty 1-D sequence of audio codes", param=name)
+    if codes.numel() == 0:
+        return codes.to(torch.long).cpu()
     if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
         raise InvalidInputError(f"{name} must hold integers", param=name)
     low, high = int(codes.min()), int(codes.max())
@@ -75,7 +83,8 @@ def _codes(value: ArrayLike | list[int], name: str) -> torch.Tensor:
     return codes.to(torch.long).cpu()
 
 
-def _float_tensor(value: ArrayLike, name: str) -> torch.Tensor:
+def float_tensor(value: ArrayLike, name: str) -> torch.Tensor:
+    """A finite float32 CPU tensor; a clear 4xx error for anything else."""
     try:
         tensor = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value))
     except (TypeError, ValueError, OverflowError, RuntimeError) as exc:
@@ -152,6 +161,66 @@ class Token2Wav:
         """Mel frames the flow makes for ``n_codes`` mixed codes (a partial group counts as whole)."""
         return -(-n_codes // GROUP) * FRAMES_PER_GROUP * self.mel_frames_per_token_frame
 
+    def prepare_prompt(
+        self, prompt_codes: ArrayLike | list[int], prompt_mel: ArrayLike, spk_emb: ArrayLike
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Validate the prompt and hand it over as upstream does (both vocoder paths share this).
+
+        Returns the prompt's flow ids (1, T_ptok, 2), its mel (1, up * T_ptok, 80) after the bf16
+        round trip and the nearest resize, and the embedding (1, spk_dim) after the round trip; all
+        float32 on the CPU.
+        """
+        prompt = reshape_mixed_codes(validate_codes(prompt_codes, "prompt_codes")).unsqueeze(0)
+        mel = float_tensor(prompt_mel, "prompt_mel")
+        mel = mel.unsqueeze(0) if mel.dim() == 2 else mel
+        n_mels = self.flow.output_size
+        if mel.dim() != 3 or mel.size(0) != 1 or mel.size(2) != n_mels or mel.size(1) == 0:
+            raise InvalidInputError(
+                f"prompt_mel must have shape (1, T, {n_mels}), got {tuple(mel.shape)}", param="prompt_mel"
+            )
+        emb = float_tensor(spk_emb, "spk_emb").reshape(1, -1)
+        spk_dim = self.flow.spk_embed_affine_layer.in_features
+        if emb.size(1) != spk_dim:
+            raise InvalidInputError(f"spk_emb must hold {spk_dim} values, got {emb.size(1)}", param="spk_emb")
+        if self.bf16_prompt_roundtrip:
+            mel, emb = bf16_round_trip(mel), bf16_round_trip(emb)
+        n_prompt = self.mel_frames_per_token_frame * prompt.size(1)
+        mel = F.interpolate(mel.transpose(1, 2), size=n_prompt, mode="nearest").transpose(1, 2)
+        return prompt, mel, emb
+
+    def stream(
+        self,
+        prompt_codes: ArrayLike | list[int],
+        prompt_mel: ArrayLike,
+        spk_emb: ArrayLike,
+        *,
+        seed: int | None = None,
+        noise: ArrayLike | None = None,
+        hift_seed: int | None = None,
+        hift_draws: Sequence[HiftDraws] | None = None,
+        record: bool = False,
+    ) -> Token2WavStream:
+        """Open a streaming session in the prompt's voice (see :mod:`vocoder.stream`).
+
+        seed: seeds the session's ODE noise buffer (a fresh random seed when None); noise: (1, 80, N)
+        the reference's noise buffer to index instead; hift_seed: HiFT chunk k draws from
+        ``hift_seed + k`` (default ``seed + 1``); hift_draws: per-chunk draws to replay; record:
+        keep every chunk's intermediates (tests, diagnostics).
+        """
+        from vocoder.stream import Token2WavStream
+
+        return Token2WavStream(
+            self,
+            prompt_codes,
+            prompt_mel,
+            spk_emb,
+            seed=seed,
+            noise=noise,
+            hift_seed=hift_seed,
+            hift_draws=hift_draws,
+            record=record,
+        )
+
     @torch.inference_mode()
     def token2wav(
         self,
@@ -173,27 +242,13 @@ class Token2Wav:
         ODE start noise to use unchanged (T_prompt = 2 * prompt frames); hift_draws: HiFT source draws.
         Returns (1, n_target_mel_frames * 480) float32 on the CPU, at :attr:`sample_rate`.
         """
-        target = reshape_mixed_codes(_codes(codes, "codes")).unsqueeze(0)
-        prompt = reshape_mixed_codes(_codes(prompt_codes, "prompt_codes")).unsqueeze(0)
-        mel = _float_tensor(prompt_mel, "prompt_mel")
-        mel = mel.unsqueeze(0) if mel.dim() == 2 else mel
+        target = reshape_mixed_codes(validate_codes(codes, "codes")).unsqueeze(0)
+        prompt, mel, emb = self.prepare_prompt(prompt_codes, prompt_mel, spk_emb)
         n_mels = self.flow.output_size
-        if mel.dim() != 3 or mel.size(0) != 1 or mel.size(2) != n_mels or mel.size(1) == 0:
-            raise InvalidInputError(
-                f"prompt_mel must have shape (1, T, {n_mels}), got {tuple(mel.shape)}", param="prompt_mel"
-            )
-        emb = _float_tensor(spk_emb, "spk_emb").reshape(1, -1)
-        spk_dim = self.flow.spk_embed_affine_layer.in_features
-        if emb.size(1) != spk_dim:
-            raise InvalidInputError(f"spk_emb must hold {spk_dim} values, got {emb.size(1)}", param="spk_emb")
         up = self.mel_frames_per_token_frame
-        n_prompt, n_target = up * prompt.size(1), up * target.size(1)
+        n_prompt, n_target = mel.size(1), up * target.size(1)
         if n_prompt + n_target > MAX_MEL_FRAMES:
             raise TooLargeError(f"prompt + target audio exceed {MAX_MEL_FRAMES // MEL_RATE} s of speech", param="codes")
-
-        if self.bf16_prompt_roundtrip:
-            mel, emb = bf16_round_trip(mel), bf16_round_trip(emb)
-        mel = F.interpolate(mel.transpose(1, 2), size=n_prompt, mode="nearest").transpose(1, 2)
 
         generator = torch.Generator(device="cpu")
         if seed is None:
@@ -203,7 +258,7 @@ class Token2Wav:
         if noise is None:
             z = torch.randn(1, n_mels, n_prompt + n_target, generator=generator)
         else:
-            z = _float_tensor(noise, "noise")
+            z = float_tensor(noise, "noise")
             if tuple(z.shape) != (1, n_mels, n_prompt + n_target):
                 raise InvalidInputError(
                     f"noise must have shape (1, {n_mels}, {n_prompt + n_target}), got {tuple(z.shape)}", param="noise"

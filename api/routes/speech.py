@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import Annotated, Any, TypeVar
@@ -28,10 +29,12 @@ from api.errors import ERROR_RESPONSES, status_of
 from api.schemas import IterationAudio, IterationsResponse, SpeechRequest
 from api.speech_requests import SpeechJob, api_param, build_request
 from api.state import AppState, Engine, ReadyEngine, State
-from engine.types import CloneRequest, SynthesisResult
-from errors import InvalidInputError, StepAudioError
+from engine.types import CancelToken, CloneRequest, StreamInfo, SynthesisResult
+from errors import InvalidInputError, RequestCancelledError, StepAudioError
 
 router = APIRouter(tags=["speech"], responses=ERROR_RESPONSES)  # the API key and body limits: api.admission
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 STREAM_CHUNK_SECONDS = 0.5
@@ -115,11 +118,61 @@ async def _synthesize(
     mode = opts.mode
     fmt = body.response_format or state.settings.default_response_format
     job = await build_request(state, engine, body, uploads)
+    if body.stream_format is not None and not opts.return_iterations:
+        return await _stream_response(
+            request, state, engine, job, mode=mode, fmt=fmt, sse=body.stream_format == "sse", t0=t0
+        )
     try:
         result, timing = await _run_until_disconnect(request, _submit(state, engine, mode, job))
     except InvalidInputError as exc:
         exc.param = api_param(exc.param)
         raise
+    _record_run(state, mode, result, timing)
+    iterations = result.iterations or [result.audio]
+    headers = _headers(
+        mode,
+        job,
+        StreamInfo(result.seed, result.intensity, result.sample_rate, len(iterations), result.transcript),
+    )
+    headers["X-Step-Audio-Audio-Tokens"] = str(result.n_audio_tokens)
+    if opts.return_iterations:
+        return await _iterations_response(
+            state=state, mode=mode, fmt=fmt, result=result, iterations=iterations, headers=headers, t0=t0
+        )
+    if body.stream_format is None:
+        data = await run_in_threadpool(encode_audio, result.audio, fmt, result.sample_rate)
+        m = state.metrics
+        m.ttfb.labels(mode).observe(time.perf_counter() - t0)
+        m.ttfa.labels(mode, "whole").observe(time.perf_counter() - t0)
+        m.latency.labels(mode).observe(time.perf_counter() - t0)
+        m.requests.labels(mode, "200").inc()
+        return Response(data, media_type=CONTENT_TYPES[fmt], headers=headers)
+    # a request that asked for a stream but ran whole (return_iterations): sliced as it is
+    sse = body.stream_format == "sse"
+    return StreamingResponse(
+        _stream_whole(state, mode, fmt, result, t0, sse=sse),
+        media_type="text/event-stream" if sse else CONTENT_TYPES[fmt],
+        headers=headers,
+    )
+
+
+def _headers(mode: str, job: SpeechJob, info: StreamInfo) -> dict[str, str]:
+    headers = {
+        "X-Step-Audio-Mode": mode,
+        "X-Step-Audio-Variant": job.request.variant,
+        "X-Step-Audio-Seed": str(info.seed),
+        "X-Step-Audio-Intensity": f"{info.intensity:g}",
+        "X-Step-Audio-Iterations": str(info.iterations),
+        "X-Step-Audio-Sample-Rate": str(info.sample_rate),
+    }
+    if job.edits_report is not None:
+        headers["X-Step-Audio-Edits"] = job.edits_report
+    if info.transcript is not None:
+        headers["X-Step-Audio-Transcript"] = quote(info.transcript, safe=" ,.!?'")
+    return headers
+
+
+def _record_run(state: AppState, mode: str, result: SynthesisResult, timing: Any) -> None:
     audio_s = len(result.audio) / result.sample_rate
     m = state.metrics
     m.queue_wait.labels(mode).observe(timing.queue_wait_s)
@@ -130,45 +183,19 @@ async def _synthesize(
         if n > 0:
             m.cache_lookups.labels(mode, key).inc(n)
 
-    iterations = result.iterations or [result.audio]
-    headers = {
-        "X-Step-Audio-Mode": mode,
-        "X-Step-Audio-Variant": job.request.variant,
-        "X-Step-Audio-Seed": str(result.seed),
-        "X-Step-Audio-Intensity": f"{result.intensity:g}",
-        "X-Step-Audio-Iterations": str(len(iterations)),
-        "X-Step-Audio-Audio-Tokens": str(result.n_audio_tokens),
-        "X-Step-Audio-Sample-Rate": str(result.sample_rate),
-    }
-    if job.edits_report is not None:
-        headers["X-Step-Audio-Edits"] = job.edits_report
-    if result.transcript is not None:
-        headers["X-Step-Audio-Transcript"] = quote(result.transcript, safe=" ,.!?'")
-    if opts.return_iterations:
-        return await _iterations_response(
-            state=state, mode=mode, fmt=fmt, result=result, iterations=iterations, headers=headers, t0=t0
-        )
-    if body.stream_format is None:
-        data = await run_in_threadpool(encode_audio, result.audio, fmt, result.sample_rate)
-        m.ttfb.labels(mode).observe(time.perf_counter() - t0)
-        m.latency.labels(mode).observe(time.perf_counter() - t0)
-        m.requests.labels(mode, "200").inc()
-        return Response(data, media_type=CONTENT_TYPES[fmt], headers=headers)
-    sse = body.stream_format == "sse"
-    return StreamingResponse(
-        _stream(state, mode, fmt, result, t0, sse=sse),
-        media_type="text/event-stream" if sse else CONTENT_TYPES[fmt],
-        headers=headers,
-    )
 
-
-async def _submit(state: AppState, engine: Engine, mode: str, job: SpeechJob) -> tuple[SynthesisResult, Any]:
+async def _submit(
+    state: AppState, engine: Engine, mode: str, job: SpeechJob, *, sink: _LoopSink | None = None
+) -> tuple[SynthesisResult, Any]:
     request = job.request
+    cancel = CancelToken()  # set by the service when this request's client goes away
 
     def run() -> SynthesisResult:
-        return engine.clone(request) if isinstance(request, CloneRequest) else engine.edit(request)
+        if isinstance(request, CloneRequest):
+            return engine.clone(request, sink=sink, cancel=cancel)
+        return engine.edit(request, sink=sink, cancel=cancel)
 
-    return await state.service.submit(mode, run, request=request)
+    return await state.service.submit(mode, run, request=request, cancel=cancel)
 
 
 async def _run_until_disconnect(request: Request, work: Awaitable[T]) -> T:
@@ -193,10 +220,155 @@ async def _run_until_disconnect(request: Request, work: Awaitable[T]) -> T:
     raise ClientGoneError
 
 
-async def _stream(
+class _LoopSink:
+    """The engine's ``AudioSink`` for one response: hands events to the event loop's queue."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.started: asyncio.Future[StreamInfo] = self._loop.create_future()
+        self.events: asyncio.Queue[np.ndarray] = asyncio.Queue()
+
+    def start(self, info: StreamInfo) -> None:
+        self._loop.call_soon_threadsafe(self._started, info)
+
+    def _started(self, info: StreamInfo) -> None:
+        if not self.started.done():
+            self.started.set_result(info)
+
+    def put(self, piece: np.ndarray) -> None:
+        self._loop.call_soon_threadsafe(self.events.put_nowait, piece)
+
+
+async def _stream_response(
+    request: Request,
+    state: AppState,
+    engine: Engine,
+    job: SpeechJob,
+    *,
+    mode: str,
+    fmt: AudioFormat,
+    sse: bool,
+    t0: float,
+) -> Response:
+    """Real streaming: audio leaves as the streaming vocoder makes it, while the LLM generates.
+
+    The response starts (status and headers) only once the engine has accepted the request and
+    is about to make audio, so every input error is still a proper 4xx; a failure after that
+    ends the stream early (logged).
+    """
+    sink = _LoopSink()
+    work = asyncio.ensure_future(_submit(state, engine, mode, job, sink=sink))
+    first = sink.started
+
+    async def started() -> None:
+        pending: list[asyncio.Future[Any]] = [work, first]
+        await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+
+    try:
+        await _run_until_disconnect(request, started())
+    except BaseException:
+        work.cancel()  # the service sets the job's cancel event: the engine stops within a step
+        first.cancel()
+        raise
+    if not first.done():  # the job ended before any stream began: an error, or nothing to stream
+        first.cancel()
+        try:
+            result, timing = work.result()
+        except InvalidInputError as exc:
+            exc.param = api_param(exc.param)
+            raise
+        _record_run(state, mode, result, timing)
+        headers = _headers(
+            mode,
+            job,
+            StreamInfo(result.seed, result.intensity, result.sample_rate, len(result.iterations), result.transcript),
+        )
+        return StreamingResponse(
+            _stream_whole(state, mode, fmt, result, t0, sse=sse),
+            media_type="text/event-stream" if sse else CONTENT_TYPES[fmt],
+            headers=headers,
+        )
+    info = first.result()
+    return StreamingResponse(
+        _stream_pieces(state, mode, fmt, info=info, sink=sink, work=work, t0=t0, sse=sse),
+        media_type="text/event-stream" if sse else CONTENT_TYPES[fmt],
+        headers=_headers(mode, job, info),
+    )
+
+
+async def _stream_pieces(
+    state: AppState,
+    mode: str,
+    fmt: AudioFormat,
+    *,
+    info: StreamInfo,
+    sink: _LoopSink,
+    work: asyncio.Future[tuple[SynthesisResult, Any]],
+    t0: float,
+    sse: bool,
+) -> AsyncIterator[bytes]:
+    """Encode and send each piece as it arrives; a client that leaves cancels the work."""
+    m = state.metrics
+    writer = StreamingAudioWriter(fmt, info.sample_rate, streaming=True)
+    first = True
+
+    def mark_first() -> None:
+        nonlocal first
+        if first:
+            first = False
+            m.ttfb.labels(mode).observe(time.perf_counter() - t0)
+            m.ttfa.labels(mode, "streamed").observe(time.perf_counter() - t0)
+
+    try:
+        ended = False
+        while not ended:
+            pieces: list[np.ndarray] = []
+            if work.done():
+                ended = True  # every piece was queued before the job's result: take the rest
+            else:
+                get = asyncio.ensure_future(sink.events.get())
+                either: list[asyncio.Future[Any]] = [get, work]
+                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+                if get.done():
+                    pieces.append(get.result())
+                else:
+                    get.cancel()
+            while not sink.events.empty():
+                pieces.append(sink.events.get_nowait())
+            for piece in pieces:
+                data = await run_in_threadpool(writer.write, piece)
+                if data:
+                    mark_first()
+                    yield sse_delta(data) if sse else data
+        try:
+            result, timing = work.result()
+        except (StepAudioError, RequestCancelledError) as exc:
+            logger.warning("a %s stream ended early: %s", mode, exc)
+            m.requests.labels(mode, str(status_of(exc)) if isinstance(exc, StepAudioError) else "499").inc()
+            return
+        _record_run(state, mode, result, timing)
+        generated = result.timings.get("generated_ids", 0.0)
+        if generated > 0 and "first_audio_ids" in result.timings:
+            m.stream_start.labels(mode).observe(result.timings["first_audio_ids"] / generated)
+        data = await run_in_threadpool(writer.finish)
+        if data:
+            mark_first()
+            yield sse_delta(data) if sse else data
+        if sse:
+            n = result.n_audio_tokens
+            yield sse_done({"input_tokens": 0, "output_tokens": n, "total_tokens": n})
+        m.latency.labels(mode).observe(time.perf_counter() - t0)
+        m.requests.labels(mode, "200").inc()
+    finally:
+        if not work.done():  # the client went away mid-stream
+            work.cancel()
+            m.requests.labels(mode, "499").inc()
+
+
+async def _stream_whole(
     state: AppState, mode: str, fmt: AudioFormat, result: SynthesisResult, t0: float, *, sse: bool
 ) -> AsyncIterator[bytes]:
-    """Chunked audio or SSE events; the encoder runs in a thread chunk by chunk."""
+    """A finished result sent as chunked audio or SSE events; the encoder runs in a thread."""
     m = state.metrics
     writer = StreamingAudioWriter(fmt, result.sample_rate, streaming=True, total_samples=len(result.audio))
     step = max(1, int(STREAM_CHUNK_SECONDS * result.sample_rate))
@@ -207,12 +379,14 @@ async def _stream(
         if data:
             if first:
                 m.ttfb.labels(mode).observe(time.perf_counter() - t0)
+                m.ttfa.labels(mode, "whole").observe(time.perf_counter() - t0)
                 first = False
             yield sse_delta(data) if sse else data
     data = await run_in_threadpool(writer.finish)
     if data:
         if first:
             m.ttfb.labels(mode).observe(time.perf_counter() - t0)
+            m.ttfa.labels(mode, "whole").observe(time.perf_counter() - t0)
         yield sse_delta(data) if sse else data
     if sse:
         n = result.n_audio_tokens
