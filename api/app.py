@@ -95,6 +95,10 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory | None = Non
     app.include_router(system.router)
     app.include_router(speech.router)
     app.include_router(voices.router)
+    if settings.ui:
+        from api.ui import mount_ui  # Gradio loads only when the UI is on
+
+        mount_ui(app, state)
     if settings.api_key:
 
         @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_api_key)])
