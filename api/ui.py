@@ -80,8 +80,14 @@ READY_WAIT_S = 900.0  # a page opened while the models load waits this long for 
 _SCROLL_LOG_JS = (
     "() => { const t = document.querySelector('#server-log textarea'); if (t) t.scrollTop = t.scrollHeight; }"
 )
-_STATUS_TITLES = {400: "Invalid input", 401: "Unauthorized", 404: "Not found", 413: "Too large", 429: "Busy"}
-_STATUS_TITLES.update({503: "Not ready"})
+_STATUS_TITLES = {
+    400: "Invalid input",
+    401: "Unauthorized",
+    404: "Not found",
+    413: "Too large",
+    429: "Busy",
+    503: "Not ready",
+}
 
 
 @dataclass
@@ -128,13 +134,14 @@ class _Ui:
         task = asyncio.ensure_future(service.submit(request.step_audio.mode, run, request=job))
         t0 = time.perf_counter()
         try:
+            await asyncio.sleep(0)  # let the task enqueue the job, so the count below includes it
             while not task.done():
                 waited = time.perf_counter() - t0
                 if started.is_set():
-                    progress(None, desc=f"running ({waited:.0f} s)")
+                    progress((round(waited), None), desc="running", unit="s")
                 else:
-                    ahead = service.queued - 1 + service.running
-                    progress(None, desc=f"waiting in the server queue: {max(ahead, 0)} request(s) ahead")
+                    ahead = max(service.queued - 1 + service.running, 0)
+                    progress(0.0, desc=f"waiting in the server queue: {ahead} request(s) ahead")
                 await asyncio.wait({task}, timeout=PROGRESS_POLL_S)
         except asyncio.CancelledError:  # the page went away: leave the queue like a gone HTTP client
             task.cancel()

@@ -7,7 +7,9 @@ page (clone, then edit the last output, ...). Screenshots of each step land in
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -122,6 +124,26 @@ def test_log_panel_shows_a_cache_hit_line(page: Any) -> None:
     )
     lines = page.input_value("#server-log textarea").splitlines()
     assert any("[FunASR Cache HIT]" in line for line in lines)
+
+
+def test_a_waiting_request_says_so_then_plays(page: Any, server: LiveServer) -> None:
+    service = server.app.state.step_audio.service
+    gate = threading.Event()
+    holder = threading.Thread(target=lambda: asyncio.run(service.submit("test-gate", gate.wait)), daemon=True)
+    tab(page, "Clone")
+    page.fill("#clone-text textarea", TEXT)
+    page.fill("#clone-seed textarea", "77")
+    try:
+        holder.start()  # the only worker is busy: the page's request has to wait in the queue
+        page.click("#clone-run")
+        page.wait_for_function(
+            "() => document.body.innerText.includes('waiting in the server queue: 1 request(s) ahead')"
+        )
+        page.screenshot(path=ARTIFACTS / "waiting.png", full_page=True)
+    finally:
+        gate.set()
+    wait_text(page, "#clone-info", "seed 77")
+    assert wait_playable(page, "#clone-out") > 0
 
 
 def test_bad_input_shows_the_error_message(page: Any) -> None:
