@@ -53,19 +53,14 @@ from api.inputs import decode_audio_bytes
 from api.logs import RecentLogHandler
 from api.routes.system import cache_stats, clear_cache
 from api.routes.voices import add_voice, list_voices
-from api.schemas import (
-    EDIT_MODES,
-    INTENSITY_MAX,
-    INTENSITY_MIN,
-    MODEL_ID,
-    N_EDIT_ITER_MAX,
-    ResponseFormat,
-    SpeechRequest,
-)
-from api.speech_requests import MODES_NEEDING_TRANSCRIPT, MODES_WITH_EDIT_INFO, build_request
+from api.schemas import MODEL_ID, SpeechRequest
+from api.speech_requests import build_request
 from api.state import AppState, Engine
-from engine.types import AudioInput, CloneRequest, EditRequest, SynthesisResult
+from engine import chains
+from engine.types import EDIT_MODES, AudioInput, CloneRequest, EditRequest, EditStep, SynthesisResult
 from errors import StepAudioError, TooLargeError
+from llm.generate import MAX_INTENSITY, MIN_INTENSITY
+from settings import ResponseFormat
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +118,7 @@ class _Ui:
         """Validate like the API, queue in the service, report the wait; (job, result, wait s, run s)."""
         engine = self.engine()
         request = SpeechRequest.model_validate(body)
-        job = await build_request(self.state, engine, request, uploads)
+        job = (await build_request(self.state, engine, request, uploads)).request
         started = threading.Event()
 
         def run() -> SynthesisResult:
@@ -163,6 +158,16 @@ class _Ui:
             "transcribe", functools.partial(transcriber.transcribe, audio.samples, audio.sample_rate)
         )
         return str(text).strip()
+
+
+def takes_edit_info(mode: str, tags: dict[str, list[str]]) -> bool:
+    """Whether ``mode``'s list in ``/v1/tags`` is its ``edit_info`` choices (paralinguistic's are inline tags)."""
+    return mode != "paralinguistic" and bool(tags.get(mode))
+
+
+def needs_audio_text(mode: str) -> bool:
+    """Whether an edit in ``mode`` needs the transcript of its audio (the engine's rule)."""
+    return chains.needs_transcript([EditStep(mode=mode)])  # type: ignore[arg-type]
 
 
 def user_error(exc: BaseException) -> gr.Error:
@@ -219,7 +224,7 @@ def _summary(result: SynthesisResult, wait_s: float, run_s: float, *, variant: s
 def build_blocks(ui: _Ui) -> gr.Blocks:
     """The page: Clone, Edit, Voices and Cache tabs above the live server log."""
     settings = ui.state.settings
-    max_iter = min(settings.max_edit_iter, N_EDIT_ITER_MAX)
+    max_iter = settings.max_edit_iter
     variants = list(dict.fromkeys(settings.variants))
 
     with gr.Blocks(title="Step-Audio-EditX", analytics_enabled=False, delete_cache=(3600, 3600)) as blocks:
@@ -259,7 +264,7 @@ def build_blocks(ui: _Ui) -> gr.Blocks:
                     c_text = gr.Textbox(label="Text to speak", lines=3, elem_id="clone-text")
                 with gr.Column():
                     c_intensity = gr.Slider(
-                        INTENSITY_MIN, INTENSITY_MAX, value=1.0, step=0.1, label="Intensity", elem_id="clone-intensity"
+                        MIN_INTENSITY, MAX_INTENSITY, value=1.0, step=0.1, label="Intensity", elem_id="clone-intensity"
                     )
                     c_variant = gr.Radio(variants, value=variants[0], label="Model variant", elem_id="clone-variant")
                     with gr.Row():
@@ -294,7 +299,7 @@ def build_blocks(ui: _Ui) -> gr.Blocks:
                 with gr.Column():
                     e_iter = gr.Slider(1, max_iter, value=1, step=1, label="Edit iterations", elem_id="edit-iter")
                     e_intensity = gr.Slider(
-                        INTENSITY_MIN, INTENSITY_MAX, value=1.0, step=0.1, label="Intensity", elem_id="edit-intensity"
+                        MIN_INTENSITY, MAX_INTENSITY, value=1.0, step=0.1, label="Intensity", elem_id="edit-intensity"
                     )
                     e_variant = gr.Radio(variants, value=variants[0], label="Model variant", elem_id="edit-variant")
                     with gr.Row():
@@ -367,13 +372,13 @@ def build_blocks(ui: _Ui) -> gr.Blocks:
             tags = ui.state.engine.tags() if ui.state.engine is not None else {}
             options = tags.get(mode, [])
             info = gr.update(
-                choices=options, value=options[0] if options else None, visible=mode in MODES_WITH_EDIT_INFO
+                choices=options, value=options[0] if options else None, visible=takes_edit_info(mode, tags)
             )
             tagged = gr.update(
                 visible=mode == "paralinguistic",
                 info="Tags: " + " ".join(f"[{t}]" for t in tags.get("paralinguistic", [])),
             )
-            transcript = gr.update(visible=mode in MODES_NEEDING_TRANSCRIPT)
+            transcript = gr.update(visible=needs_audio_text(mode))
             return info, tagged, transcript
 
         async def voices_view() -> tuple[Any, Any, Any]:
@@ -470,8 +475,8 @@ def build_blocks(ui: _Ui) -> gr.Blocks:
                 "step_audio": {
                     "mode": mode,
                     "model_variant": variant,
-                    "edit_info": edit_info if mode in MODES_WITH_EDIT_INFO else None,
-                    "audio_text": (transcript.strip() or None) if mode in MODES_NEEDING_TRANSCRIPT else None,
+                    "edit_info": edit_info if takes_edit_info(mode, ui.engine().tags()) else None,
+                    "audio_text": (transcript.strip() or None) if needs_audio_text(mode) else None,
                     "n_edit_iter": int(n_iter),
                     "intensity": intensity,
                     "seed": _seed(seed),
