@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
             banner,
         )
     app = create_app(settings)
+    if settings.ui:
+        logger.info("web UI: http://localhost:%d/ui (--no-ui turns it off)", settings.api_port)
     uvicorn.run(
         app,
         host=settings.api_host,
