@@ -24,6 +24,7 @@ DEFAULT_FUNASR_MODEL_ID = FUNASR_MODEL_ID
 ModelSource = Literal["auto", "local", "huggingface", "modelscope"]
 Variant = Literal["base", "awq", "bnb"]
 ResponseFormat = Literal["wav", "mp3", "opus", "aac", "flac", "pcm"]
+AsrBackend = Literal["faster-whisper", "openai-whisper"]
 
 
 class Settings(BaseSettings):
@@ -53,9 +54,7 @@ class Settings(BaseSettings):
     funasr_model_id: str = Field(
         DEFAULT_FUNASR_MODEL_ID, description="Paraformer folder inside the tokenizer directory."
     )
-    variants: list[Variant] = Field(
-        default_factory=lambda: ["base"], description="LLM variants to load (base, awq, bnb)."
-    )
+    variants: list[Variant] = Field(["base"], description="LLM variants to load (base, awq, bnb).")
     awq_model_path: Path | None = Field(
         None, description="AWQ checkpoint dir (default: <model-path>/Step-Audio-EditX-AWQ-4bit)."
     )
@@ -83,8 +82,17 @@ class Settings(BaseSettings):
     cache_max_bytes: int = Field(2 * 1024**3, ge=0, description="Byte budget of the wav2token cache (LRU eviction).")
 
     # --- transcription ------------------------------------------------------------------
-    enable_auto_transcribe: bool = Field(False, description="Fill a missing transcript with Whisper (faster-whisper).")
-    whisper_model: str = Field("base", description="faster-whisper model name or a local CTranslate2 model directory.")
+    enable_auto_transcribe: bool = Field(False, description="Fill a missing transcript with Whisper.")
+    asr_backend: AsrBackend = Field(
+        "faster-whisper",
+        description="Whisper implementation: faster-whisper (CTranslate2, built in) or openai-whisper "
+        "(PyTorch .pt checkpoints; install the openai-whisper extra).",
+    )
+    whisper_model: str = Field(
+        "base",
+        description="Whisper size name (tiny.en, base, ...), or a local model: a CTranslate2 directory "
+        "for faster-whisper, a .pt checkpoint file for openai-whisper.",
+    )
 
     # --- HTTP ---------------------------------------------------------------------------
     api_host: str = Field("0.0.0.0", description="Address to bind.")

@@ -179,7 +179,7 @@ def user_error(exc: BaseException) -> gr.Error:
         title = _STATUS_TITLES.get(status, "Server error")
         return gr.Error(str(exc), title=f"{title} ({status})", duration=None, print_exception=False)
     if isinstance(exc, ValidationError):
-        message, _ = validation_message(list(exc.errors()))
+        message, _ = validation_message([dict(e) for e in exc.errors()])
         return gr.Error(message, title="Invalid input (400)", duration=None, print_exception=False)
     logger.exception("web UI: unexpected error: %s", exc)
     return gr.Error("internal server error (see the server log)", title="Server error (500)", duration=None)
@@ -536,7 +536,7 @@ def build_blocks(ui: _Ui) -> gr.Blocks:
             return "\n".join(ui.logs.lines()[-LOG_PANEL_LINES:]), version
 
         # --- wiring ---------------------------------------------------------------------
-        free = {"concurrency_limit": None}  # the service's queue is the one gate
+        # concurrency_limit=None on every event: the service's queue is the one gate, not Gradio's
         edit_extras = [e_info, e_tagged, e_transcript]
         voice_outputs = [v_table, v_pick, c_voice]
         cache_outputs = [k_entries, k_bytes, k_hits, k_misses, k_ratio]
@@ -545,44 +545,48 @@ def build_blocks(ui: _Ui) -> gr.Blocks:
         blocks.load(
             _guarded(on_load),
             outputs=[status, c_variant, e_variant, c_transcribe, e_transcribe, *edit_extras, *voice_outputs],
-            **free,
+            concurrency_limit=None,
         )
         c_run.click(
             _guarded(clone),
             inputs=[c_clip, c_voice, c_transcript, c_text, c_variant, c_intensity, c_seed, c_format],
             outputs=[c_out, c_info, last_output],
             api_name="clone",
-            **free,
-        ).success(_guarded(cache_view), outputs=cache_outputs, show_progress="hidden", **free)
+            concurrency_limit=None,
+        ).success(_guarded(cache_view), outputs=cache_outputs, show_progress="hidden", concurrency_limit=None)
         e_run.click(
             _guarded(edit),
             inputs=[e_audio, e_mode, e_info, e_tagged, e_transcript, e_iter, e_variant, e_intensity, e_seed, e_format],
             outputs=[*e_outs, e_result, last_output],
             api_name="edit",
-            **free,
-        ).success(_guarded(cache_view), outputs=cache_outputs, show_progress="hidden", **free)
-        e_mode.change(edit_controls, inputs=e_mode, outputs=edit_extras, **free)
-        e_use_last.click(_guarded(use_last), inputs=last_output, outputs=e_audio, **free)
-        c_transcribe.click(_guarded(transcribe), inputs=c_clip, outputs=c_transcript, **free)
-        e_transcribe.click(_guarded(transcribe), inputs=e_audio, outputs=e_transcript, **free)
+            concurrency_limit=None,
+        ).success(_guarded(cache_view), outputs=cache_outputs, show_progress="hidden", concurrency_limit=None)
+        e_mode.change(edit_controls, inputs=e_mode, outputs=edit_extras, concurrency_limit=None)
+        e_use_last.click(_guarded(use_last), inputs=last_output, outputs=e_audio, concurrency_limit=None)
+        c_transcribe.click(_guarded(transcribe), inputs=c_clip, outputs=c_transcript, concurrency_limit=None)
+        e_transcribe.click(_guarded(transcribe), inputs=e_audio, outputs=e_transcript, concurrency_limit=None)
         v_register.click(
             _guarded(register),
             inputs=[v_name, v_clip, v_transcript],
             outputs=[v_message, *voice_outputs],
             api_name="register_voice",
-            **free,
+            concurrency_limit=None,
         )
-        v_play.click(_guarded(play), inputs=v_pick, outputs=v_audio, **free)
-        v_delete.click(_guarded(delete), inputs=v_pick, outputs=[v_message, *voice_outputs], **free)
-        cache_tab.select(_guarded(cache_view), outputs=cache_outputs, show_progress="minimal", **free)
+        v_play.click(_guarded(play), inputs=v_pick, outputs=v_audio, concurrency_limit=None)
+        v_delete.click(_guarded(delete), inputs=v_pick, outputs=[v_message, *voice_outputs], concurrency_limit=None)
+        cache_tab.select(_guarded(cache_view), outputs=cache_outputs, show_progress="minimal", concurrency_limit=None)
         k_refresh.click(
-            _guarded(cache_view), outputs=cache_outputs, api_name="cache_stats", show_progress="minimal", **free
+            _guarded(cache_view),
+            outputs=cache_outputs,
+            api_name="cache_stats",
+            show_progress="minimal",
+            concurrency_limit=None,
         )
-        k_clear.click(_guarded(clear), outputs=cache_outputs, **free)
-        log_timer.tick(log_tick, inputs=log_seen, outputs=[log_box, log_seen], show_progress="hidden", **free).then(
-            None, js=_SCROLL_LOG_JS, show_progress="hidden"
-        )
-    return blocks
+        k_clear.click(_guarded(clear), outputs=cache_outputs, concurrency_limit=None)
+        log_timer.tick(
+            log_tick, inputs=log_seen, outputs=[log_box, log_seen], show_progress="hidden", concurrency_limit=None
+        ).then(None, js=_SCROLL_LOG_JS, show_progress="hidden")
+    return typing.cast(gr.Blocks, blocks)  # Gradio's context manager is untyped
 
 
 class _NoRemoteFiles:
@@ -602,8 +606,12 @@ class _NoRemoteFiles:
         await self.app(scope, receive, send)
 
 
-def mount_ui(app: FastAPI, state: AppState) -> None:
-    """Mount the UI at ``/ui`` and redirect ``/`` to it; the log handler lives as long as the app runs."""
+def mount_ui(app: FastAPI, state: AppState) -> tuple[frozenset[str], tuple[str, ...]]:
+    """Mount the UI at ``/ui`` and redirect ``/`` to it; the log handler lives as long as the app runs.
+
+    Returns the paths and path prefixes that answer without a Bearer key (``/``, the UI): a browser
+    cannot send one, so with ``--api-key`` the UI's own login page asks for the key instead.
+    """
     settings = state.settings
     logs = RecentLogHandler()
     out_dir = Path(tempfile.mkdtemp(prefix="step-audio-ui-"))
@@ -646,3 +654,4 @@ def mount_ui(app: FastAPI, state: AppState) -> None:
             shutil.rmtree(out_dir, ignore_errors=True)
 
     app.router.lifespan_context = lifespan
+    return frozenset({"/", UI_PATH}), (f"{UI_PATH}/",)

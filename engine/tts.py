@@ -1,7 +1,7 @@
-"""The engine: clone and edit composed from the three stages (model-spec §5, DESIGN §2).
+"""The engine: clone and edit composed from the three stages (docs/model.md §5, docs/engine.md).
 
     clone: prompt audio ─► prepare_prompt ─► wav2token + prompt mel + speaker embedding
-               (cached together under the audio's content key)
+               (one cache record under the audio's content key, see _prompt_features)
            prompt text + tokens ─► clone prompt ─► Step1 generate(intensity, seed)
            audio ids + the prompt's tokens/mel/embedding ─► token2wav ─► 24 kHz
     edit:  the same, with the edit prompt; the audio to edit is the acoustic prompt.
@@ -17,6 +17,7 @@ own lock, so two requests overlap in different stages while (GPU) memory stays b
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import secrets
 import threading
@@ -51,15 +52,16 @@ from errors import InvalidInputError, TooLargeError
 from llm import prompts
 from llm.generate import MAX_INTENSITY, MIN_INTENSITY, generate_audio_ids
 from token_cache import LookupTally, content_key, count_lookups
-from vocoder.frontend import prompt_features
+from tokenizer import AudioTokens, check_prompt
+from vocoder.frontend import frontend_fingerprint, prompt_features
 
 if TYPE_CHECKING:
-    from engine.transcribe import WhisperTranscriber
+    from engine.transcribe import Transcriber
     from llm.model import Step1ForCausalLM
     from llm.text_tokenizer import StepTextTokenizer
     from settings import Settings
     from token_cache import TokenCache
-    from tokenizer import AudioTokens, StepAudioTokenizer
+    from tokenizer import StepAudioTokenizer
     from vocoder.frontend import SpeakerEncoder
     from vocoder.token2wav import Token2Wav
 
@@ -73,6 +75,8 @@ SAMPLES_PER_GROUP = FRAMES_PER_GROUP * MEL_FRAMES_PER_TOKEN_FRAME * SAMPLES_PER_
 DEFAULT_VOICE_DIR = Path(__file__).resolve().parent / "default_voice"
 
 DEMO_MAX_NEW_TOKENS = 250  # random weights rarely sample EOS: cap demo generations at 6 s of audio
+PROMPT_RECORD = ("vq02", "vq06", "prompt_mel", "spk_emb")  # the arrays of a prompt's cache record
+PROMPT_RECORD_VERSION = 1  # bump when the record's arrays or their meaning change
 
 
 @dataclass(frozen=True)
@@ -124,9 +128,20 @@ class _ChainRun:
         return len(self.outputs)
 
 
+def prompt_cache_fingerprint(tokenizer_fingerprint: str, frontend_fp: str) -> str:
+    """The fingerprint of prompt records: the tokenizer's and the prompt frontend's, and the layout.
+
+    Any change to the tokenizer files or settings, ``campplus.onnx`` or the mel config makes old
+    records misses (then overwritten), so new weights never get stale tokens or features.
+    """
+    text = f"prompt-record-v{PROMPT_RECORD_VERSION}\0{tokenizer_fingerprint}\0{frontend_fp}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def pcm16_round_trip(wav: np.ndarray) -> np.ndarray:
     """The reference saves each edit iteration as a 16-bit WAV (soundfile) and reloads it; same in memory."""
-    return (to_pcm16(wav) / np.float32(PCM16_SCALE)).astype(np.float32)
+    out: np.ndarray = (to_pcm16(wav) / np.float32(PCM16_SCALE)).astype(np.float32)
+    return out
 
 
 def change_speed(wav: np.ndarray, speed: float) -> np.ndarray:
@@ -176,8 +191,9 @@ class StepAudioEngine:
 
     Parts (all already loaded): ``tokenizer`` (StepAudioTokenizer), ``llms`` (variant name ->
     Step1ForCausalLM), ``text_tokenizer`` (the LLM's text tokenizer), ``token2wav`` (the
-    vocoder), ``speaker_encoder`` (CAM++), ``cache`` (the TokenCache the tokenizer also writes,
-    or None), ``transcriber`` (Whisper, or None when auto-transcription is off).
+    vocoder), ``speaker_encoder`` (CAM++), ``cache`` (the TokenCache of prompt records, whose
+    fingerprint is ``prompt_cache_fingerprint`` of these stages, or None), ``transcriber``
+    (Whisper, or None when auto-transcription is off).
     """
 
     def __init__(
@@ -189,7 +205,7 @@ class StepAudioEngine:
         token2wav: Token2Wav,
         speaker_encoder: SpeakerEncoder,
         cache: TokenCache | None = None,
-        transcriber: WhisperTranscriber | None = None,
+        transcriber: Transcriber | None = None,
         options: EngineOptions | None = None,
         device: torch.device | str = "cpu",
     ) -> None:
@@ -406,6 +422,7 @@ class StepAudioEngine:
         step = steps[0]
         audio = request.audio
         self._check_audio(audio, "audio")
+        audio_text: str | None
         if needs_transcript(steps):
             audio_text = self._transcript(request.audio_text, audio, "audio_text", timings)
         else:
@@ -475,7 +492,7 @@ class StepAudioEngine:
         and auto-transcription is on."""
         if given is not None and given.strip():
             return given
-        if not self.auto_transcribe:
+        if not self.auto_transcribe or self.transcriber is None:
             raise InvalidInputError(
                 f"{param} (the transcript of the audio) is required: auto-transcription is off", param=param
             )
@@ -499,20 +516,39 @@ class StepAudioEngine:
     def _prompt_features(
         self, samples: np.ndarray, sample_rate: int, param: str, timings: dict[str, float] | None = None
     ) -> PromptFeatures:
-        """Tokens, mel and speaker embedding of one prompt; each from the cache when it has them."""
+        """Tokens, mel and speaker embedding of one prompt: one cache record, looked up once.
+
+        The content key is hashed once here and a hit reads one file; a miss computes all three
+        and puts them as one record. Unusable audio raises before the cache is touched. The
+        log lines (``[FunASR Cache HIT|MISS] hash=…``) are the ones operators grep for.
+        """
         begin = time.perf_counter()
-        wav = prepare_prompt(samples, sample_rate)
-        key = content_key(wav, sample_rate)
         try:
-            with torch.inference_mode():
-                tokens = self.tokenizer.wav2token(wav, sample_rate)
-                features = prompt_features(wav, sample_rate, self.speaker_encoder, cache=self.cache, key=key)
+            wav = check_prompt(prepare_prompt(samples, sample_rate), sample_rate)
+            key = content_key(wav, sample_rate)
+            record = self.cache.get(key, names=PROMPT_RECORD) if self.cache is not None else None
+            if record is not None:
+                logger.info("[FunASR Cache HIT] hash=%s…", key[:8])
+                tokens = AudioTokens(record["vq02"], record["vq06"])
+                prompt_mel = torch.from_numpy(np.asarray(record["prompt_mel"], dtype=np.float32))
+                spk_emb = torch.from_numpy(np.asarray(record["spk_emb"], dtype=np.float32))
+            else:
+                if self.cache is not None:
+                    logger.info("[FunASR Cache MISS] hash=%s…", key[:8])
+                start = time.perf_counter()
+                with torch.inference_mode():
+                    tokens = self.tokenizer.wav2token(wav, sample_rate)
+                    features = prompt_features(wav, sample_rate, self.speaker_encoder)
+                prompt_mel, spk_emb = features.prompt_mel.float().cpu(), features.spk_emb.float().cpu()
+                if self.cache is not None:
+                    arrays = {"vq02": tokens.vq02, "vq06": tokens.vq06, "prompt_mel": prompt_mel, "spk_emb": spk_emb}
+                    self.cache.put(key, arrays, compute_seconds=time.perf_counter() - start)
         except AudioError as exc:
             exc.param = exc.param or param
             raise
         if timings is not None:
             timings["prompt_features"] = timings.get("prompt_features", 0.0) + time.perf_counter() - begin
-        return PromptFeatures(key, tokens, features.prompt_mel.float(), features.spk_emb.float())
+        return PromptFeatures(key, tokens, prompt_mel, spk_emb)
 
     def _generate(
         self,
@@ -594,26 +630,31 @@ def build_engine(
     if max_new_tokens is None and settings.demo:
         max_new_tokens = DEMO_MAX_NEW_TOKENS
     tokenizer = registry.get_tokenizer(
-        settings.funasr_model_id,
-        dither=settings.funasr_dither,
-        onnx_threads=settings.onnx_threads,
-        cache_dir=settings.cache_dir,
-        cache_max_bytes=settings.cache_max_bytes,
+        settings.funasr_model_id, dither=settings.funasr_dither, onnx_threads=settings.onnx_threads
     )
     vocoder = registry.get_vocoder(settings.onnx_threads)
+    cache = registry.get_prompt_cache(
+        settings.cache_dir,
+        settings.cache_max_bytes,
+        prompt_cache_fingerprint(tokenizer.fingerprint, frontend_fingerprint(vocoder.speaker_encoder)),
+    )
     llms = registry.load_llms(dict.fromkeys(settings.variants))  # de-duplicated, in order
     transcriber = None
     if settings.enable_auto_transcribe:
-        from engine.transcribe import WhisperTranscriber
+        from engine.transcribe import make_transcriber
 
-        def load_whisper() -> WhisperTranscriber:
-            whisper = WhisperTranscriber(
-                settings.whisper_model, device=str(registry.device), download_root=settings.cache_dir / "whisper"
+        def load_whisper() -> Transcriber:
+            whisper = make_transcriber(
+                settings.asr_backend,
+                settings.whisper_model,
+                device=str(registry.device),
+                download_root=settings.cache_dir / "whisper",
             )
             whisper.load()  # at startup, so the first request does not pay for it
             return whisper
 
-        transcriber = registry.get_or_load(f"whisper:{settings.whisper_model}", load_whisper)
+        key = f"whisper:{settings.asr_backend}:{settings.whisper_model}"
+        transcriber = registry.get_or_load(key, load_whisper)
     options = EngineOptions(
         max_audio_seconds=settings.max_audio_seconds,
         max_edit_iter=settings.max_edit_iter,
@@ -626,7 +667,7 @@ def build_engine(
         text_tokenizer=registry.get_text_tokenizer(),
         token2wav=vocoder.token2wav,
         speaker_encoder=vocoder.speaker_encoder,
-        cache=tokenizer.cache,
+        cache=cache,
         transcriber=transcriber,
         options=options,
         device=registry.device,

@@ -29,7 +29,7 @@ class AudioInput:
 
     @property
     def seconds(self) -> float:
-        return self.samples.shape[-1] / self.sample_rate
+        return float(self.samples.shape[-1] / self.sample_rate)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ Per step and per prompt, in this order (the reference's order under transformers
 
 1. logits of the last position, in float32;
 2. guidance when ``intensity != 1.0``: ``uncond + intensity * (cond - uncond)`` (see below);
-3. the repetition-aware rule (model-spec §3.4): over the last 10 ids of the sequence, prompt
+3. the repetition-aware rule (docs/model.md §3.4): over the last 10 ids of the sequence, prompt
    included, if the last id occurs at least twice, it is banned (``-inf``); no-op while the
    sequence is shorter than 10. The window is the conditional sequence's;
 4. temperature 0.7, then top-k 50, softmax, ``torch.multinomial`` among the k candidates with
@@ -13,7 +13,7 @@ Per step and per prompt, in this order (the reference's order under transformers
    ``do_sample=False`` takes the argmax after step 3 instead (tests, benchmarks).
 
 Stopping: ``<|EOT|>`` (3), the reference's EOS, and also ``</s>`` (2), which the reference would
-sample on through (a hardening the Swift port's oracle also uses); or when the prompt plus the
+sample on through (a hardening, docs/model.md §3.5); or when the prompt plus the
 generated ids reach ``max_length`` (8192, the reference's total-length limit), or after
 ``max_new_tokens``. A prompt that stops leaves the batch (its rows are dropped from the KV cache),
 the others go on.
@@ -30,7 +30,7 @@ reference path: the unconditional rows are never built or run, and the output is
 to plain generation. Other values double the rows of every forward (about 2x the decode
 compute and KV-cache memory per prompt).
 
-Post-processing (``postprocess``) fixes the reference's bugs (model-spec §3.5): only a trailing
+Post-processing (``postprocess``) fixes the reference's bugs (docs/model.md §3.5): only a trailing
 stop id is removed (a generation cut by the length limit keeps its last real token), and only
 audio ids in [65536, 70656) are kept, as mixed codes 0..5119, instead of letting text ids turn
 into code 0 or crash the vocoder's embedding.
@@ -238,7 +238,8 @@ class _Forward:
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
         kwargs: dict[str, object] = {"logits_to_keep": 1} if self.last_only else {}
         out = self.model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, **kwargs)
-        return out.logits[:, -1, :].float()
+        logits: torch.Tensor = out.logits[:, -1, :].float()
+        return logits
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -157,7 +157,7 @@ class CausalMaskedDiffWithXvec(nn.Module):
         n_prompt = prompt_feat.size(1)
         cond = torch.zeros_like(mu)
         cond[:, :n_prompt] = prompt_feat
-        mel = self.decoder(
+        mel: torch.Tensor = self.decoder(
             mu.transpose(1, 2).contiguous(),
             mask.to(mu.dtype),
             spks=spks,

@@ -17,26 +17,36 @@ from typing import Annotated, Any, TypeVar
 from urllib.parse import quote
 
 import numpy as np
-from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from api.audio_io import CONTENT_TYPES, StreamingAudioWriter, encode_audio, sse_delta, sse_done
+from api.admission import queues_a_job
+from api.audio_io import CONTENT_TYPES, AudioFormat, StreamingAudioWriter, encode_audio, sse_delta, sse_done
 from api.errors import ERROR_RESPONSES, status_of
-from api.inputs import read_upload
 from api.schemas import IterationAudio, IterationsResponse, SpeechRequest
 from api.speech_requests import SpeechJob, api_param, build_request
-from api.state import AppState, Engine, ReadyEngine, State, require_api_key
+from api.state import AppState, Engine, ReadyEngine, State
 from engine.types import CloneRequest, SynthesisResult
 from errors import InvalidInputError, StepAudioError
 
-router = APIRouter(tags=["speech"], dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
+router = APIRouter(tags=["speech"], responses=ERROR_RESPONSES)  # the API key and body limits: api.admission
 
 T = TypeVar("T")
 STREAM_CHUNK_SECONDS = 0.5
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
 _AUDIO_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"content": {ct: {} for ct in sorted(set(CONTENT_TYPES.values()))}, "description": "The audio."}
+    200: {
+        "description": "The audio in `response_format` (whole, or chunked with `stream_format: audio`); "
+        "`stream_format: sse` sends `speech.audio.delta` / `speech.audio.done` events; "
+        "`step_audio.return_iterations` answers JSON with every edit iteration.",
+        "model": IterationsResponse,  # application/json
+        "content": {
+            **{ct: _BINARY for ct in sorted(set(CONTENT_TYPES.values()))},
+            "text/event-stream": {"schema": {"type": "string", "description": "Server-sent events."}},
+        },
+    }
 }
 
 
@@ -45,12 +55,14 @@ class ClientGoneError(Exception):
 
 
 @router.post("/v1/audio/speech", response_class=Response, responses=_AUDIO_RESPONSES)
+@queues_a_job
 async def create_speech(body: SpeechRequest, request: Request, state: State, engine: ReadyEngine) -> Response:
     """OpenAI's speech endpoint: clone (default) or edit, audio given as base64, URL or voice."""
     return await synthesize(request, state, engine, body, {})
 
 
 @router.post("/v1/audio/speech/upload", response_class=Response, responses=_AUDIO_RESPONSES)
+@queues_a_job
 async def create_speech_upload(
     *,
     request: Request,
@@ -67,9 +79,8 @@ async def create_speech_upload(
         if any(e.get("type") == "json_invalid" for e in exc.errors()):
             raise InvalidInputError("payload is not valid JSON", param="payload") from exc
         raise
-    limit = state.settings.max_upload_bytes
-    uploads = {
-        name: await read_upload(f, max_bytes=limit, param=f"{name}_file")
+    uploads = {  # each file's size was bounded while the body streamed in (api.admission)
+        name: await f.read()
         for name, f in (("prompt_audio", prompt_audio_file), ("input_audio", input_audio_file))
         if f is not None
     }
@@ -183,7 +194,7 @@ async def _run_until_disconnect(request: Request, work: Awaitable[T]) -> T:
 
 
 async def _stream(
-    state: AppState, mode: str, fmt: str, result: SynthesisResult, t0: float, *, sse: bool
+    state: AppState, mode: str, fmt: AudioFormat, result: SynthesisResult, t0: float, *, sse: bool
 ) -> AsyncIterator[bytes]:
     """Chunked audio or SSE events; the encoder runs in a thread chunk by chunk."""
     m = state.metrics
@@ -214,7 +225,7 @@ async def _iterations_response(
     *,
     state: AppState,
     mode: str,
-    fmt: str,
+    fmt: AudioFormat,
     result: SynthesisResult,
     iterations: list[np.ndarray],
     headers: dict[str, str],
@@ -222,7 +233,7 @@ async def _iterations_response(
 ) -> JSONResponse:
     encoded = [await run_in_threadpool(encode_audio, it, fmt, result.sample_rate) for it in iterations]
     body = IterationsResponse(
-        format=fmt,  # type: ignore[arg-type]
+        format=fmt,
         sample_rate=result.sample_rate,
         seed=result.seed,
         intensity=result.intensity,
