@@ -118,6 +118,11 @@ class Settings(BaseSettings):
         description="Generate a tiny random-weight bundle under the cache dir and serve it "
         "(the audio is noise; for trying the API without weights).",
     )
+    ui: bool = Field(
+        True,
+        description="Serve the web UI at /ui (/ redirects there); --no-ui serves the HTTP API alone. "
+        "With --api-key the UI asks for the key.",
+    )
     default_response_format: ResponseFormat = Field("wav", description="Format when a request names none.")
     max_input_chars: int = Field(4096, ge=1, description="Longest accepted input text.")
     max_upload_bytes: int = Field(25 * 1024**2, ge=1, description="Largest accepted audio upload.")

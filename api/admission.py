@@ -65,9 +65,13 @@ class AdmissionMiddleware:
         queued_routes: frozenset[tuple[str, str]],
         max_body_bytes: int,
         max_file_bytes: int,
+        open_paths: frozenset[str] = OPEN_PATHS,
+        open_prefixes: tuple[str, ...] = (),
     ) -> None:
         self.app = app
         self.api_key = api_key
+        self.open_paths = open_paths
+        self.open_prefixes = open_prefixes  # paths under these answer without the key (a login of their own)
         self.service = service
         self.queued_routes = queued_routes
         self.max_body_bytes = max_body_bytes
@@ -80,7 +84,8 @@ class AdmissionMiddleware:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         if (
             self.api_key is not None
-            and scope["path"] not in OPEN_PATHS
+            and scope["path"] not in self.open_paths
+            and not scope["path"].startswith(self.open_prefixes)
             and not has_api_key(headers.get("authorization", ""), self.api_key)
         ):
             error = UnauthorizedError("a valid API key is required (Authorization: Bearer <key>)")

@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from fastapi.routing import iter_route_contexts
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.admission import AdmissionMiddleware
+from api.admission import OPEN_PATHS, AdmissionMiddleware
 from api.errors import install_error_handlers
 from api.metrics import Metrics
 from api.openapi import contract_openapi
@@ -103,6 +103,11 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory | None = Non
     app.include_router(speech.router)
     app.include_router(voices.router)
     app.openapi = lambda: contract_openapi(app)  # type: ignore[method-assign]
+    ui_open: tuple[frozenset[str], tuple[str, ...]] = (frozenset(), ())
+    if settings.ui:
+        from api.ui import mount_ui  # Gradio loads only when the UI is on
+
+        ui_open = mount_ui(app, state)
     if settings.api_key:
 
         @app.get("/openapi.json", include_in_schema=False)
@@ -118,6 +123,9 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory | None = Non
     app.add_middleware(
         AdmissionMiddleware,
         api_key=settings.api_key.get_secret_value() if settings.api_key else None,
+        # the web UI cannot send a Bearer header: with a key it asks for it on its own login page
+        open_paths=OPEN_PATHS | ui_open[0],
+        open_prefixes=ui_open[1],
         service=service,
         queued_routes=queued,
         # two base64 clips and the text fields fit; more is refused before it is read

@@ -13,7 +13,7 @@ from api.admission import queues_a_job
 from api.errors import ERROR_RESPONSES
 from api.inputs import decode_audio_bytes
 from api.schemas import VoiceCard, VoiceList
-from api.state import ReadyEngine, State
+from api.state import AppState, Engine, ReadyEngine, State
 from engine.voices import DEFAULT_VOICE_NAME, OPENAI_VOICES, Voice, validate_voice_name
 from errors import InvalidInputError, NotFoundError
 
@@ -56,6 +56,12 @@ async def register_voice(
     ] = None,
 ) -> VoiceCard:
     """Store a voice; its clip is tokenized once now, so later requests hit the cache."""
+    data = await file.read()  # its size was bounded while the body streamed in (api.admission)
+    return _card(await add_voice(state, engine, name, data, transcript))
+
+
+async def add_voice(state: AppState, engine: Engine, name: str, data: bytes, transcript: str | None) -> Voice:
+    """The one registration path (HTTP and web UI): checks, decode, transcription, tokenizing in the queue."""
     validate_voice_name(name)
     if name == DEFAULT_VOICE_NAME:
         raise InvalidInputError(f"{name!r} is reserved for the built-in voice", param="name")
@@ -66,7 +72,6 @@ async def register_voice(
             "a voice needs the transcript of its clip (or a server started with --enable-auto-transcribe)",
             param="transcript",
         )
-    data = await file.read()  # its size was bounded while the body streamed in (api.admission)
     audio = await decode_audio_bytes(data, settings=state.settings, param="file")
 
     def register() -> Voice:
@@ -78,7 +83,7 @@ async def register_voice(
         return state.voices.register(name, audio, heard, prepare=engine.prepare_voice)
 
     voice, _ = await state.service.submit("voice", register)
-    return _card(voice)
+    return voice
 
 
 @router.get("/{voice_id}")
