@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -406,7 +407,7 @@ class UpsampleConformerEncoderV2(nn.Module):
         pos_emb = rel_pos_table(self.embed.pos_enc.d_model, offset + xs.size(1)).to(device=xs.device, dtype=xs.dtype)
         keys: list[torch.Tensor] = []
         values: list[torch.Tensor] = []
-        for i, layer in enumerate(self.encoders):
+        for i, layer in enumerate(cast("list[ConformerEncoderLayer]", self.encoders)):
             past_k, past_v = (cache.keys[i], cache.values[i]) if cache.keys else (None, None)
             xs, k, v = layer.forward_chunk(xs, pos_emb, past_k, past_v)
             keys.append(k)
@@ -417,10 +418,11 @@ class UpsampleConformerEncoderV2(nn.Module):
         pos_emb = rel_pos_table(self.up_embed.pos_enc.d_model, up_offset + xs.size(1)).to(
             device=xs.device, dtype=xs.dtype
         )
-        for i, layer in enumerate(self.up_encoders, start=n_first):
+        for i, layer in enumerate(cast("list[ConformerEncoderLayer]", self.up_encoders), start=n_first):
             past_k, past_v = (cache.keys[i], cache.values[i]) if cache.keys else (None, None)
             xs, k, v = layer.forward_chunk(xs, pos_emb, past_k, past_v)
             keys.append(k)
             values.append(v)
         cache.keys, cache.values = keys, values
-        return self.after_norm(xs)
+        out: torch.Tensor = self.after_norm(xs)
+        return out
