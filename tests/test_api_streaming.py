@@ -25,7 +25,7 @@ import pytest
 
 from api.audio_io import to_s16le
 from bundles import write_bundle
-from engine.types import CloneRequest, StreamInfo
+from engine.types import CloneRequest, EditStep, StreamInfo
 from tests.api_live import LiveServer, test_settings
 from tests.test_api_units import FORMATS, decode
 
@@ -195,3 +195,28 @@ def test_concurrent_requests_share_decode_steps_and_equal_their_solo_runs(
     shared = (steps_after - steps) - (solo_after - solo)
     assert shared > 0, "concurrent requests shared decode steps"
     assert together == alone  # joining a running batch does not change a request's audio
+
+
+def test_the_last_step_of_a_chain_streams(http: httpx.Client, server: LiveServer) -> None:
+    """A clone + emotion chain: the clone runs whole, the edit's audio is streamed as it is made."""
+    body = _body(61, stream_format="sse") | {
+        "step_audio": {"seed": 61, "edits": [{"mode": "emotion", "edit_info": "happy"}]}
+    }
+    with http.stream("POST", "/v1/audio/speech", json=body) as r:
+        assert r.status_code == 200, r.read()
+        assert r.headers["x-step-audio-iterations"] == "2"
+        assert r.headers["x-step-audio-edits"] == "emotion=happy"
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1]["type"] == "speech.audio.done"
+    streamed = b"".join(base64.b64decode(e["audio"]) for e in events[:-1])
+
+    engine = server.app.state.step_audio.engine
+    audio, transcript = engine.default_voice()
+    request = CloneRequest(
+        audio, transcript, "A long streamed sentence.", seed=61, edits=(EditStep("emotion", "happy"),)
+    )
+    sink = _Collect()
+    result = engine.clone(request, sink=sink)
+    assert streamed == to_s16le(np.concatenate(sink.pieces))  # only the last step's audio, as it was made
+    whole = engine.clone(request)
+    np.testing.assert_array_equal(result.iterations[0], whole.iterations[0])  # the clone step ran whole

@@ -193,12 +193,15 @@ def test_cancelling_a_waiting_request_removes_it_from_the_queue(model, pairs):
     sched = Scheduler(model, max_batch_rows=2)
     try:
         gate = threading.Event()
-        first = sched.submit(pairs[1], intensity=2.0, max_new_tokens=30, on_ids=lambda _ids: gate.wait(TIMEOUT_S))
+        first = sched.submit(
+            pairs[1], intensity=2.0, max_new_tokens=30, do_sample=False, on_ids=lambda _ids: gate.wait(TIMEOUT_S)
+        )
         waiting = sched.submit(pairs[0], max_new_tokens=30)  # no room beside a guided request (2 rows)
         waiting.cancel()
         gate.set()
         assert waiting.result(TIMEOUT_S).cancelled and waiting.steps_run == 0
-        assert len(first.result(TIMEOUT_S).token_ids) == 30
+        alone = generate(model, [pairs[1]], intensity=2.0, max_new_tokens=30, do_sample=False)[0]
+        assert first.result(TIMEOUT_S).token_ids.tolist() == alone.token_ids.tolist()  # not disturbed
     finally:
         sched.close()
 

