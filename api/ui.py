@@ -56,7 +56,7 @@ from api.routes.system import cache_stats, clear_cache
 from api.routes.voices import add_voice, list_voices
 from api.schemas import MODEL_ID, SpeechRequest
 from api.speech_jobs import LoopSink, record_answered, record_run, submit_job
-from api.speech_requests import SpeechJob, build_request
+from api.speech_requests import build_request
 from api.state import AppState, Engine
 from engine import chains
 from engine.types import EDIT_MODES, AudioInput, CloneRequest, EditRequest, EditStep, SynthesisResult
@@ -145,10 +145,10 @@ class _Ui:
         t0 = time.perf_counter()
         started = threading.Event()
         try:
-            job = (await build_request(self.state, engine, request, uploads)).request
+            speech_job = await build_request(self.state, engine, request, uploads)
             sink = LoopSink() if self.live else None
             work = asyncio.ensure_future(
-                submit_job(self.state, engine, mode, SpeechJob(job), sink=sink, on_start=started.set)
+                submit_job(self.state, engine, mode, speech_job, sink=sink, on_start=started.set)
             )
             service = self.state.service
             try:
@@ -178,7 +178,7 @@ class _Ui:
             raise
         record_run(self.state, mode, result, timing)
         record_answered(self.state, mode, t0)
-        yield _Spoken(job, result, timing.queue_wait_s, timing.run_s)
+        yield _Spoken(speech_job.request, result, timing.queue_wait_s, timing.run_s)
 
     async def transcribe_clip(self, path: str | None) -> str:
         """Whisper on an uploaded clip, through the queue (the same model the API uses)."""
