@@ -8,6 +8,11 @@ API puts in its error envelope, shown in the page instead of a traceback. Gradio
 not a second gate: inference events have no Gradio concurrency limit, so the service's bounded
 queue alone decides (a full queue is the API's 429 message).
 
+Live playback: a clone (and an edit's last iteration) streams from the engine through the same
+``AudioSink`` path as the API's streamed responses (``api.speech_jobs``) into Gradio's streaming
+audio output, which plays while the LLM still generates; the complete result then fills the
+Output player. A page that leaves cancels the request, as a gone HTTP client does.
+
 Offline by construction: analytics off before Gradio is imported, the default theme's fonts are
 shipped with Gradio, no server-side rendering (no Node), no run history. Files: Gradio serves
 only its own upload/cache directories (no ``allowed_paths``), and the URL form of its file route
@@ -522,13 +527,15 @@ def build_blocks(ui: _Ui) -> gr.Blocks:
                     "seed": _seed(seed),
                 },
             }
-            async for step in ui.speak(body, uploads, progress):
-                if not isinstance(step, _Spoken):
-                    yield step, gr.skip(), gr.skip(), gr.skip()
-                    continue
-                result = step.result
-                path = await run_in_threadpool(ui.write_audio, result.audio, result.sample_rate, fmt, "clone")
-                yield gr.skip(), path, _summary(result, step.wait_s, step.run_s, variant=step.job.variant), path
+            # aclosing: when the page leaves, closing this handler closes the request at once (``_Ui.speak``)
+            async with contextlib.aclosing(ui.speak(body, uploads, progress)) as steps:
+                async for step in steps:
+                    if not isinstance(step, _Spoken):
+                        yield step, gr.skip(), gr.skip(), gr.skip()
+                        continue
+                    result = step.result
+                    path = await run_in_threadpool(ui.write_audio, result.audio, result.sample_rate, fmt, "clone")
+                    yield gr.skip(), path, _summary(result, step.wait_s, step.run_s, variant=step.job.variant), path
 
         async def edit(  # noqa: PLR0917
             audio: str | None,
@@ -563,24 +570,28 @@ def build_blocks(ui: _Ui) -> gr.Blocks:
                 },
             }
             skip_all = [gr.skip()] * (max_iter + 2)
-            async for step in ui.speak(body, {"input_audio": data} if data else {}, progress):
-                if not isinstance(step, _Spoken):
-                    yield (step, *skip_all)
-                    continue
-                result = step.result
-                iterations = result.iterations or [result.audio]
-                paths = [
-                    await run_in_threadpool(ui.write_audio, it, result.sample_rate, fmt, f"{mode}-iter{i + 1}")
-                    for i, it in enumerate(iterations)
-                ]
-                outs = [
-                    gr.update(value=paths[i], visible=True) if i < len(paths) else gr.update(value=None, visible=False)
-                    for i in range(max_iter)
-                ]
-                summary = f"**iterations** {len(paths)} · " + _summary(
-                    result, step.wait_s, step.run_s, variant=step.job.variant
-                )
-                yield (gr.skip(), *outs, summary, paths[-1])
+            speaking = ui.speak(body, {"input_audio": data} if data else {}, progress)
+            async with contextlib.aclosing(speaking) as steps:
+                async for step in steps:
+                    if not isinstance(step, _Spoken):
+                        yield (step, *skip_all)
+                        continue
+                    result = step.result
+                    iterations = result.iterations or [result.audio]
+                    paths = [
+                        await run_in_threadpool(ui.write_audio, it, result.sample_rate, fmt, f"{mode}-iter{i + 1}")
+                        for i, it in enumerate(iterations)
+                    ]
+                    outs = [
+                        gr.update(value=paths[i], visible=True)
+                        if i < len(paths)
+                        else gr.update(value=None, visible=False)
+                        for i in range(max_iter)
+                    ]
+                    summary = f"**iterations** {len(paths)} · " + _summary(
+                        result, step.wait_s, step.run_s, variant=step.job.variant
+                    )
+                    yield (gr.skip(), *outs, summary, paths[-1])
 
         async def use_last(last: str | None) -> str:
             if not last:
