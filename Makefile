@@ -31,6 +31,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.bench_wav2token
 	$(BIN)/python -m bench.bench_token2wav
+	$(BIN)/python -m bench.bench_streaming_vocoder
 	$(BIN)/python -m bench.bench_llm
 
 clean:
