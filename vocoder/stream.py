@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -293,7 +293,11 @@ class Token2WavStream:
         self.codes_received += len(new)
         if state.cache is None and len(state.buffer) < self.lookahead_codes:
             return []
-        return self._guarded(self._advance, state)
+        try:
+            return self._advance(state)
+        except BaseException:  # a failed chunk leaves the caches half-updated: nothing may continue from them
+            self.close()
+            raise
 
     def finish(self) -> list[np.ndarray]:
         """Synthesise everything still buffered as the last chunk, release the state, return its audio."""
@@ -301,11 +305,10 @@ class Token2WavStream:
         try:
             if not state.buffer:
                 return []  # nothing ever arrived: no audio
-            pieces = self._guarded(self._advance, state)
-            if state.cache is None:
+            if state.cache is None:  # fewer codes than one look-ahead group: it is the padded partial group
                 self._setup(state)
-            pieces.append(self._chunk(state, list(state.buffer), last=True))
-            return [p for p in pieces if p.size]
+            piece = self._chunk(state, list(state.buffer), last=True)
+            return [piece] if piece.size else []
         finally:
             self.finished = True
             self.close()
@@ -335,14 +338,6 @@ class Token2WavStream:
         if self._flow is None:
             raise RuntimeError("this vocoder stream is finished or closed")
         return self._flow
-
-    def _guarded(self, step: Callable[[_FlowState], list[np.ndarray]], state: _FlowState) -> list[np.ndarray]:
-        """Run a synthesis step; on any error the session is closed, so nothing is left half-done."""
-        try:
-            return step(state)
-        except BaseException:
-            self.close()
-            raise
 
     def _chunk_codes(self, state: _FlowState) -> int:
         frames = self.chunk_token_frames[min(state.chunk, len(self.chunk_token_frames) - 1)]
