@@ -58,7 +58,7 @@ logger = logging.getLogger(__name__)
 
 CHUNK_TOKEN_FRAMES = (15, 24, 48)  # the reference's chunk schedule (0.6 s, 0.96 s, 1.92 s); the last repeats
 MEL_CACHE_FRAMES = 8  # mel frames HiFT re-reads from the previous chunk; also the fade length / 480
-LEFT_CONTEXT_FRAMES = 96  # generated mel frames the DiT keeps attending to (2 s at 48 frames per second)
+LEFT_CONTEXT_FRAMES = 96  # generated mel frames the DiT keeps attending to (1.92 s, the largest chunk)
 
 
 def codes_per_token_frames(frames: int) -> int:
@@ -179,10 +179,9 @@ class HiftStream:
         draws, seed = self._draws(n_samples)
         speech_raw, source = self.hift.inference_with_source(mel_in, draws=draws, cache_source=state.source)
         speech = speech_raw
-        if state.speech is not None:
+        if state.speech is not None:  # from chunk 1 on, mel_in (>= 8 cached + 1 frames) outlasts the fade
             speech = speech_raw.clone()
-            n = min(self.overlap, speech.size(1))
-            speech[:, :n] = crossfade(speech_raw[:, :n], state.speech[:, state.speech.size(1) - n :], self.window)
+            speech[:, : self.overlap] = crossfade(speech_raw[:, : self.overlap], state.speech, self.window)
         state.mel = mel_in[:, :, max(mel_in.size(2) - self.mel_cache_frames, 0) :]
         state.source = source[:, :, max(source.size(2) - self.overlap, 0) :]
         state.speech = speech[:, max(speech.size(1) - self.overlap, 0) :]
@@ -244,8 +243,9 @@ class Token2WavStream:
         chunk_token_frames: Sequence[int] = CHUNK_TOKEN_FRAMES,
         record: bool = False,
     ) -> None:
-        if not chunk_token_frames or any(f <= 0 or f % 3 for f in chunk_token_frames):
-            raise ValueError("chunk sizes must be positive multiples of 3 token frames")
+        up = t2w.mel_frames_per_token_frame
+        if not chunk_token_frames or any(f <= 0 or f % 3 or up * f < MEL_CACHE_FRAMES for f in chunk_token_frames):
+            raise ValueError(f"chunk sizes must be multiples of 3 token frames making >= {MEL_CACHE_FRAMES} mel frames")
         self.t2w = t2w
         self.flow = t2w.flow
         self.device = t2w.device
@@ -257,7 +257,6 @@ class Token2WavStream:
         self.hift_seed = self.seed + 1 if hift_seed is None else int(hift_seed)
         prompt, prompt_feat, embedding = t2w.prepare_prompt(prompt_codes, prompt_mel, spk_emb)
         n_prompt = prompt_feat.size(1)
-        up = t2w.mel_frames_per_token_frame
         # the furthest any chunk's noise window can reach: the cache never holds more than
         # prompt + left context at a chunk's start, and a chunk spans at most its frames + look-ahead
         needed = n_prompt + LEFT_CONTEXT_FRAMES + up * (max(self.chunk_token_frames) + self.lookahead_frames)
