@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 EXTRAS ?= cpu,quant,dev
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,12 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.bench_token2wav
 	$(BIN)/python -m bench.bench_streaming_vocoder
 	$(BIN)/python -m bench.bench_llm
+
+# Validate a GPU host in one command (docs/deployment.md): every variant and mode through the real
+# server on a full-size random bundle; exit 1 on any failure. Without CUDA it says so and exits 0.
+# On a fresh GPU host: make gpu-check EXTRAS=gpu,quant,dev ; options: make gpu-check ARGS="--variants base"
+gpu-check: $(STAMP)
+	$(BIN)/python -m bench.gpu_check $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -20,6 +20,7 @@ from errors import InvalidInputError
 
 TOKENIZER_SR = 16000  # wav2token and the CAM++ speaker fbank work at 16 kHz
 VOCODER_SR = 24000  # the prompt mel and the generated speech are 24 kHz
+PCM16_SCALE = 32768.0  # 16-bit PCM <-> float: decoders divide by this, ``to_pcm16`` multiplies
 PROMPT_PEAK = 0.6  # the reference limits prompt peaks to this before any feature
 
 RESAMPLE_LOWPASS_WIDTH = 6
@@ -48,6 +49,17 @@ def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
     if not np.isfinite(wav).all():
         raise AudioError("the audio holds non-finite samples (NaN or infinity)")
     return wav, int(sr)
+
+
+def to_pcm16(samples: np.ndarray) -> np.ndarray:
+    """float32 in [-1, 1] to int16 as soundfile writes a 16-bit WAV: ``floor(x * 32768)``, clipped.
+
+    The one float -> 16-bit conversion: the encoder of every PCM answer uses it, and so does the
+    edit loop's round trip (the reference saves each output with soundfile and reloads it), so
+    audio a client gets as WAV and feeds back equals what a chain or an iteration hands on.
+    """
+    x = np.floor(np.asarray(samples, dtype=np.float32) * np.float32(PCM16_SCALE))
+    return np.clip(x, -PCM16_SCALE, PCM16_SCALE - 1).astype(np.int16)
 
 
 def _decode_with_av(data: bytes) -> tuple[np.ndarray, int]:

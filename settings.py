@@ -101,7 +101,15 @@ class Settings(BaseSettings):
     max_input_chars: int = Field(4096, ge=1, description="Longest accepted input text.")
     max_upload_bytes: int = Field(25 * 1024**2, ge=1, description="Largest accepted audio upload.")
     max_audio_seconds: float = Field(30.0, gt=0, description="Longest accepted prompt/input audio.")
-    max_edit_iter: int = Field(4, ge=1, le=8, description="Most edit iterations per request.")
+    max_edit_iter: int = Field(4, ge=1, le=8, description="Most edit iterations per step.")
+    max_chain_steps: int = Field(
+        8, ge=1, description="Most edit steps in one request (step_audio.edits, instructions, inline tags)."
+    )
+    max_chain_generations: int = Field(
+        16,
+        ge=1,
+        description="Most LLM generations in one request: the clone plus every edit iteration of every step.",
+    )
     queue_size: int = Field(16, ge=1, description="Requests waiting beyond this answer 429.")
     inference_workers: int = Field(
         1,

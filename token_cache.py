@@ -58,6 +58,7 @@ their next operation and reopen it, but a write racing that switch may be lost (
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import io
 import json
@@ -346,6 +347,7 @@ class TokenCache:
             else:
                 self._hits += 1
                 self._time_saved += saved
+        _tally(hit=result is not None)
         return result
 
     def put(self, key: str, arrays: Mapping[str, Any], compute_seconds: float | None = None) -> None:
@@ -796,3 +798,39 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+# --- per-request lookup counts ----------------------------------------------------------------
+# The object's hits/misses are process totals; a request's own figures cannot be a difference of
+# them while other workers look up at the same time. A request counts its lookups in its context.
+
+
+@dataclass
+class LookupTally:
+    """Lookups made inside one ``count_lookups`` block."""
+
+    hits: int = 0
+    misses: int = 0
+
+
+_LOOKUPS: contextvars.ContextVar[LookupTally | None] = contextvars.ContextVar("token_cache_lookups", default=None)
+
+
+@contextlib.contextmanager
+def count_lookups() -> Iterator[LookupTally]:
+    """Count the ``TokenCache.get`` calls of this thread (one request) until the block ends."""
+    tally = LookupTally()
+    token = _LOOKUPS.set(tally)
+    try:
+        yield tally
+    finally:
+        _LOOKUPS.reset(token)
+
+
+def _tally(*, hit: bool) -> None:
+    tally = _LOOKUPS.get()
+    if tally is not None:
+        if hit:
+            tally.hits += 1
+        else:
+            tally.misses += 1

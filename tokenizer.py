@@ -40,6 +40,7 @@ import torch
 import yaml
 
 from audio import TOKENIZER_SR, AudioError, resample, to_mono
+from audio_codes import AUDIO_ID_OFFSET, GROUP_SECONDS, VQ02_CODES, VQ02_PER_GROUP, VQ06_PER_GROUP
 from errors import ModelLoadError
 from model_files import FUNASR_MODEL_ID
 
@@ -56,11 +57,6 @@ FUNASR_WEIGHTS_FILE = "model.pt"
 FUNASR_CMVN_FILE = "am.mvn"
 
 # --- token ids (§2.5) ------------------------------------------------------------------------
-AUDIO_TOKEN_OFFSET = 65536  # <audio_0> is LLM id 65536
-VQ02_VOCAB = 1024  # vq06 codes come after the vq02 codes: N = 1024 + code
-VQ02_PER_GROUP = 2
-VQ06_PER_GROUP = 3
-GROUP_SECONDS = 0.12  # one group = 2 vq02 frames (60 ms) = 3 vq06 frames (40 ms)
 
 # --- preprocessing (§2.2) --------------------------------------------------------------------
 ENERGY_NORM_FLOOR = 0.01  # peaks below this are not scaled up to full range
@@ -125,13 +121,13 @@ class AudioTokens:
         """Interleaved mixed codes ``(5 * n_groups,)``: vq02 as is, vq06 + 1024 (the flow's prompt tokens)."""
         g = self.n_groups
         vq02 = self.vq02[: g * VQ02_PER_GROUP].reshape(g, VQ02_PER_GROUP)
-        vq06 = self.vq06[: g * VQ06_PER_GROUP].reshape(g, VQ06_PER_GROUP) + VQ02_VOCAB
+        vq06 = self.vq06[: g * VQ06_PER_GROUP].reshape(g, VQ06_PER_GROUP) + VQ02_CODES
         return np.concatenate([vq02, vq06], axis=1).reshape(-1)
 
     @property
     def speech_ids(self) -> np.ndarray:
         """The LLM ids ``(5 * n_groups,)``: ``prompt_codes + 65536``."""
-        return self.prompt_codes + AUDIO_TOKEN_OFFSET
+        return self.prompt_codes + AUDIO_ID_OFFSET
 
     @property
     def token_str(self) -> str:
@@ -642,8 +638,8 @@ def _load_codebook(path: Path, dim: int) -> torch.Tensor:
         codebook = np.load(path)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load {path}: {exc}") from exc
-    if codebook.ndim != 2 or codebook.shape[1] != dim or codebook.shape[0] > VQ02_VOCAB:
+    if codebook.ndim != 2 or codebook.shape[1] != dim or codebook.shape[0] > VQ02_CODES:
         raise ModelLoadError(
-            f"{path}: expected a codebook (<= {VQ02_VOCAB}, {dim}) matching the encoder, got {codebook.shape}"
+            f"{path}: expected a codebook (<= {VQ02_CODES}, {dim}) matching the encoder, got {codebook.shape}"
         )
     return torch.from_numpy(np.ascontiguousarray(codebook, dtype=np.float32))

@@ -22,7 +22,7 @@ from typing import Literal
 import av
 import numpy as np
 
-from audio import VOCODER_SR
+from audio import VOCODER_SR, to_pcm16
 
 AudioFormat = Literal["wav", "mp3", "opus", "aac", "flac", "pcm"]
 
@@ -47,9 +47,8 @@ _STREAMING_SIZE = 0xFFFFFFFF
 
 
 def to_s16le(samples: np.ndarray) -> bytes:
-    """float32 [-1, 1] to little-endian int16 bytes (clipped, rounded)."""
-    x = np.clip(np.asarray(samples, dtype=np.float32).reshape(-1), -1.0, 1.0)
-    return np.round(x * 32767.0).astype("<i2").tobytes()
+    """float32 [-1, 1] to little-endian int16 bytes (``audio.to_pcm16``: as soundfile writes them)."""
+    return to_pcm16(np.asarray(samples, dtype=np.float32).reshape(-1)).astype("<i2").tobytes()
 
 
 def wav_header(sample_rate: int, n_samples: int | None) -> bytes:

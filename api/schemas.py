@@ -1,8 +1,9 @@
-"""Pydantic request/response bodies of the HTTP API (the contract of DESIGN.md §4).
+"""Pydantic request/response bodies of the HTTP API.
 
-Only shape and range checks live here; limits that depend on the settings (text length,
-bytes, seconds, iterations) and checks that need the engine (loaded variants, edit_info
-per mode, voices) live in the routes, so they can answer 413 or list what is available.
+Only shape and range checks live here, with the ranges the engine defines (``engine.types``,
+``llm.generate``); limits that depend on the settings (text length, bytes, seconds, iterations,
+chain length) and checks that need the catalogue (loaded variants, edit_info per mode, voices)
+live in ``api.speech_requests``, so they can answer 413 or list what is available.
 """
 
 from __future__ import annotations
@@ -11,18 +12,28 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-ResponseFormat = Literal["wav", "mp3", "opus", "aac", "flac", "pcm"]
+from engine.types import MAX_SEED, MAX_SPEED, MIN_SPEED, EditMode, Mode
+from llm.generate import MAX_INTENSITY, MIN_INTENSITY
+from settings import ResponseFormat, Variant
+
 StreamFormat = Literal["audio", "sse"]
-Mode = Literal["clone", "emotion", "style", "paralinguistic", "speed", "denoise", "vad"]
-Variant = Literal["base", "awq", "bnb"]
 
 MODEL_ID = "step-audio-editx"
 # Names OpenAI clients send by default; all mean "the Step-Audio-EditX model".
 MODEL_ALIASES = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
-EDIT_MODES: tuple[str, ...] = ("emotion", "style", "paralinguistic", "speed", "denoise", "vad")
-INTENSITY_MIN, INTENSITY_MAX = 0.1, 3.0
-N_EDIT_ITER_MAX = 4
-SPEED_MIN, SPEED_MAX = 0.25, 4.0
+
+
+class EditStepBody(BaseModel):
+    """One step of ``step_audio.edits``: it edits the previous step's output."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: EditMode = Field(description="The edit mode.")
+    edit_info: str | None = Field(None, description="Edit option of the mode (GET /v1/tags).")
+    n_edit_iter: int = Field(1, ge=1, description="Iterations of this step (at most the server's --max-edit-iter).")
+    text: str | None = Field(
+        None, description="paralinguistic: the new transcript with inline tags; later steps hear it."
+    )
 
 
 class StepAudioOptions(BaseModel):
@@ -43,16 +54,24 @@ class StepAudioOptions(BaseModel):
     edit_info: str | None = Field(None, description="Edit option of the mode (GET /v1/tags).")
     intensity: float = Field(
         1.0,
-        ge=INTENSITY_MIN,
-        le=INTENSITY_MAX,
+        ge=MIN_INTENSITY,
+        le=MAX_INTENSITY,
         description="Guidance scale on the LLM's conditioning; 1.0 is exactly the reference model. "
         "Other values are an inference-time technique StepFun did not train or validate.",
     )
-    n_edit_iter: int = Field(1, ge=1, le=N_EDIT_ITER_MAX, description="Edit iterations, each on the previous output.")
-    seed: int | None = Field(None, ge=0, le=2**31 - 1, description="Seed for reproducible output.")
+    n_edit_iter: int = Field(
+        1, ge=1, description="Edit iterations, each on the previous output (at most the server's --max-edit-iter)."
+    )
+    seed: int | None = Field(
+        None, ge=0, le=MAX_SEED, description="Seed for reproducible output; generation i of a request uses seed + i."
+    )
+    edits: list[EditStepBody] | None = Field(
+        None, description="Edits applied in order after the clone (or after this request's own edit)."
+    )
     return_iterations: bool = Field(
         False,
-        description="Answer JSON with every edit iteration's audio (base64) instead of the final audio.",
+        description="Answer JSON with every output's audio (base64), labelled with its chain step, instead of "
+        "the final audio.",
     )
 
 
@@ -75,11 +94,15 @@ class SpeechRequest(BaseModel):
     input: str = Field("", description="Target text (clone; paralinguistic: the tagged transcript).")
     voice: str | VoiceRef | None = Field(None, description="A registered voice or an OpenAI voice name.")
     response_format: ResponseFormat | None = Field(None, description="Default: the server's (wav).")
-    speed: float = Field(1.0, ge=SPEED_MIN, le=SPEED_MAX, description="Tempo, pitch unchanged.")
+    speed: float = Field(1.0, ge=MIN_SPEED, le=MAX_SPEED, description="Tempo, pitch unchanged.")
     stream_format: StreamFormat | None = Field(
         None, description="audio: chunked audio; sse: speech.audio.delta / speech.audio.done events."
     )
-    instructions: str | None = Field(None, description="Accepted for OpenAI compatibility; unused.")
+    instructions: str | None = Field(
+        None,
+        description="Free text mapped onto the model's emotion / style / speed edits, run after the clone "
+        "(reported in X-Step-Audio-Edits; text that maps to nothing is accepted). Not with step_audio.edits.",
+    )
     step_audio: StepAudioOptions = Field(default_factory=StepAudioOptions)
 
     @property
@@ -116,13 +139,20 @@ class VoiceList(BaseModel):
 
 
 class IterationAudio(BaseModel):
+    """One output: ``step`` 0 is the clone, step k the k-th edit step; ``iteration`` counts within it."""
+
     index: int
+    step: int
+    mode: str
+    edit_info: str | None
+    iteration: int
+    seed: int
     audio_base64: str
     seconds: float
 
 
 class IterationsResponse(BaseModel):
-    """``step_audio.return_iterations``: every edit iteration, the last one being the final audio."""
+    """``step_audio.return_iterations``: every output of the chain, the last one being the final audio."""
 
     object: Literal["speech.iterations"] = "speech.iterations"
     format: ResponseFormat

@@ -1,27 +1,48 @@
 """From the HTTP body to the engine's request: every check that needs the settings or the engine.
 
 Shape and range checks are pydantic's (``api.schemas``); here: text and iteration limits, the
-model / variant, ``edit_info`` per mode, which audio inputs a mode takes, transcripts, voices.
+model / variant, each edit step against the catalogue, the chain's limits, which audio inputs a
+mode takes, transcripts, voices. All of it runs before any audio is decoded or any job queued.
 Audio is decoded and bounded by ``api.inputs``.
+
+The engine names request fields by its own dataclass fields (``text``, ``audio``, ``variant``);
+``api_param`` turns them into HTTP names, so HTTP names stay in this package.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 from starlette.concurrency import run_in_threadpool
 
 from api.inputs import load_audio
-from api.schemas import EDIT_MODES, MODEL_ALIASES, MODEL_ID, SpeechRequest, StepAudioOptions
+from api.schemas import MODEL_ALIASES, MODEL_ID, SpeechRequest, StepAudioOptions
 from api.state import AppState, Engine
-from engine.types import CloneRequest, EditRequest
+from engine import chains
+from engine.instructions import map_instructions
+from engine.types import CloneRequest, EditRequest, EditStep
 from errors import InvalidInputError, TooLargeError
 
-MODES_NEEDING_TRANSCRIPT = ("emotion", "style", "speed", "paralinguistic")
-MODES_WITH_EDIT_INFO = ("emotion", "style", "speed")
+# engine-side field names -> HTTP ones (the rest are step_audio.<name> or top-level as they are)
+_HTTP_NAMES = {
+    "text": "input",
+    "audio": "step_audio.input_audio",
+    "prompt_audio": "step_audio.prompt_audio",
+    "variant": "step_audio.model_variant",
+    "speed": "speed",
+}
 
 
-async def build_request(
-    state: AppState, engine: Engine, body: SpeechRequest, uploads: dict[str, bytes]
-) -> CloneRequest | EditRequest:
+@dataclass(frozen=True)
+class SpeechJob:
+    """The engine request and, when the request chains edits, what they are (``X-Step-Audio-Edits``)."""
+
+    request: CloneRequest | EditRequest
+    edits_report: str | None = None
+
+
+async def build_request(state: AppState, engine: Engine, body: SpeechRequest, uploads: dict[str, bytes]) -> SpeechJob:
     """Validate ``body`` (plus uploaded files by field name) and build the engine request."""
     settings = state.settings
     opts = body.step_audio
@@ -30,21 +51,24 @@ async def build_request(
         raise TooLargeError(
             f"input is {len(body.input)} characters; the limit is {settings.max_input_chars}", param="input"
         )
-    if opts.n_edit_iter > settings.max_edit_iter:
-        raise InvalidInputError(
-            f"n_edit_iter is at most {settings.max_edit_iter} on this server", param="step_audio.n_edit_iter"
-        )
     if opts.return_iterations and body.stream_format is not None:
         raise InvalidInputError("return_iterations answers JSON; it cannot stream", param="stream_format")
-    check_edit_info(opts.mode, opts.edit_info, engine.tags())
+    first, edits, text, report = _chain(state, engine, body)
     if opts.mode == "clone":
-        return await _clone_request(state, body, uploads, variant)
-    return await _edit_request(state, body, uploads, variant)
+        request: CloneRequest | EditRequest = await _clone_request(
+            state, body, uploads, variant, text=text, edits=edits
+        )
+    else:
+        assert first is not None
+        request = await _edit_request(state, body, uploads, variant, first=first, edits=edits)
+    return SpeechJob(request, report)
 
 
 def api_param(param: str | None) -> str | None:
-    """The engine names request fields plainly (``audio_text``); the API nests them in ``step_audio``."""
-    if param and (param in StepAudioOptions.model_fields or param in ("prompt_audio", "input_audio")):
+    """The HTTP name of a field the engine names by its own request fields (``audio_text``, ``text``)."""
+    if param in _HTTP_NAMES:
+        return _HTTP_NAMES[param]
+    if param and param in StepAudioOptions.model_fields:
         return f"step_audio.{param}"
     return param
 
@@ -67,28 +91,82 @@ def resolve_variant(body: SpeechRequest, loaded: list[str]) -> str:
     return variant
 
 
-def check_edit_info(mode: str, edit_info: str | None, tags: dict[str, list[str]]) -> None:
-    """emotion/style/speed need one of their options; the other modes take none."""
-    if mode in MODES_WITH_EDIT_INFO:
-        options = tags.get(mode, [])
-        if edit_info is None:
-            raise InvalidInputError(
-                f"mode {mode!r} needs step_audio.edit_info, one of: {', '.join(options)}",
-                param="step_audio.edit_info",
-            )
-        if edit_info not in options:
-            raise InvalidInputError(
-                f"edit_info {edit_info!r} is not valid for mode {mode!r}; valid: {', '.join(options)}",
-                param="step_audio.edit_info",
-            )
-    elif edit_info is not None:
-        hint = " (put the tags inline in `input`)" if mode == "paralinguistic" else ""
-        raise InvalidInputError(f"mode {mode!r} takes no edit_info{hint}", param="step_audio.edit_info")
+def _chain(
+    state: AppState, engine: Engine, body: SpeechRequest
+) -> tuple[EditStep | None, tuple[EditStep, ...], str, str | None]:
+    """The request's own edit (None for a clone), the edits after it, the clone's text, the report.
 
-
-async def _clone_request(state: AppState, body: SpeechRequest, uploads: dict[str, bytes], variant: str) -> CloneRequest:
+    Edits after the first operation come from inline tags in a clone's text (a paralinguistic step
+    first), then from ``step_audio.edits`` or from ``instructions`` (not both). Each step is
+    checked here, its errors named by where the step came from, and the whole chain against the
+    limits: nothing is decoded or queued for a request that breaks a rule.
+    """
     opts = body.step_audio
-    if not body.input.strip():
+    text = body.input
+    first: EditStep | None = None
+    edits: list[tuple[EditStep, Callable[[str], str]]] = []
+    if opts.mode == "clone":
+        if opts.edit_info is not None:
+            raise InvalidInputError("mode 'clone' takes no edit_info", param="step_audio.edit_info")
+        inline = chains.split_inline_tags(text)
+        if inline is not None:
+            text = inline.spoken
+            edits.append((EditStep("paralinguistic", text=inline.tagged), lambda _: "input"))
+    else:
+        tagged = body.input if opts.mode == "paralinguistic" else None
+        step = EditStep(opts.mode, opts.edit_info, opts.n_edit_iter, tagged)
+        first = _checked(engine, step, lambda f: "input" if f == "text" else f"step_audio.{f}")
+    if opts.edits is not None and body.instructions is not None:
+        raise InvalidInputError(
+            "give step_audio.edits or instructions, not both (instructions map onto the same edits)",
+            param="instructions",
+        )
+    report: str | None = None
+    if opts.edits is not None:
+        for i, item in enumerate(opts.edits):
+            step = EditStep(item.mode, item.edit_info, item.n_edit_iter, item.text)
+            edits.append((step, lambda f, i=i: f"step_audio.edits[{i}].{f}"))
+    elif body.instructions is not None:
+        mapped = map_instructions(body.instructions)
+        edits.extend((step, lambda _: "instructions") for step in mapped.steps)
+        report = mapped.report
+    checked = tuple(_checked(engine, step, where) for step, where in edits)
+    chain = (first, *checked) if first is not None else checked
+    try:
+        chains.check_limits(
+            chain,
+            clone=first is None,
+            max_steps=state.settings.max_chain_steps,
+            max_generations=state.settings.max_chain_generations,
+        )
+    except TooLargeError as exc:
+        exc.param = "instructions" if body.instructions is not None else "step_audio.edits"
+        raise
+    if edits and report is None:
+        report = chains.describe(checked)
+    return first, checked, text, report
+
+
+def _checked(engine: Engine, step: EditStep, where: Callable[[str], str]) -> EditStep:
+    """``engine.check_steps`` on one step, its error named by ``where`` (engine field -> HTTP name)."""
+    try:
+        return engine.check_steps([step])[0]
+    except InvalidInputError as exc:
+        exc.param = where(exc.param or "mode")
+        raise
+
+
+async def _clone_request(
+    state: AppState,
+    body: SpeechRequest,
+    uploads: dict[str, bytes],
+    variant: str,
+    *,
+    text: str,
+    edits: tuple[EditStep, ...],
+) -> CloneRequest:
+    opts = body.step_audio
+    if not text.strip():
         raise InvalidInputError("clone needs the text to speak in `input`", param="input")
     _refuse_unused(opts.input_audio_base64, opts.input_audio_url, uploads.get("input_audio"), "input_audio", "clone")
     prompt = await load_audio(
@@ -112,18 +190,26 @@ async def _clone_request(state: AppState, body: SpeechRequest, uploads: dict[str
     return CloneRequest(
         prompt_audio=prompt,
         prompt_text=prompt_text,
-        text=body.input,
+        text=text,
         variant=variant,
         intensity=opts.intensity,
         seed=opts.seed,
         speed=body.speed,
+        edits=edits,
     )
 
 
-async def _edit_request(state: AppState, body: SpeechRequest, uploads: dict[str, bytes], variant: str) -> EditRequest:
+async def _edit_request(
+    state: AppState,
+    body: SpeechRequest,
+    uploads: dict[str, bytes],
+    variant: str,
+    *,
+    first: EditStep,
+    edits: tuple[EditStep, ...],
+) -> EditRequest:
     opts = body.step_audio
-    mode = opts.mode
-    assert mode in EDIT_MODES
+    mode = first.mode
     _refuse_unused(opts.prompt_audio_base64, opts.prompt_audio_url, uploads.get("prompt_audio"), "prompt_audio", mode)
     audio = await load_audio(
         state.settings,
@@ -138,27 +224,20 @@ async def _edit_request(state: AppState, body: SpeechRequest, uploads: dict[str,
             "or the input_audio_file upload",
             param="step_audio.input_audio_base64",
         )
-    text: str | None = None
-    if mode == "paralinguistic":
-        if not body.input.strip():
-            raise InvalidInputError(
-                "paralinguistic needs `input`: the transcript with inline tags such as [Laughter]",
-                param="input",
-            )
-        text = body.input
-    if mode in MODES_NEEDING_TRANSCRIPT:
+    if chains.needs_transcript((first, *edits)):
         _need_transcript(state, opts.audio_text, "step_audio.audio_text", "the audio to edit")
     return EditRequest(
         audio=audio,
         audio_text=opts.audio_text,
         mode=mode,
-        edit_info=opts.edit_info,
-        text=text,
-        n_edit_iter=opts.n_edit_iter,
+        edit_info=first.edit_info,
+        text=first.text,
+        n_edit_iter=first.n_edit_iter,
         variant=variant,
         intensity=opts.intensity,
         seed=opts.seed,
         speed=body.speed,
+        edits=edits,
     )
 
 

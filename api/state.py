@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Protocol
 
@@ -11,7 +12,7 @@ from fastapi import Depends, Request
 from api.errors import UnauthorizedError
 from api.metrics import Metrics
 from engine.service import InferenceService
-from engine.types import AudioInput, CloneRequest, EditRequest, SynthesisResult
+from engine.types import AudioInput, CloneRequest, EditRequest, EditStep, SynthesisResult
 from engine.voices import VoiceStore
 from errors import ModelLoadError, NotReadyError
 from settings import Settings
@@ -25,6 +26,7 @@ class Engine(Protocol):
     def clone(self, request: CloneRequest) -> SynthesisResult: ...
     def edit(self, request: EditRequest) -> SynthesisResult: ...
     def tags(self) -> dict[str, list[str]]: ...
+    def check_steps(self, steps: Sequence[EditStep]) -> tuple[EditStep, ...]: ...
     def prepare_voice(self, audio: AudioInput) -> None: ...
     def cache_stats(self) -> dict[str, Any]: ...
     def clear_cache(self) -> None: ...

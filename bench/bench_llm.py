@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
+from audio_codes import AUDIO_ID_OFFSET, N_MIXED_CODES
 from bundles.llm_bundle import llm_config_dict, write_llm_bundle
 from llm.config import Step1Config
 from llm.model import Step1ForCausalLM
@@ -42,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OUT_DIR = REPO_ROOT / "bench" / "out"
-AUDIO_IDS = (65536, 65536 + 5120)
+AUDIO_IDS = (AUDIO_ID_OFFSET, AUDIO_ID_OFFSET + N_MIXED_CODES)
 CONTEXTS = (256, 512, 1024, 2048)
 REFERENCE_STEP_S = {256: 0.68, 512: 1.06, 1024: 4.8, 2048: 20.2}  # PERFORMANCE.md, fp32, 2 threads
 TARGET_STEP_S = 0.7

@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from audio_codes import N_MIXED_CODES, VQ02_CODES, VQ02_PER_GROUP, VQ06_PER_GROUP
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ROOT = Path(tempfile.gettempdir()) / "step-audio-bench-vocoder-full"
 PROMPT_GROUPS = 25  # 125 mixed codes -> 75 token frames -> 150 mel frames = 3.0 s
@@ -53,7 +55,12 @@ def _codes(groups: int, seed: int):
 
     rng = np.random.default_rng(seed)
     return np.concatenate(
-        [np.concatenate([rng.integers(0, 1024, 2), rng.integers(1024, 5120, 3)]) for _ in range(groups)]
+        [
+            np.concatenate(
+                [rng.integers(0, VQ02_CODES, VQ02_PER_GROUP), rng.integers(VQ02_CODES, N_MIXED_CODES, VQ06_PER_GROUP)]
+            )
+            for _ in range(groups)
+        ]
     ).astype(np.int64)
 
 

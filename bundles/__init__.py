@@ -5,6 +5,8 @@
 writer. Tests and the demo server use the tiny size (seconds, a few MB); benchmarks use
 ``full`` (official dimensions). A finished bundle carries a marker file, so a second call with
 the same size and seed reuses it; a file lock keeps two processes from writing one root at once.
+The quantised LLM variants (``awq``, ``bnb``) are written on request from the base weights, each
+with a marker of its own, so a bundle gains a variant without being rewritten.
 """
 
 from __future__ import annotations
@@ -21,47 +23,90 @@ logger = logging.getLogger(__name__)
 MARKER_NAME = ".bundle-complete.json"
 LOCK_NAME = ".bundle.lock"
 BUNDLE_FORMAT = 1  # bump when a writer's output changes incompatibly, so old bundles are rewritten
+QUANTISED_VARIANTS = ("awq", "bnb")
 
 
-def _marker(size: str, seed: int) -> dict[str, object]:
-    return {"size": size, "seed": seed, "format": BUNDLE_FORMAT}
+def _marker(size: str, seed: int, eos: bool = True) -> dict[str, object]:
+    marker: dict[str, object] = {"size": size, "seed": seed, "format": BUNDLE_FORMAT}
+    if not eos:  # only then, so the markers of bundles written before the option still match
+        marker["eos"] = False
+    return marker
 
 
-def bundle_is_complete(root: Path, size: str = "tiny", seed: int = 0) -> bool:
-    """True when ``root`` holds a finished bundle of this size and seed."""
+def _variant_marker(root: Path, variant: str) -> Path:
+    return Path(root) / f".bundle-complete-{variant}.json"
+
+
+def _marker_matches(path: Path, expected: dict[str, object]) -> bool:
     try:
-        return json.loads((Path(root) / MARKER_NAME).read_text()) == _marker(size, seed)
+        return json.loads(path.read_text()) == expected
     except (OSError, ValueError):
         return False
 
 
-def write_bundle(root: Path, size: str = "tiny", seed: int = 0) -> Path:
+def bundle_is_complete(root: Path, size: str = "tiny", seed: int = 0, *, eos: bool = True) -> bool:
+    """True when ``root`` holds a finished bundle of this size and seed."""
+    return _marker_matches(Path(root) / MARKER_NAME, _marker(size, seed, eos))
+
+
+def write_bundle(
+    root: Path,
+    size: str = "tiny",
+    seed: int = 0,
+    *,
+    variants: tuple[str, ...] = (),
+    eos: bool = True,
+    llm_device: str = "cpu",
+) -> Path:
     """Write (or reuse) a complete bundle under ``root`` and return ``root``.
 
-    ``size``: ``tiny`` or ``full``. Every stage's weights are drawn from ``seed``.
+    ``size``: ``tiny`` or ``full``. Every stage's weights are drawn from ``seed``. ``variants``:
+    quantised LLM variants to add (``awq``, ``bnb``; quantised on CPU from the base weights).
+    ``eos=False``: an LLM that never stops before its token cap (``bundles.llm_bundle``).
+    ``llm_device``: where the LLM's random draws happen (``cuda`` makes the full size fast).
     """
     if size not in {"tiny", "full"}:
         raise ValueError(f"bundle size must be 'tiny' or 'full', got {size!r}")
+    unknown = set(variants) - set(QUANTISED_VARIANTS)
+    if unknown:
+        raise ValueError(f"quantised variants must be among {QUANTISED_VARIANTS}, got {sorted(unknown)}")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    marker = _marker(size, seed, eos)
     with FileLock(str(root / LOCK_NAME)):
-        if bundle_is_complete(root, size, seed):
+        if bundle_is_complete(root, size, seed, eos=eos):
             logger.info("Reusing the %s bundle at %s", size, root)
-            return root
-        # imported here: each writer pulls in its stage (torch modules, onnx export)
-        from bundles.llm_bundle import write_llm_bundle
-        from bundles.tokenizer_bundle import write_tokenizer_bundle
-        from bundles.vocoder_bundle import write_vocoder_bundle
+        else:
+            _write_base(root, size, seed, eos, llm_device)
+            (root / MARKER_NAME).write_text(json.dumps(marker))
+        for variant in variants:
+            if _marker_matches(_variant_marker(root, variant), marker):
+                continue
+            from bundles.llm_bundle import write_awq_bundle, write_bnb_bundle
 
-        start = time.perf_counter()
-        (root / MARKER_NAME).unlink(missing_ok=True)
-        write_tokenizer_bundle(root, size=size, seed=seed)
-        editx_dir = write_llm_bundle(root, size=size, seed=seed)
-        if not (Path(editx_dir) / "tokenizer.model").is_file():
-            from bundles.text_tokenizer_bundle import write_text_tokenizer
-
-            write_text_tokenizer(Path(editx_dir))
-        write_vocoder_bundle(Path(editx_dir), size=size, seed=seed)
-        (root / MARKER_NAME).write_text(json.dumps(_marker(size, seed)))
-        logger.info("Wrote a %s bundle (seed %d) at %s in %.1fs", size, seed, root, time.perf_counter() - start)
+            start = time.perf_counter()
+            (write_awq_bundle if variant == "awq" else write_bnb_bundle)(root)
+            _variant_marker(root, variant).write_text(json.dumps(marker))
+            logger.info("Wrote the %s variant at %s in %.1fs", variant, root, time.perf_counter() - start)
     return root
+
+
+def _write_base(root: Path, size: str, seed: int, eos: bool, llm_device: str) -> None:
+    """Every stage of the base bundle; old markers go first, so a crash leaves no stale one."""
+    # imported here: each writer pulls in its stage (torch modules, onnx export)
+    from bundles.llm_bundle import write_llm_bundle
+    from bundles.tokenizer_bundle import write_tokenizer_bundle
+    from bundles.vocoder_bundle import write_vocoder_bundle
+
+    start = time.perf_counter()
+    (root / MARKER_NAME).unlink(missing_ok=True)
+    for variant in QUANTISED_VARIANTS:
+        _variant_marker(root, variant).unlink(missing_ok=True)
+    write_tokenizer_bundle(root, size=size, seed=seed)
+    editx_dir = write_llm_bundle(root, size=size, seed=seed, device=llm_device, eos=eos)
+    if not (Path(editx_dir) / "tokenizer.model").is_file():
+        from bundles.text_tokenizer_bundle import write_text_tokenizer
+
+        write_text_tokenizer(Path(editx_dir))
+    write_vocoder_bundle(Path(editx_dir), size=size, seed=seed)
+    logger.info("Wrote a %s bundle (seed %d) at %s in %.1fs", size, seed, root, time.perf_counter() - start)

@@ -13,7 +13,9 @@ quantisation, as llmcompressor writes it) and ``Step-Audio-EditX-bnb-4bit/`` (bi
 The random weights are shaped so that a tiny model behaves like a TTS LLM in one respect: every
 ``lm_head`` row except the audio ids and EOS is zero, so sampling (top-k 50) and greedy decoding
 emit only audio ids, and EOS is drawn with a small probability per step, so generation ends. The
-values themselves are noise.
+values themselves are noise. ``eos=False`` leaves the EOS row zero instead: its logit (0) never
+reaches the top 50 audio logits, so every generation runs to its ``max_new_tokens`` cap and a
+benchmark gets exactly the audio length it asks for.
 """
 
 from __future__ import annotations
@@ -114,9 +116,13 @@ def llm_weight_shapes(config: dict[str, object]) -> dict[str, tuple[int, ...]]:
 
 
 def random_llm_weights(
-    config: dict[str, object], seed: int = 0, device: str | torch.device = "cpu"
+    config: dict[str, object], seed: int = 0, device: str | torch.device = "cpu", *, eos: bool = True
 ) -> dict[str, torch.Tensor]:
-    """Seeded bf16 weights under the official keys (drawn in fp32 on ``device``, returned on CPU)."""
+    """Seeded bf16 weights under the official keys (drawn in fp32 on ``device``, returned on CPU).
+
+    ``eos=False``: the EOS row of ``lm_head`` stays zero (generation never stops by itself); the
+    other weights are the same draws as with ``eos=True``.
+    """
     gen = torch.Generator(device=device).manual_seed(seed)
     hidden = int(config["hidden_size"])
     out: dict[str, torch.Tensor] = {}
@@ -128,8 +134,9 @@ def random_llm_weights(
             audio = slice(AUDIO_TOKEN_OFFSET, AUDIO_TOKEN_OFFSET + N_AUDIO_TOKENS)
             w[audio] = torch.randn((N_AUDIO_TOKENS, hidden), generator=gen, device=device)
             w[audio] *= AUDIO_LOGIT_STD / hidden**0.5
-            eos = torch.randn((hidden,), generator=gen, device=device)
-            w[EOS_TOKEN_ID] = eos * (EOS_LOGIT_STD / hidden**0.5)
+            eos_row = torch.randn((hidden,), generator=gen, device=device)
+            if eos:
+                w[EOS_TOKEN_ID] = eos_row * (EOS_LOGIT_STD / hidden**0.5)
         else:
             w = WEIGHT_STD * torch.randn(shape, generator=gen, device=device)
         out[key] = w.to(torch.bfloat16).cpu()
@@ -160,14 +167,17 @@ def _write_text_tokenizer(editx_dir: Path) -> None:
     write_text_tokenizer(editx_dir)
 
 
-def write_llm_bundle(root: Path, size: str = "tiny", seed: int = 0, device: str | torch.device = "cpu") -> Path:
+def write_llm_bundle(
+    root: Path, size: str = "tiny", seed: int = 0, device: str | torch.device = "cpu", *, eos: bool = True
+) -> Path:
     """Write ``root/Step-Audio-EditX`` (config, weights, index, text tokenizer); return that dir.
 
-    ``device`` only says where the random draws happen (``cuda`` makes the full size fast).
+    ``device`` only says where the random draws happen (``cuda`` makes the full size fast);
+    ``eos=False`` writes a model that never stops before its token cap (see the module docstring).
     """
     config = llm_config_dict(size)
     editx = Path(root) / EDITX_DIR
-    write_llm_files(editx, config, random_llm_weights(config, seed, device))
+    write_llm_files(editx, config, random_llm_weights(config, seed, device, eos=eos))
     _write_text_tokenizer(editx)
     logger.info("Wrote a %s Step1 bundle (seed %d) at %s", size, seed, editx)
     return editx

@@ -29,14 +29,13 @@ import torch
 import yaml
 from torch import nn
 
+from audio_codes import VQ02_CODES, VQ06_CODES
 from model_files import FUNASR_MODEL_ID, TOKENIZER_DIR
 
 N_MELS_FBANK = 80
 LFR_M = 7
 LFR_N = 6
 FEATS_DIM = N_MELS_FBANK * LFR_M  # 560
-VQ02_CODES = 1024
-VQ06_CODES = 4096
 VQ06_N_MELS = 128
 ONNX_OPSET = 17
 

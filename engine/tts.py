@@ -7,6 +7,8 @@
     edit:  the same, with the edit prompt; the audio to edit is the acoustic prompt.
            ``n_edit_iter`` > 1 feeds each iteration's 24 kHz output into the next (re-tokenised,
            mel and embedding recomputed, as the reference's history loop does) and returns all.
+    chain: a clone or a first edit, then ``request.edits`` in order, each step on the previous
+           output with the transcript carried along (``engine.chains``: checks, limits, seeds).
 
 The engine is called from the service's worker threads. The tokenizer, the prompt frontend and
 the cache are thread-safe; each LLM variant and the vocoder run one request at a time under their
@@ -19,9 +21,9 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,12 +33,24 @@ import soundfile as sf
 import torch
 
 import model_loader
-from audio import VOCODER_SR, AudioError, prepare_prompt
-from engine.types import AudioInput, CloneRequest, EditRequest, SynthesisResult
+from audio import PCM16_SCALE, VOCODER_SR, AudioError, prepare_prompt, to_pcm16
+from audio_codes import CODES_PER_GROUP, FRAMES_PER_GROUP
+from engine.chains import check_step, generation_seed, needs_transcript
+from engine.types import (
+    MAX_SEED,
+    MAX_SPEED,
+    MIN_SPEED,
+    AudioInput,
+    CloneRequest,
+    EditRequest,
+    EditStep,
+    IterationLabel,
+    SynthesisResult,
+)
 from errors import InvalidInputError, TooLargeError
 from llm import prompts
-from llm.generate import generate_audio_ids
-from token_cache import content_key
+from llm.generate import MAX_INTENSITY, MIN_INTENSITY, generate_audio_ids
+from token_cache import LookupTally, content_key, count_lookups
 from vocoder.frontend import prompt_features
 
 if TYPE_CHECKING:
@@ -53,18 +67,11 @@ logger = logging.getLogger(__name__)
 
 SAMPLES_PER_MEL_FRAME = 480  # HiFT: 24 kHz / 50 Hz mel
 MEL_FRAMES_PER_TOKEN_FRAME = 2  # the flow upsamples 25 Hz dual-codebook frames to 50 Hz
-TOKENS_PER_GROUP = 5  # 2 vq02 + 3 vq06 codes per 120 ms group
-TOKEN_FRAMES_PER_GROUP = 3
-SAMPLES_PER_GROUP = TOKEN_FRAMES_PER_GROUP * MEL_FRAMES_PER_TOKEN_FRAME * SAMPLES_PER_MEL_FRAME  # 2880
+SAMPLES_PER_GROUP = FRAMES_PER_GROUP * MEL_FRAMES_PER_TOKEN_FRAME * SAMPLES_PER_MEL_FRAME  # 2880
 
-MIN_INTENSITY, MAX_INTENSITY = 0.1, 3.0
-MIN_SPEED, MAX_SPEED = 0.25, 4.0
-MAX_SEED = 2**31 - 1
-PCM16_SCALE = 32768.0  # float <-> 16-bit PCM, as soundfile writes (floor(x * 32768)) and reads (/ 32768)
 
 DEFAULT_VOICE_DIR = Path(__file__).resolve().parent / "default_voice"
 
-MODES_WITHOUT_TRANSCRIPT = frozenset({"denoise", "vad"})  # their instruction names no text
 DEMO_MAX_NEW_TOKENS = 250  # random weights rarely sample EOS: cap demo generations at 6 s of audio
 
 
@@ -100,22 +107,26 @@ class PreparedPrompt:
     transcript: str | None
 
 
-def _tagged_text(request: EditRequest) -> str | None:
-    """The new transcript with inline tags (paralinguistic only; required there)."""
-    if request.mode != "paralinguistic":
-        return None
-    text = (request.text or "").strip()
-    if not text:
-        raise InvalidInputError(
-            "paralinguistic editing needs the transcript with inline tags as the input text", param="input"
-        )
-    return text
+@dataclass
+class _ChainRun:
+    """One request's chain: what it runs with, and every output so far with its label."""
+
+    llm: Step1ForCausalLM
+    request: CloneRequest | EditRequest
+    seed: int
+    timings: dict[str, float]
+    outputs: list[np.ndarray] = field(default_factory=list)
+    labels: list[IterationLabel] = field(default_factory=list)
+    codes: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    @property
+    def generations(self) -> int:
+        return len(self.outputs)
 
 
 def pcm16_round_trip(wav: np.ndarray) -> np.ndarray:
     """The reference saves each edit iteration as a 16-bit WAV (soundfile) and reloads it; same in memory."""
-    pcm = np.clip(np.floor(wav.astype(np.float32) * np.float32(PCM16_SCALE)), -PCM16_SCALE, PCM16_SCALE - 1)
-    return (pcm / PCM16_SCALE).astype(np.float32)
+    return (to_pcm16(wav) / np.float32(PCM16_SCALE)).astype(np.float32)
 
 
 def change_speed(wav: np.ndarray, speed: float) -> np.ndarray:
@@ -133,16 +144,17 @@ def change_speed(wav: np.ndarray, speed: float) -> np.ndarray:
 
 def expected_samples(n_codes: int) -> int:
     """Samples token2wav makes from ``n_codes`` mixed codes (padded to whole groups)."""
-    return -(-n_codes // TOKENS_PER_GROUP) * SAMPLES_PER_GROUP
+    return -(-n_codes // CODES_PER_GROUP) * SAMPLES_PER_GROUP
 
 
 @contextmanager
-def _api_param_names() -> Iterator[None]:
-    """Errors from the prompt builders name the request's fields (the target text is ``input``)."""
+def _renamed_param(old: str, new: str) -> Iterator[None]:
+    """A stage's error about ``old`` names the request field ``new`` (the clone's audio is its prompt)."""
     try:
         yield
     except InvalidInputError as exc:
-        exc.param = {"text": "input", "audio": "input_audio"}.get(exc.param or "", exc.param)
+        if exc.param == old:
+            exc.param = new
         raise
 
 
@@ -196,6 +208,8 @@ class StepAudioEngine:
         # run one request at a time each, which bounds (GPU) memory to one activation set per stage
         self._vocoder_lock = threading.Lock()
         self._llm_locks = {name: threading.Lock() for name in self.llms}
+        self._count_lock = threading.Lock()
+        self.generations = 0  # LLM generations run since start (every clone and edit iteration)
 
     # --- catalogue ------------------------------------------------------------------------
     @property
@@ -228,89 +242,128 @@ class StepAudioEngine:
         self._check_audio(audio, "prompt_audio")
         self._prompt_features(audio.samples, audio.sample_rate, "prompt_audio")
 
+    def check_steps(self, steps: Sequence[EditStep]) -> tuple[EditStep, ...]:
+        """Every step against the catalogue and the iteration limit (``engine.chains.check_step``)."""
+        return tuple(check_step(step, max_edit_iter=self.options.max_edit_iter) for step in steps)
+
     # --- requests -------------------------------------------------------------------------
     def clone(self, request: CloneRequest) -> SynthesisResult:
-        """Speak ``request.text`` in the voice of ``request.prompt_audio``."""
+        """Speak ``request.text`` in the voice of ``request.prompt_audio``, then run ``request.edits``."""
         start = time.perf_counter()
         timings: dict[str, float] = {}
         llm = self._llm(request.variant)
         self._check_controls(request.intensity, request.speed)
+        steps = self.check_steps(request.edits)
         seed = self._seed(request.seed)
-        prepared = self.prepare_clone(request, timings)
-        codes = self._generate(
-            llm, request.variant, prepared.pair, intensity=request.intensity, seed=seed, timings=timings
-        )
-        wav = self._vocode(codes, prepared.features, seed, timings)
-        final = self._apply_speed(wav, request.speed, timings)
-        timings["total"] = time.perf_counter() - start
-        return SynthesisResult(
-            audio=final,
-            sample_rate=VOCODER_SR,
-            seed=seed,
-            intensity=request.intensity,
-            iterations=[final],
-            transcript=prepared.transcript,
-            n_audio_tokens=int(codes.shape[0]),
-            timings=timings,
-        )
+        run = _ChainRun(llm, request, seed, timings)
+        with count_lookups() as lookups:
+            prepared = self.prepare_clone(request, timings)
+            codes = self._generate(
+                llm, request.variant, prepared.pair, intensity=request.intensity, seed=seed, timings=timings
+            )
+            run.outputs.append(self._vocode(codes, prepared.features, seed, timings))
+            run.labels.append(IterationLabel(step=0, mode="clone", edit_info=None, iteration=1, seed=seed))
+            run.codes = codes
+            self._run_steps(run, steps, None, request.text)
+        return self._result(run, prepared.transcript, lookups, start)
 
     def edit(self, request: EditRequest) -> SynthesisResult:
-        """Edit ``request.audio`` ``n_edit_iter`` times, each iteration on the previous output."""
+        """Edit ``request.audio`` (``n_edit_iter`` times, each on the previous output), then ``request.edits``."""
         start = time.perf_counter()
         timings: dict[str, float] = {}
         llm = self._llm(request.variant)
         self._check_controls(request.intensity, request.speed)
-        if not 1 <= request.n_edit_iter <= self.options.max_edit_iter:
-            raise InvalidInputError(
-                f"n_edit_iter must be between 1 and {self.options.max_edit_iter}, got {request.n_edit_iter}",
-                param="n_edit_iter",
-            )
+        steps = self.check_steps((request.first_step, *request.edits))
         seed = self._seed(request.seed)
-        prepared = self.prepare_edit(request, timings)
-        edit_info = self._check_edit(request.mode, request.edit_info)
-        target_text = _tagged_text(request)
-        source_text = audio_text = prepared.transcript
-        outputs: list[np.ndarray] = []
-        codes = np.zeros(0, dtype=np.int64)
-        for iteration in range(request.n_edit_iter):
-            iter_seed = (seed + iteration) % (MAX_SEED + 1)
-            if iteration > 0:
-                # the next iteration edits the previous output, with the text that one produced
-                if target_text is not None:
-                    audio_text = target_text
+        run = _ChainRun(llm, request, seed, timings)
+        with count_lookups() as lookups:
+            prepared = self.prepare_edit(request, timings, steps=steps)
+            self._run_steps(run, steps, prepared, prepared.transcript)
+        return self._result(run, prepared.transcript, lookups, start)
+
+    def _run_steps(
+        self,
+        run: _ChainRun,
+        steps: Sequence[EditStep],
+        first_prompt: PreparedPrompt | None,
+        audio_text: str | None,
+    ) -> None:
+        """Run the edit steps in order, each on ``run``'s last output, with the transcript carried along.
+
+        The last step is a call of its own so that a streaming runner can run the others as here
+        and stream only the last one's audio.
+        """
+        if not steps:
+            return
+        *head, last = steps  # step numbers start at 1; step 0 is the clone or the given audio
+        for k, step in enumerate(head):
+            audio_text, finished = self._run_step(run, step, k + 1, first_prompt if k == 0 else None, audio_text)
+            if not finished:
+                return
+        self._run_step(run, last, len(head) + 1, None if head else first_prompt, audio_text)
+
+    def _run_step(
+        self,
+        run: _ChainRun,
+        step: EditStep,
+        step_no: int,
+        prompt: PreparedPrompt | None,
+        audio_text: str | None,
+    ) -> tuple[str | None, bool]:
+        """One step's iterations; returns the transcript of its output and whether it ran in full.
+
+        Without ``prompt`` (every step but an edit request's first) the step edits the previous
+        output after the 16-bit PCM round trip the reference's saved WAV implies.
+        """
+        for iteration in range(step.n_edit_iter):
+            if prompt is None:
                 try:
-                    prepared = self._edit_prompt(
-                        pcm16_round_trip(outputs[-1])[None],
+                    prompt = self._edit_prompt(
+                        pcm16_round_trip(run.outputs[-1])[None],
                         VOCODER_SR,
-                        mode=request.mode,
-                        edit_info=edit_info,
+                        mode=step.mode,
+                        edit_info=step.edit_info,
                         audio_text=audio_text,
-                        target_text=target_text,
-                        timings=timings,
+                        target_text=step.text,
+                        timings=run.timings,
                     )
                 except AudioError as exc:  # our own output is empty/too short to edit again
                     logger.warning(
-                        "edit iteration %d gave audio that cannot be edited again (%s); returning %d iteration(s)",
-                        iteration,
+                        "step %d iteration %d: the previous output cannot be edited (%s); returning %d output(s)",
+                        step_no,
+                        iteration + 1,
                         exc,
-                        iteration,
+                        run.generations,
                     )
-                    break
-            codes = self._generate(
-                llm, request.variant, prepared.pair, intensity=request.intensity, seed=iter_seed, timings=timings
+                    return audio_text, False
+            gen_seed = generation_seed(run.seed, run.generations)
+            request = run.request
+            run.codes = self._generate(
+                run.llm, request.variant, prompt.pair, intensity=request.intensity, seed=gen_seed, timings=run.timings
             )
-            outputs.append(self._vocode(codes, prepared.features, iter_seed, timings))
-        iterations = [self._apply_speed(wav, request.speed, timings) for wav in outputs]
+            run.outputs.append(self._vocode(run.codes, prompt.features, gen_seed, run.timings))
+            run.labels.append(IterationLabel(step_no, step.mode, step.edit_info, iteration + 1, gen_seed))
+            prompt = None
+            if step.text is not None:  # the next edit hears the text this one produced
+                audio_text = step.text
+        return audio_text, True
+
+    def _result(self, run: _ChainRun, transcript: str | None, lookups: LookupTally, start: float) -> SynthesisResult:
+        timings = run.timings
+        iterations = [self._apply_speed(wav, run.request.speed, timings) for wav in run.outputs]
         timings["total"] = time.perf_counter() - start
         return SynthesisResult(
             audio=iterations[-1],
             sample_rate=VOCODER_SR,
-            seed=seed,
-            intensity=request.intensity,
+            seed=run.seed,
+            intensity=run.request.intensity,
             iterations=iterations,
-            transcript=source_text,
-            n_audio_tokens=int(codes.shape[0]),
+            labels=run.labels,
+            transcript=transcript,
+            n_audio_tokens=int(run.codes.shape[0]),
             timings=timings,
+            cache_hits=lookups.hits,
+            cache_misses=lookups.misses,
         )
 
     # --- prompts --------------------------------------------------------------------------
@@ -321,12 +374,12 @@ class StepAudioEngine:
         """
         timings = {} if timings is None else timings
         if not (request.text or "").strip():
-            raise InvalidInputError("the text to speak is empty", param="input")
+            raise InvalidInputError("the text to speak is empty", param="text")
         audio = request.prompt_audio
         self._check_audio(audio, "prompt_audio")
         prompt_text = self._transcript(request.prompt_text, audio, "prompt_text", timings)
         features = self._prompt_features(audio.samples, audio.sample_rate, "prompt_audio", timings)
-        with _api_param_names():
+        with _renamed_param("audio", "prompt_audio"):
             pair = prompts.build_clone_prompt(
                 self.text_tokenizer,
                 speaker=prompts.clone_speaker_id(prompt_text, audio.samples),
@@ -336,24 +389,34 @@ class StepAudioEngine:
             )
         return PreparedPrompt(pair, features, prompt_text)
 
-    def prepare_edit(self, request: EditRequest, timings: dict[str, float] | None = None) -> PreparedPrompt:
-        """Validate an edit request and build the first iteration's prompt (transcribing if needed)."""
+    def prepare_edit(
+        self,
+        request: EditRequest,
+        timings: dict[str, float] | None = None,
+        *,
+        steps: Sequence[EditStep] | None = None,
+    ) -> PreparedPrompt:
+        """Build an edit request's first prompt, transcribing the audio if a step of its chain needs it.
+
+        ``steps``: the request's steps as ``check_steps`` returned them (checked here when None).
+        """
         timings = {} if timings is None else timings
-        edit_info = self._check_edit(request.mode, request.edit_info)
-        target_text = _tagged_text(request)
+        if steps is None:
+            steps = self.check_steps((request.first_step, *request.edits))
+        step = steps[0]
         audio = request.audio
-        self._check_audio(audio, "input_audio")
-        if request.mode in MODES_WITHOUT_TRANSCRIPT:
-            audio_text = (request.audio_text or "").strip() or None
-        else:
+        self._check_audio(audio, "audio")
+        if needs_transcript(steps):
             audio_text = self._transcript(request.audio_text, audio, "audio_text", timings)
+        else:
+            audio_text = (request.audio_text or "").strip() or None
         return self._edit_prompt(
             audio.samples,
             audio.sample_rate,
-            mode=request.mode,
-            edit_info=edit_info,
+            mode=step.mode,
+            edit_info=step.edit_info,
             audio_text=audio_text,
-            target_text=target_text,
+            target_text=step.text,
             timings=timings,
         )
 
@@ -368,16 +431,15 @@ class StepAudioEngine:
         target_text: str | None,
         timings: dict[str, float],
     ) -> PreparedPrompt:
-        features = self._prompt_features(samples, sample_rate, "input_audio", timings)
-        with _api_param_names():
-            pair = prompts.build_edit_prompt(
-                self.text_tokenizer,
-                mode=mode,
-                audio_token_str=features.tokens.token_str,
-                edit_info=edit_info,
-                audio_text=audio_text,
-                text=target_text,
-            )
+        features = self._prompt_features(samples, sample_rate, "audio", timings)
+        pair = prompts.build_edit_prompt(
+            self.text_tokenizer,
+            mode=mode,
+            audio_token_str=features.tokens.token_str,
+            edit_info=edit_info,
+            audio_text=audio_text,
+            text=target_text,
+        )
         return PreparedPrompt(pair, features, audio_text)
 
     # --- validation -----------------------------------------------------------------------
@@ -385,7 +447,7 @@ class StepAudioEngine:
         if variant not in self.llms:
             raise InvalidInputError(
                 f"model variant {variant!r} is not loaded; loaded variants: {', '.join(self.llms)}",
-                param="model_variant",
+                param="variant",
             )
         return self.llms[variant]
 
@@ -408,28 +470,6 @@ class StepAudioEngine:
                 param=param,
             )
 
-    @staticmethod
-    def _check_edit(mode: str, edit_info: str | None) -> str | None:
-        """Mode and edit_info against the catalogue, before any transcript is needed."""
-        options = prompts.EDIT_OPTIONS
-        if mode not in options:
-            raise InvalidInputError(f"unknown edit mode {mode!r}; modes: clone, {', '.join(options)}", param="mode")
-        allowed = options[mode]
-        info = (edit_info or "").strip().lower() or None
-        if allowed:
-            if info is None:
-                raise InvalidInputError(
-                    f"mode {mode!r} needs edit_info, one of: {', '.join(allowed)}", param="edit_info"
-                )
-            if info not in allowed:
-                raise InvalidInputError(
-                    f"edit_info {info!r} is not valid for mode {mode!r}; valid: {', '.join(allowed)}",
-                    param="edit_info",
-                )
-        elif info is not None:
-            raise InvalidInputError(f"mode {mode!r} takes no edit_info (got {info!r})", param="edit_info")
-        return info
-
     def _transcript(self, given: str | None, audio: AudioInput, param: str, timings: dict[str, float]) -> str:
         """The given transcript (verbatim, as the reference uses it), or Whisper's when it is missing
         and auto-transcription is on."""
@@ -437,9 +477,7 @@ class StepAudioEngine:
             return given
         if not self.auto_transcribe:
             raise InvalidInputError(
-                f"{param} (the transcript of the audio) is required; "
-                "give it, or start the server with --enable-auto-transcribe",
-                param=param,
+                f"{param} (the transcript of the audio) is required: auto-transcription is off", param=param
             )
         begin = time.perf_counter()
         text = self.transcriber.transcribe(audio.samples, audio.sample_rate).strip()
@@ -498,6 +536,8 @@ class StepAudioEngine:
                 max_length=self.options.max_length,
                 max_new_tokens=self.options.max_new_tokens,
             )[0]
+            with self._count_lock:
+                self.generations += 1
         timings["llm"] = timings.get("llm", 0.0) + time.perf_counter() - begin
         return np.asarray(codes, dtype=np.int64)
 

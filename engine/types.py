@@ -1,14 +1,23 @@
-"""Plain data passed between the HTTP layer and the engine (no pydantic, no torch)."""
+"""Plain data passed between the HTTP layer and the engine (no pydantic, no torch).
+
+The value ranges the engine accepts live here once, so the HTTP schema and the engine's own
+checks cannot drift apart (the guidance range belongs to ``llm.generate``, which applies it).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
-EditMode = Literal["emotion", "style", "paralinguistic", "speed", "denoise", "vad"]
-Mode = Literal["clone", "emotion", "style", "paralinguistic", "speed", "denoise", "vad"]
+# the names of llm.prompts.EDIT_OPTIONS as types (pydantic needs literals; a test keeps the three equal)
+EditMode = Literal["emotion", "style", "speed", "paralinguistic", "denoise", "vad"]
+Mode = Literal["clone", "emotion", "style", "speed", "paralinguistic", "denoise", "vad"]  # one enum in the schema
+EDIT_MODES: tuple[str, ...] = get_args(EditMode)
+
+MIN_SPEED, MAX_SPEED = 0.25, 4.0
+MAX_SEED = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -24,20 +33,38 @@ class AudioInput:
 
 
 @dataclass(frozen=True)
+class EditStep:
+    """One edit of a chain: it runs ``n_edit_iter`` times on the previous step's output.
+
+    ``text`` is paralinguistic's new transcript with inline tags; the step after it hears that text.
+    """
+
+    mode: EditMode
+    edit_info: str | None = None
+    n_edit_iter: int = 1
+    text: str | None = None
+
+
+@dataclass(frozen=True)
 class CloneRequest:
+    """Speak ``text`` in the voice of ``prompt_audio``, then apply ``edits`` in order."""
+
     prompt_audio: AudioInput
-    prompt_text: str | None  # None: transcribe when auto-transcription is on, else 400
+    prompt_text: str | None  # None: transcribe when auto-transcription is on, else refused
     text: str
     variant: str = "base"
     intensity: float = 1.0
     seed: int | None = None
     speed: float = 1.0
+    edits: tuple[EditStep, ...] = ()
 
 
 @dataclass(frozen=True)
 class EditRequest:
+    """Edit ``audio`` (``mode`` .. ``n_edit_iter`` are the first step), then apply ``edits`` in order."""
+
     audio: AudioInput
-    audio_text: str | None  # None: transcribe when auto-transcription is on, else 400
+    audio_text: str | None  # None: transcribe when auto-transcription is on, else refused
     mode: EditMode
     edit_info: str | None = None
     text: str | None = None  # paralinguistic: the transcript with inline tags
@@ -46,17 +73,40 @@ class EditRequest:
     intensity: float = 1.0
     seed: int | None = None
     speed: float = 1.0
+    edits: tuple[EditStep, ...] = ()
+
+    @property
+    def first_step(self) -> EditStep:
+        return EditStep(self.mode, self.edit_info, self.n_edit_iter, self.text)
+
+
+@dataclass(frozen=True)
+class IterationLabel:
+    """Where one returned audio comes from: chain step (0: the clone), its mode, iteration, seed."""
+
+    step: int
+    mode: str
+    edit_info: str | None
+    iteration: int
+    seed: int
 
 
 @dataclass
 class SynthesisResult:
-    """The final audio plus every intermediate edit iteration (``iterations[-1] is audio``)."""
+    """The final audio plus every intermediate output (``iterations[-1] is audio``), each labelled.
+
+    ``cache_hits`` / ``cache_misses`` count this request's prompt-cache lookups (not a difference
+    of global counters, which other workers move at the same time).
+    """
 
     audio: np.ndarray  # float32 (n,) at sample_rate
     sample_rate: int
     seed: int
     intensity: float
     iterations: list[np.ndarray] = field(default_factory=list)
+    labels: list[IterationLabel] = field(default_factory=list)
     transcript: str | None = None
     n_audio_tokens: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    cache_hits: int = 0
+    cache_misses: int = 0

@@ -161,13 +161,10 @@ def _check_audio_tokens(audio_token_str: str) -> str:
     return audio_token_str
 
 
-def validate_edit(
-    mode: str, edit_info: str | None = None, audio_text: str | None = None, text: str | None = None
-) -> str | None:
-    """Check one edit request against the catalogue; return the normalised ``edit_info``.
+def check_edit_info(mode: str, edit_info: str | None) -> str | None:
+    """The one check of ``mode`` and ``edit_info`` against the catalogue; the normalised ``edit_info``.
 
-    Raises ``InvalidInputError`` naming the offending parameter and, for ``edit_info``, the
-    values allowed for ``mode``.
+    Raises ``InvalidInputError`` naming the offending parameter and the values ``mode`` allows.
     """
     if mode not in EDIT_OPTIONS:
         raise InvalidInputError(f"unknown edit mode {mode!r}; allowed: {', '.join(EDIT_OPTIONS)}", param="mode")
@@ -179,12 +176,20 @@ def validate_edit(
             raise InvalidInputError(
                 f"edit_info for mode {mode!r}: {got}; allowed: {', '.join(allowed)}", param="edit_info"
             )
-    elif info:
+        return info
+    if info:
+        hint = " (write the tags inline in the new transcript)" if mode in NEEDS_TEXT else ""
         raise InvalidInputError(
-            f"mode {mode!r} takes no edit_info (got {edit_info!r}); allowed: none", param="edit_info"
+            f"mode {mode!r} takes no edit_info (got {edit_info!r}){hint}; allowed: none", param="edit_info"
         )
-    else:
-        info = None
+    return None
+
+
+def validate_edit(
+    mode: str, edit_info: str | None = None, audio_text: str | None = None, text: str | None = None
+) -> str | None:
+    """Check one edit request (catalogue and texts); return the normalised ``edit_info``."""
+    info = check_edit_info(mode, edit_info)
     _check_text(audio_text, "audio_text", required=mode in NEEDS_AUDIO_TEXT)
     _check_text(text, "text", required=mode in NEEDS_TEXT)
     return info

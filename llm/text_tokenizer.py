@@ -27,6 +27,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from audio_codes import AUDIO_ID_OFFSET, N_MIXED_CODES
 from errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -40,8 +41,7 @@ EOS_ID = 2  # </s>: not a stop token upstream; generation treats it as one anywa
 EOT_ID = 3  # <|EOT|>: end of turn, the model's EOS
 BOT_ID = 4  # <|BOT|>: begin of turn
 
-AUDIO_ID_OFFSET = 65536  # <audio_0>
-N_AUDIO_CODES = 5120  # 1024 vq02 codes + 4096 vq06 codes
+N_AUDIO_CODES = N_MIXED_CODES  # the <audio_N> pieces: one per mixed code
 AUDIO_ID_END = AUDIO_ID_OFFSET + N_AUDIO_CODES  # 70656: first id past the codes the vocoder accepts
 
 _REQUIRED_PIECES = {

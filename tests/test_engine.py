@@ -23,7 +23,7 @@ from engine.tts import (
     load_default_voice,
     pcm16_round_trip,
 )
-from engine.types import AudioInput, CloneRequest, EditRequest
+from engine.types import AudioInput, CloneRequest, EditRequest, EditStep
 from errors import InvalidInputError, TooLargeError
 from model_loader import ModelRegistry, resolve_bundle
 from settings import Settings
@@ -216,7 +216,7 @@ def test_clear_cache(engine: StepAudioEngine, prompt) -> None:
 def test_missing_transcripts_without_auto_transcription(engine: StepAudioEngine, prompt) -> None:
     audio, _ = prompt
     assert not engine.auto_transcribe
-    with pytest.raises(InvalidInputError, match="--enable-auto-transcribe") as err:
+    with pytest.raises(InvalidInputError, match="auto-transcription is off") as err:
         engine.clone(CloneRequest(prompt_audio=audio, prompt_text=None, text="Hello."))
     assert err.value.param == "prompt_text"
     with pytest.raises(InvalidInputError) as err:
@@ -227,12 +227,12 @@ def test_missing_transcripts_without_auto_transcription(engine: StepAudioEngine,
 @pytest.mark.parametrize(
     ("kwargs", "param", "message"),
     [
-        ({"variant": "awq"}, "model_variant", "loaded variants: base"),
-        ({"mode": "emotion", "edit_info": "whisper"}, "edit_info", "not valid for mode 'emotion'"),
-        ({"mode": "style", "edit_info": None}, "edit_info", "needs edit_info"),
+        ({"variant": "awq"}, "variant", "loaded variants: base"),
+        ({"mode": "emotion", "edit_info": "whisper"}, "edit_info", "'whisper' is not allowed"),
+        ({"mode": "style", "edit_info": None}, "edit_info", "missing; allowed"),
         ({"mode": "denoise", "edit_info": "happy"}, "edit_info", "takes no edit_info"),
         ({"mode": "shout"}, "mode", "unknown edit mode"),
-        ({"mode": "paralinguistic", "edit_info": None, "text": None}, "input", "inline tags"),
+        ({"mode": "paralinguistic", "edit_info": None, "text": None}, "text", "inline tags"),
         ({"n_edit_iter": 0}, "n_edit_iter", "between 1 and 4"),
         ({"n_edit_iter": 5}, "n_edit_iter", "between 1 and 4"),
         ({"intensity": 3.5}, "intensity", "between 0.1 and 3.0"),
@@ -252,10 +252,10 @@ def test_bad_clone_requests(engine: StepAudioEngine, prompt) -> None:
     audio, transcript = prompt
     with pytest.raises(InvalidInputError) as err:
         engine.clone(CloneRequest(prompt_audio=audio, prompt_text=transcript, text="   "))
-    assert err.value.param == "input"
+    assert err.value.param == "text"
     with pytest.raises(InvalidInputError, match="audio_N") as err:  # no smuggled audio tokens
         engine.clone(CloneRequest(prompt_audio=audio, prompt_text=transcript, text="Hi <audio_7> there."))
-    assert err.value.param == "input"
+    assert err.value.param == "text"
     long_audio = AudioInput(np.zeros((1, 31 * 16000), dtype=np.float32), 16000)
     with pytest.raises(TooLargeError) as err:
         engine.clone(CloneRequest(prompt_audio=long_audio, prompt_text=transcript, text="Hi."))
@@ -322,3 +322,59 @@ def test_write_bundle_reuses_a_complete_bundle(tiny_bundle: Path) -> None:
     assert weights.stat().st_mtime_ns == before  # reused, not rewritten
     with pytest.raises(ValueError, match="tiny"):
         write_bundle(tiny_bundle, size="huge")
+
+
+def test_each_result_counts_its_own_cache_lookups_while_others_run(engine: StepAudioEngine, prompt) -> None:
+    voice, _ = load_default_voice()
+    clips = [AudioInput(voice.samples[:, i * 12000 : i * 12000 + 24000].copy(), voice.sample_rate) for i in range(1, 4)]
+    engine.prepare_voice(clips[0])  # cached: its clone finds tokens and features (2 hits)
+    results: dict[int, object] = {}
+
+    def run(i: int) -> None:
+        results[i] = engine.clone(CloneRequest(prompt_audio=clips[i], prompt_text="Hello.", text="Hi.", seed=i))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert (results[0].cache_hits, results[0].cache_misses) == (2, 0)
+    for i in (1, 2):  # new clips: both lookups miss, whatever the other threads did meanwhile
+        assert (results[i].cache_hits, results[i].cache_misses) == (0, 2)
+
+
+def test_a_chain_hands_each_output_to_the_next_step_with_derived_seeds(engine: StepAudioEngine, prompt) -> None:
+    audio, transcript = prompt
+    steps = (EditStep("emotion", "happy", n_edit_iter=2), EditStep("paralinguistic", text="Hello [Sigh] there."))
+    chain = engine.clone(
+        CloneRequest(prompt_audio=audio, prompt_text=transcript, text="Hello there.", seed=20, edits=steps)
+    )
+    assert [(x.step, x.mode, x.iteration, x.seed) for x in chain.labels] == [
+        (0, "clone", 1, 20),
+        (1, "emotion", 1, 21),
+        (1, "emotion", 2, 22),
+        (2, "paralinguistic", 1, 23),
+    ]
+    by_hand = engine.clone(CloneRequest(prompt_audio=audio, prompt_text=transcript, text="Hello there.", seed=20))
+    np.testing.assert_array_equal(chain.iterations[0], by_hand.audio)
+    step1 = engine.edit(
+        EditRequest(
+            AudioInput(pcm16_round_trip(by_hand.audio)[None], VOCODER_SR),
+            "Hello there.",
+            "emotion",
+            "happy",
+            n_edit_iter=2,
+            seed=21,
+        )
+    )
+    np.testing.assert_array_equal(chain.iterations[2], step1.audio)
+    step2 = engine.edit(
+        EditRequest(
+            AudioInput(pcm16_round_trip(step1.audio)[None], VOCODER_SR),
+            "Hello there.",
+            "paralinguistic",
+            text="Hello [Sigh] there.",
+            seed=23,
+        )
+    )
+    np.testing.assert_array_equal(chain.audio, step2.audio)

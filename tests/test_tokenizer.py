@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from audio import AudioError, prepare_prompt, resample
+from audio_codes import AUDIO_ID_OFFSET, VQ02_CODES
 from bundles.tokenizer_bundle import FUNASR_MODEL_ID, write_tokenizer_bundle
 from errors import InvalidInputError, ModelLoadError
 from token_cache import TokenCache
 from tokenizer import (
-    AUDIO_TOKEN_OFFSET,
     VQ06_PIECE_SAMPLES,
     AudioTokens,
     StepAudioTokenizer,
@@ -67,10 +67,10 @@ def test_wav2token_streams_interleave_like_the_reference(tok):
     # the reference's loop: 2 vq02 (+65536) then 3 vq06 (+65536+1024) per group
     expected = []
     for g in range(min(len(vq06) // 3, len(vq02) // 2)):
-        expected += [c + AUDIO_TOKEN_OFFSET for c in vq02[2 * g : 2 * g + 2]]
-        expected += [c + AUDIO_TOKEN_OFFSET + 1024 for c in vq06[3 * g : 3 * g + 3]]
+        expected += [c + AUDIO_ID_OFFSET for c in vq02[2 * g : 2 * g + 2]]
+        expected += [c + AUDIO_ID_OFFSET + VQ02_CODES for c in vq06[3 * g : 3 * g + 3]]
     assert tokens.speech_ids.tolist() == expected
-    assert (tokens.prompt_codes == tokens.speech_ids - AUDIO_TOKEN_OFFSET).all()
+    assert (tokens.prompt_codes == tokens.speech_ids - AUDIO_ID_OFFSET).all()
     parsed = [int(n) for n in re.findall(r"<audio_(\d+)>", tokens.token_str)]
     assert re.fullmatch(r"(<audio_\d+>)+", tokens.token_str)
     assert parsed == tokens.prompt_codes.tolist()

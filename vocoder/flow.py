@@ -18,17 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from audio_codes import CODES_PER_GROUP, N_MIXED_CODES, VQ02_CODES
 from vocoder.dit import DiT, DiTCache
 from vocoder.encoder import ConformerCache, DualCodebookEmbedding, UpsampleConformerEncoderV2
 
 N_TIMESTEPS = 10
 DEFAULT_CFG_RATE = 0.7
-GROUP = 5  # mixed LLM codes per group: 2 vq02 + 3 vq06
-FRAMES_PER_GROUP = 3  # dual-codebook frames per group (25 Hz)
-VQ02_SIZE = 1024  # vq02 codes are 0..1023; 1024 pads the vq02 column
-VQ06_SIZE = 4096
-MIXED_VOCAB = VQ02_SIZE + VQ06_SIZE  # mixed codes are 0..5119 (vq06 offset by 1024)
-VQ02_PAD = VQ02_SIZE
+GROUP = CODES_PER_GROUP
+MIXED_VOCAB = N_MIXED_CODES
+VQ02_PAD = VQ02_CODES  # one past the vq02 codes pads the vq02 column
 VQ06_SHIFT = 1  # flow id of a vq06 slot = mixed code + 1 (i.e. 1025 + raw vq06)
 GROUP_PAD_TAIL = (0, 0, 0, VQ02_PAD, VQ02_PAD, VQ02_PAD)  # upstream pads a partial group with its tail
 

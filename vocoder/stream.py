@@ -46,8 +46,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from audio_codes import CODES_PER_GROUP, FRAMES_PER_GROUP
 from errors import InvalidInputError
-from vocoder.flow import GROUP, FlowStreamCache, reshape_mixed_codes
+from vocoder.flow import FlowStreamCache, reshape_mixed_codes
 from vocoder.hift import HiftDraws, HiFTGenerator, draw_hift_noise
 from vocoder.token2wav import ArrayLike, float_tensor, validate_codes
 
@@ -63,7 +64,7 @@ LEFT_CONTEXT_FRAMES = 96  # generated mel frames the DiT keeps attending to (1.9
 
 def codes_per_token_frames(frames: int) -> int:
     """Mixed codes that make ``frames`` dual-codebook frames (3 frames per 5-code group)."""
-    return frames // 3 * GROUP
+    return frames // FRAMES_PER_GROUP * CODES_PER_GROUP
 
 
 def fade_window(overlap: int) -> torch.Tensor:
@@ -244,7 +245,7 @@ class Token2WavStream:
         record: bool = False,
     ) -> None:
         up = t2w.mel_frames_per_token_frame
-        if not chunk_token_frames or any(f <= 0 or f % 3 or up * f < MEL_CACHE_FRAMES for f in chunk_token_frames):
+        if not chunk_token_frames or any(f <= 0 or f % FRAMES_PER_GROUP or up * f < MEL_CACHE_FRAMES for f in chunk_token_frames):
             raise ValueError(f"chunk sizes must be multiples of 3 token frames making >= {MEL_CACHE_FRAMES} mel frames")
         self.t2w = t2w
         self.flow = t2w.flow

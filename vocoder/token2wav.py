@@ -31,10 +31,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from audio_codes import FRAMES_PER_GROUP
 from errors import InvalidInputError, TooLargeError
 from vocoder.config import VocoderParts, load_cosyvoice
 from vocoder.flow import (
-    FRAMES_PER_GROUP,
     GROUP,
     MIXED_VOCAB,
     N_TIMESTEPS,

@@ -3,7 +3,8 @@
 Both build one ``SpeechRequest`` and go through ``synthesize``: ``api.speech_requests`` validates
 it and builds the engine request, the service queue runs it, and the answer is encoded here
 (whole, chunked audio, or SSE). Response headers report what was applied: seed, intensity, the
-number of edit iterations, variant, generated audio tokens.
+number of outputs (clone and edit iterations), variant, generated audio tokens, and the chained
+edits (``X-Step-Audio-Edits``).
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from api.audio_io import CONTENT_TYPES, StreamingAudioWriter, encode_audio, sse_
 from api.errors import ERROR_RESPONSES, status_of
 from api.inputs import read_upload
 from api.schemas import IterationAudio, IterationsResponse, SpeechRequest
-from api.speech_requests import api_param, build_request
+from api.speech_requests import SpeechJob, api_param, build_request
 from api.state import AppState, Engine, ReadyEngine, State, require_api_key
-from engine.types import CloneRequest, EditRequest, SynthesisResult
+from engine.types import CloneRequest, SynthesisResult
 from errors import InvalidInputError, StepAudioError
 
 router = APIRouter(tags=["speech"], dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
@@ -104,7 +105,7 @@ async def _synthesize(
     fmt = body.response_format or state.settings.default_response_format
     job = await build_request(state, engine, body, uploads)
     try:
-        result, timing, cache_delta = await _run_until_disconnect(request, _submit(state, engine, mode, job))
+        result, timing = await _run_until_disconnect(request, _submit(state, engine, mode, job))
     except InvalidInputError as exc:
         exc.param = api_param(exc.param)
         raise
@@ -114,20 +115,22 @@ async def _synthesize(
     if audio_s > 0:
         m.rtf.labels(mode).observe(timing.run_s / audio_s)
     m.audio_seconds.labels(mode).inc(audio_s)
-    for key, n in cache_delta.items():
+    for key, n in (("hit", result.cache_hits), ("miss", result.cache_misses)):
         if n > 0:
             m.cache_lookups.labels(mode, key).inc(n)
 
     iterations = result.iterations or [result.audio]
     headers = {
         "X-Step-Audio-Mode": mode,
-        "X-Step-Audio-Variant": job.variant,
+        "X-Step-Audio-Variant": job.request.variant,
         "X-Step-Audio-Seed": str(result.seed),
         "X-Step-Audio-Intensity": f"{result.intensity:g}",
         "X-Step-Audio-Iterations": str(len(iterations)),
         "X-Step-Audio-Audio-Tokens": str(result.n_audio_tokens),
         "X-Step-Audio-Sample-Rate": str(result.sample_rate),
     }
+    if job.edits_report is not None:
+        headers["X-Step-Audio-Edits"] = job.edits_report
     if result.transcript is not None:
         headers["X-Step-Audio-Transcript"] = quote(result.transcript, safe=" ,.!?'")
     if opts.return_iterations:
@@ -148,28 +151,13 @@ async def _synthesize(
     )
 
 
-async def _submit(
-    state: AppState, engine: Engine, mode: str, job: CloneRequest | EditRequest
-) -> tuple[SynthesisResult, Any, dict[str, int]]:
-    delta: dict[str, int] = {}
+async def _submit(state: AppState, engine: Engine, mode: str, job: SpeechJob) -> tuple[SynthesisResult, Any]:
+    request = job.request
 
     def run() -> SynthesisResult:
-        before = _cache_counts(engine)
-        result = engine.clone(job) if isinstance(job, CloneRequest) else engine.edit(job)
-        after = _cache_counts(engine)
-        delta.update({k: after[k] - before.get(k, 0) for k in after})
-        return result
+        return engine.clone(request) if isinstance(request, CloneRequest) else engine.edit(request)
 
-    result, timing = await state.service.submit(mode, run, request=job)
-    return result, timing, delta
-
-
-def _cache_counts(engine: Engine) -> dict[str, int]:
-    try:
-        stats = engine.cache_stats()
-    except Exception:  # stats are best-effort bookkeeping; a request never fails on them
-        return {}
-    return {"hit": int(stats.get("hits", 0)), "miss": int(stats.get("misses", 0))}
+    return await state.service.submit(mode, run, request=request)
 
 
 async def _run_until_disconnect(request: Request, work: Awaitable[T]) -> T:
@@ -242,10 +230,15 @@ async def _iterations_response(
         iterations=[
             IterationAudio(
                 index=i + 1,
+                step=label.step,
+                mode=label.mode,
+                edit_info=label.edit_info,
+                iteration=label.iteration,
+                seed=label.seed,
                 audio_base64=base64.b64encode(d).decode("ascii"),
                 seconds=len(a) / result.sample_rate,
             )
-            for i, (d, a) in enumerate(zip(encoded, iterations, strict=True))
+            for i, (d, a, label) in enumerate(zip(encoded, iterations, result.labels, strict=True))
         ],
     )
     m = state.metrics
