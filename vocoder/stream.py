@@ -245,7 +245,9 @@ class Token2WavStream:
         record: bool = False,
     ) -> None:
         up = t2w.mel_frames_per_token_frame
-        if not chunk_token_frames or any(f <= 0 or f % FRAMES_PER_GROUP or up * f < MEL_CACHE_FRAMES for f in chunk_token_frames):
+        if not chunk_token_frames or any(
+            f <= 0 or f % FRAMES_PER_GROUP or up * f < MEL_CACHE_FRAMES for f in chunk_token_frames
+        ):
             raise ValueError(f"chunk sizes must be multiples of 3 token frames making >= {MEL_CACHE_FRAMES} mel frames")
         self.t2w = t2w
         self.flow = t2w.flow
@@ -323,6 +325,10 @@ class Token2WavStream:
     @property
     def closed(self) -> bool:
         return self._flow is None
+
+    @property
+    def sample_rate(self) -> int:
+        return self.t2w.sample_rate
 
     def __enter__(self) -> Token2WavStream:
         return self
