@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 EXTRAS ?= cpu,quant,dev
 
-.PHONY: install run test lint bench gpu-check clean
+.PHONY: install run test lint typecheck bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -13,6 +13,11 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: an unpinned torch drags in a multi-GB CUDA build
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
+ifneq (,$(findstring dev,$(EXTRAS)))
+	# the tests cover the openai-whisper backend too: pyproject's `openai-whisper` extra, without its
+	# triton dependency (~1 GB, used only by CUDA word-timestamp kernels); its other deps are core ones
+	$(BIN)/pip install -q --no-deps openai-whisper==20250625 more-itertools==11.2.1
+endif
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -20,11 +25,15 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python api_server.py --demo --api-port 8003
 
+# The gates, in the order `make test` runs them (.pre-commit-config.yaml runs the same tools).
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
-test: $(STAMP)
-	$(BIN)/ruff check .
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: lint typecheck
 	$(BIN)/python -m pytest
 
 # Benchmarks (minutes, several GB of full-size random bundles under bench/out); not part of the tests.
@@ -33,6 +42,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.bench_token2wav
 	$(BIN)/python -m bench.bench_streaming_vocoder
 	$(BIN)/python -m bench.bench_llm
+	$(BIN)/python -m bench.bench_scheduler
 
 # Validate a GPU host in one command (docs/deployment.md): every variant and mode through the real
 # server on a full-size random bundle; exit 1 on any failure. Without CUDA it says so and exits 0.
@@ -41,4 +51,4 @@ gpu-check: $(STAMP)
 	$(BIN)/python -m bench.gpu_check $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

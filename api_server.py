@@ -13,6 +13,7 @@ import logging
 import uvicorn
 
 from api.app import DEMO_NOTICE, create_app
+from api.logs import LOG_FORMAT
 from settings import Settings
 
 logger = logging.getLogger("api_server")
@@ -20,7 +21,7 @@ logger = logging.getLogger("api_server")
 
 def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_cli(argv)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
     if settings.demo:
         banner = "=" * 78
         logger.warning(
@@ -31,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
             banner,
         )
     app = create_app(settings)
+    if settings.ui:
+        logger.info("web UI: http://localhost:%d/ui (--no-ui turns it off)", settings.api_port)
     uvicorn.run(
         app,
         host=settings.api_host,

@@ -55,3 +55,7 @@ class ModelLoadError(StepAudioError, RuntimeError):
     """A model or variant cannot be loaded here; the message names it and the reason."""
 
     code = "model_load_failed"
+
+
+class RequestCancelledError(Exception):
+    """The caller went away and its work was stopped; nobody is left to answer (not a client error)."""

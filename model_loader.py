@@ -5,7 +5,7 @@ memoises each component, so the HTTP API, the engine and any UI share one copy (
 "unified deployment" halved GPU memory this way). Problems surface at load time as
 ``errors.ModelLoadError`` naming the component or variant and the reason, never at request time.
 
-Bundle layout (model-spec §1.1): ``<root>/Step-Audio-EditX`` (LLM, text tokenizer,
+Bundle layout (docs/model.md §1.1): ``<root>/Step-Audio-EditX`` (LLM, text tokenizer,
 ``CosyVoice-300M-25Hz/`` vocoder), ``<root>/Step-Audio-Tokenizer`` (audio tokenizer), optional
 ``<root>/Step-Audio-EditX-AWQ-4bit`` and ``<root>/Step-Audio-EditX-bnb-4bit``. ``model_path`` may
 be that root or the ``Step-Audio-EditX`` directory itself (the seed's two forms).
@@ -38,7 +38,9 @@ from model_files import (
 )
 
 if TYPE_CHECKING:  # the stages themselves are imported lazily, when a bundle is loaded
+    from llm.model import Step1ForCausalLM
     from llm.text_tokenizer import StepTextTokenizer
+    from token_cache import TokenCache
     from tokenizer import StepAudioTokenizer
     from vocoder.frontend import SpeakerEncoder
     from vocoder.token2wav import Token2Wav
@@ -74,7 +76,7 @@ def enable_tf32() -> bool:
     matmul = torch.backends.cuda.matmul
     if hasattr(matmul, "fp32_precision"):  # torch >= 2.9 API; the allow_tf32 flags are deprecated
         matmul.fp32_precision = "tf32"
-        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"  # type: ignore[attr-defined]  # torch >= 2.9, untyped
     else:
         matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -267,7 +269,7 @@ def _quant_method(model_dir: Path) -> str | None:
 
 
 def _bnb_config(dtype: torch.dtype) -> Any:
-    """Runtime NF4 quantisation as the upstream loader does it (model-spec §6.1)."""
+    """Runtime NF4 quantisation as the upstream loader does it (docs/model.md §1.5)."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -299,7 +301,7 @@ def _bnb_cpu_fallback(model: torch.nn.Module) -> None:
 
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
-            state = module.weight.quant_state
+            state = module.weight.quant_state  # type: ignore[attr-defined]  # bitsandbytes Params4bit
             blocksize = getattr(state, "blocksize", 64)
             if module.out_features % 32 or module.in_features % blocksize:
                 module.support_avx512bf16_for_cpu = False
@@ -307,7 +309,7 @@ def _bnb_cpu_fallback(model: torch.nn.Module) -> None:
 
 def load_llm(
     base_dir: Path, variant: str, device: torch.device, dtype: torch.dtype, *, quantized_dir: Path | None = None
-) -> torch.nn.Module:
+) -> Step1ForCausalLM:
     """Load one Step1 variant with our implementation (never remote code), in eval mode, warmed up.
 
     base: ``base_dir`` (bf16 safetensors) at ``dtype``. awq: the compressed-tensors checkpoint at
@@ -345,7 +347,8 @@ def load_llm(
         raise ModelLoadError(f"model variant {variant!r}: no config.json in {source}")
     start = time.perf_counter()
     try:
-        model, info = Step1ForCausalLM.from_pretrained(source, **kwargs)
+        loaded: Any = Step1ForCausalLM.from_pretrained(source, **kwargs)  # (model, info): output_loading_info
+        model, info = loaded
     except Exception as exc:  # unreadable files, wrong shapes, quantiser refusing this device
         raise ModelLoadError(f"model variant {variant!r} cannot be loaded from {source}: {exc}") from exc
     bad = {k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
@@ -415,7 +418,7 @@ class ModelRegistry:
                 self._loaded[key] = value
             return value
 
-    def get_llm(self, variant: str = "base") -> torch.nn.Module:
+    def get_llm(self, variant: str = "base") -> Step1ForCausalLM:
         """The Step1 model of ``variant`` (base, awq, bnb), loaded on first use."""
         quantized = {"awq": self.bundle.awq, "bnb": self.bundle.bnb}.get(variant)
         return self.get_or_load(
@@ -423,7 +426,7 @@ class ModelRegistry:
             lambda: load_llm(self.bundle.editx, variant, self.device, self.dtype, quantized_dir=quantized),
         )
 
-    def load_llms(self, variants: Iterable[str]) -> dict[str, torch.nn.Module]:
+    def load_llms(self, variants: Iterable[str]) -> dict[str, Step1ForCausalLM]:
         """Load every variant in ``variants`` now (startup); the first failure raises."""
         return {variant: self.get_llm(variant) for variant in variants}
 
@@ -447,22 +450,23 @@ class ModelRegistry:
         *,
         dither: float = 0.0,
         onnx_threads: int = 1,
-        cache_dir: Path | None = None,
-        cache_max_bytes: int = 0,
     ) -> StepAudioTokenizer:
-        """The audio tokenizer, with the token cache attached when ``cache_dir`` and a budget are given."""
-        key = f"tokenizer:{funasr_model_id}:{dither}:{onnx_threads}:{cache_dir}:{cache_max_bytes}"
+        """The audio tokenizer (``wav2token``)."""
         return self.get_or_load(
-            key,
+            f"tokenizer:{funasr_model_id}:{dither}:{onnx_threads}",
             lambda: load_tokenizer(
-                self.bundle.tokenizer,
-                funasr_model_id,
-                self.device,
-                dither=dither,
-                onnx_threads=onnx_threads,
-                cache_dir=cache_dir,
-                cache_max_bytes=cache_max_bytes,
+                self.bundle.tokenizer, funasr_model_id, self.device, dither=dither, onnx_threads=onnx_threads
             ),
+        )
+
+    def get_prompt_cache(self, cache_dir: Path | None, max_bytes: int, fingerprint: str) -> TokenCache | None:
+        """The disk cache of prompt records under ``cache_dir`` (None without a directory or budget).
+
+        One object per directory, budget and fingerprint, so engines built on one registry share it.
+        """
+        return self.get_or_load(
+            f"prompt_cache:{cache_dir}:{max_bytes}:{fingerprint}",
+            lambda: load_prompt_cache(cache_dir, max_bytes, fingerprint),
         )
 
     def get_vocoder(self, onnx_threads: int = 1) -> VocoderStage:
@@ -489,15 +493,8 @@ def load_tokenizer(
     *,
     dither: float = 0.0,
     onnx_threads: int = 1,
-    cache_dir: Path | None = None,
-    cache_max_bytes: int = 0,
 ) -> StepAudioTokenizer:
-    """StepAudioTokenizer from ``tokenizer_dir``, with a TokenCache under ``cache_dir`` (budget > 0).
-
-    The cache's fingerprint is the tokenizer's (model files + settings), so tokens made by other
-    weights or settings are never served.
-    """
-    from token_cache import TokenCache
+    """StepAudioTokenizer from ``tokenizer_dir``."""
     from tokenizer import StepAudioTokenizer
 
     try:
@@ -508,12 +505,19 @@ def load_tokenizer(
         raise
     except Exception as exc:  # unreadable configs or weights in a bundle we did not write
         raise ModelLoadError(f"audio tokenizer cannot be loaded from {tokenizer_dir}: {exc}") from exc
-    if cache_dir is not None and cache_max_bytes > 0:
-        try:
-            tokenizer.cache = TokenCache(Path(cache_dir), cache_max_bytes, tokenizer.fingerprint)
-        except OSError as exc:
-            raise ModelLoadError(f"token cache directory {cache_dir} is not usable: {exc}") from exc
     return tokenizer
+
+
+def load_prompt_cache(cache_dir: Path | None, max_bytes: int, fingerprint: str) -> TokenCache | None:
+    """A TokenCache under ``cache_dir`` (None when there is no directory or the budget is 0)."""
+    from token_cache import TokenCache
+
+    if cache_dir is None or max_bytes <= 0:
+        return None
+    try:
+        return TokenCache(Path(cache_dir), max_bytes, fingerprint)
+    except OSError as exc:
+        raise ModelLoadError(f"token cache directory {cache_dir} is not usable: {exc}") from exc
 
 
 def load_vocoder(vocoder_dir: Path, device: torch.device, onnx_threads: int = 1) -> VocoderStage:

@@ -24,6 +24,7 @@ DEFAULT_FUNASR_MODEL_ID = FUNASR_MODEL_ID
 ModelSource = Literal["auto", "local", "huggingface", "modelscope"]
 Variant = Literal["base", "awq", "bnb"]
 ResponseFormat = Literal["wav", "mp3", "opus", "aac", "flac", "pcm"]
+AsrBackend = Literal["faster-whisper", "openai-whisper"]
 
 
 class Settings(BaseSettings):
@@ -53,9 +54,7 @@ class Settings(BaseSettings):
     funasr_model_id: str = Field(
         DEFAULT_FUNASR_MODEL_ID, description="Paraformer folder inside the tokenizer directory."
     )
-    variants: list[Variant] = Field(
-        default_factory=lambda: ["base"], description="LLM variants to load (base, awq, bnb)."
-    )
+    variants: list[Variant] = Field(["base"], description="LLM variants to load (base, awq, bnb).")
     awq_model_path: Path | None = Field(
         None, description="AWQ checkpoint dir (default: <model-path>/Step-Audio-EditX-AWQ-4bit)."
     )
@@ -71,6 +70,19 @@ class Settings(BaseSettings):
         "auto", description="LLM dtype; auto = bfloat16 on CUDA, float32 on CPU."
     )
     onnx_threads: int = Field(1, ge=1, description="intra-op threads of the vq06 ONNX session.")
+    llm_max_batch_rows: int = Field(
+        16,
+        ge=2,
+        description="Most KV-cache rows in one LLM decode step (continuous batching); a request takes "
+        "one row, two when its intensity is not 1.0. Beyond this, requests wait.",
+    )
+    llm_kv_cache_mib: int = Field(
+        4096,
+        ge=1,
+        description="KV-cache budget of each LLM variant's running batch, in MiB, for the worst case of every "
+        "admitted request running to its length limit; beyond it, requests wait. 4096 fits the base "
+        "variant in bf16 on one 24 GB GPU beside its ~7 GB of weights and the vocoder.",
+    )
     funasr_dither: float = Field(
         0.0,
         ge=0.0,
@@ -83,8 +95,17 @@ class Settings(BaseSettings):
     cache_max_bytes: int = Field(2 * 1024**3, ge=0, description="Byte budget of the wav2token cache (LRU eviction).")
 
     # --- transcription ------------------------------------------------------------------
-    enable_auto_transcribe: bool = Field(False, description="Fill a missing transcript with Whisper (faster-whisper).")
-    whisper_model: str = Field("base", description="faster-whisper model name or a local CTranslate2 model directory.")
+    enable_auto_transcribe: bool = Field(False, description="Fill a missing transcript with Whisper.")
+    asr_backend: AsrBackend = Field(
+        "faster-whisper",
+        description="Whisper implementation: faster-whisper (CTranslate2, built in) or openai-whisper "
+        "(PyTorch .pt checkpoints; install the openai-whisper extra).",
+    )
+    whisper_model: str = Field(
+        "base",
+        description="Whisper size name (tiny.en, base, ...), or a local model: a CTranslate2 directory "
+        "for faster-whisper, a .pt checkpoint file for openai-whisper.",
+    )
 
     # --- HTTP ---------------------------------------------------------------------------
     api_host: str = Field("0.0.0.0", description="Address to bind.")
@@ -96,6 +117,11 @@ class Settings(BaseSettings):
         False,
         description="Generate a tiny random-weight bundle under the cache dir and serve it "
         "(the audio is noise; for trying the API without weights).",
+    )
+    ui: bool = Field(
+        True,
+        description="Serve the web UI at /ui (/ redirects there); --no-ui serves the HTTP API alone. "
+        "With --api-key the UI asks for the key.",
     )
     default_response_format: ResponseFormat = Field("wav", description="Format when a request names none.")
     max_input_chars: int = Field(4096, ge=1, description="Longest accepted input text.")
@@ -112,11 +138,12 @@ class Settings(BaseSettings):
     )
     queue_size: int = Field(16, ge=1, description="Requests waiting beyond this answer 429.")
     inference_workers: int = Field(
-        1,
+        8,
         ge=1,
-        le=8,
-        description="Threads running requests; 2 lets one request use the LLM while another is in "
-        "the tokenizer or vocoder (the engine locks each stage).",
+        le=64,
+        description="Requests in flight at once (worker threads): their prompt tokenization, vocoding and "
+        "encoding overlap, and their generations share each LLM variant's decode steps (continuous "
+        "batching, up to --llm-max-batch-rows rows). More requests wait in the queue.",
     )
     allow_audio_urls: bool = Field(False, description="Accept *_audio_url inputs (public hosts only).")
     url_timeout_s: float = Field(10.0, gt=0, description="Time limit for fetching an audio URL.")

@@ -134,5 +134,6 @@ fi
 cat >&2 <<EOF
 logs:    docker logs -f ${name}      (grep: 'Cache (HIT|MISS)|TF32')
 docs:    http://localhost:${port}/docs
+web UI:  http://localhost:${port}/ui      (unless started with --no-ui)
 health:  curl http://localhost:${port}/healthz
 EOF

@@ -1,9 +1,10 @@
-"""Persistent, content-addressed cache of named numpy arrays (wav2token tokens and friends).
+"""Persistent, content-addressed cache of named numpy arrays: one record per prompt audio.
 
-Why: tokenizing a prompt costs seconds (paraformer encoder + S3 tokenizer), and a server
-sees the same reference voice again and again. The cache makes a repeated prompt a
-millisecond disk read, survives restarts and is shared by every server process pointed at
-the same directory.
+Why: preparing a prompt costs seconds (paraformer encoder + S3 tokenizer, prompt mel, speaker
+embedding), and a server sees the same reference voice again and again. The cache makes a
+repeated prompt one millisecond disk read, survives restarts and is shared by every server
+process pointed at the same directory. The engine owns the record (what it holds and the
+fingerprint); this module only stores named arrays under a key.
 
 Layout under ``<directory>/wav2token/``::
 
@@ -13,6 +14,8 @@ Layout under ``<directory>/wav2token/``::
     ab/<key>.npz         the payload: a zip of ``.npy`` members (``np.savez_compressed``),
                          read back with ``allow_pickle=False``; ``ab`` = the key's first two
                          hex digits, so no directory grows past 1/256 of the entries.
+    tmp/                 payloads being written (``<owner>.<key>.<thread>.tmp``) and one
+                         ``<owner>.lock`` per live cache object (``<owner>`` = pid + random).
 
 Design decisions:
 
@@ -21,12 +24,18 @@ Design decisions:
   preprocessing settings, :data:`FORMAT_VERSION`) is stored in the row; a row with another
   fingerprint is a miss and the next ``put`` overwrites it, so new weights never serve stale
   tokens.
-* **Atomic writes**: the payload is written to a temp file in the shard directory, fsynced,
-  then ``os.replace``-d into place *inside* the index's write transaction, so the file that
-  sits under a key and the checksum in its row change together. ``put`` merges with what is
-  already stored (the vocoder adds ``prompt_mel``/``spk_emb`` to the tokens' key); the merge
-  is optimistic: if another process changed the row since we read it, we re-read and retry,
-  so concurrent merges are never lost.
+* **Atomic writes**: the payload is written to a temp file in ``tmp/``, fsynced, then
+  ``os.replace``-d into place *inside* the index's write transaction, so the file that sits
+  under a key and the checksum in its row change together. ``put`` replaces the whole record
+  (one writer per record: the engine computes every array of a prompt, then puts them at
+  once); two processes putting the same key both write complete records, the last one wins.
+* **Temp files are bounded**: each cache object holds an exclusive ``flock`` on its own
+  ``tmp/<owner>.lock`` for its lifetime and names its temp files after it. A writer killed
+  mid-write (``kill -9``, OOM) leaves a temp file whose lock the kernel has released; every
+  ``put`` (and the start-up check) takes the locks it can, which only succeeds for dead owners,
+  and removes their temp files at once, whatever their age. ``flock`` works across processes
+  and containers on one host, where pids alone would not (pid namespaces). So the temp bytes
+  on disk never exceed one payload per writing thread alive, plus what died since the last put.
 * **LRU across restarts and processes**: every hit bumps the row's sequence number (a logical
   clock, ``MAX(seq) + 1`` inside a write transaction, so it is strictly ordered across
   processes and immune to wall-clock ties). Eviction walks the ``seq`` index from the oldest
@@ -46,8 +55,7 @@ Design decisions:
 
 * **Stats**: hits, misses and ``time_saved_s`` count this object's lookups (one server
   process); ``entries`` and ``bytes`` are the shared index's totals. ``time_saved_s`` adds, per
-  hit, the ``compute_seconds`` measured by the puts whose arrays the hit returned (with
-  ``get(key, names=...)`` only the puts that wrote one of those names).
+  hit, the ``compute_seconds`` measured by the put that wrote the record.
 
 Known limits: the index relies on SQLite WAL, i.e. POSIX locks and shared memory on one host,
 so do not share the directory between hosts over a network file system. Rebuilding a corrupt
@@ -59,12 +67,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import fcntl
 import hashlib
 import io
 import json
 import logging
 import os
 import re
+import secrets
 import sqlite3
 import threading
 import time
@@ -73,23 +83,24 @@ import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from filelock import FileLock
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1  # bump when the payload layout or the meaning of stored arrays changes
+FORMAT_VERSION = 2  # bump when the payload layout or the meaning of stored arrays changes (2: one record)
 SCHEMA_VERSION = 1  # SQLite ``user_version`` of the index
 NAMESPACE = "wav2token"  # sub-directory of the cache directory owned by this cache
 INDEX_NAME = "index.sqlite3"
 LOCK_NAME = "index.lock"  # file lock taken only to rebuild a corrupt index
 PAYLOAD_SUFFIX = ".npz"
+TEMP_DIR = "tmp"  # payloads being written, and the lock of each live writer
 TEMP_SUFFIX = ".tmp"
-STALE_TEMP_SECONDS = 600.0  # a temp file older than this belongs to a crashed writer
+OWNER_LOCK_SUFFIX = ".lock"
+STALE_TEMP_SECONDS = 600.0  # a temp file of the old layout (in a shard) older than this is a crashed writer's
 BUSY_TIMEOUT_MS = 30_000  # how long a process waits for another's write transaction
-MERGE_RETRIES = 8  # optimistic-merge attempts before a put gives up (logged)
 EVICT_BATCH = 64  # rows fetched per eviction query
 
 # fingerprint_of: files up to FULL_HASH_LIMIT are hashed entirely (codebook, configs, small
@@ -188,7 +199,7 @@ def fingerprint_of(paths: Iterable[Path | str], **settings: Any) -> str:
 def _encode(arrays: Mapping[str, np.ndarray]) -> tuple[bytes, dict[str, list[Any]]]:
     """Arrays -> (npz bytes, {name: [dtype, shape]}) without pickle."""
     buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
+    np.savez_compressed(buf, **cast(dict[str, Any], arrays))
     layout = {name: [a.dtype.str, list(a.shape)] for name, a in sorted(arrays.items())}
     return buf.getvalue(), layout
 
@@ -256,7 +267,7 @@ class _Row:
     bytes: int
     sha256: str
     layout: dict[str, list[Any]]
-    compute: list[list[Any]]  # [[names..., seconds]] per put that contributed arrays
+    compute: float  # seconds the put's arrays cost to compute
 
 
 _SCHEMA = """
@@ -292,10 +303,6 @@ def _is_corruption(exc: sqlite3.Error) -> bool:
     return type(exc) is sqlite3.DatabaseError
 
 
-class _ConflictError(Exception):
-    """The row changed between our read and our write transaction (optimistic merge)."""
-
-
 # --------------------------------------------------------------------------- the cache
 
 
@@ -312,6 +319,8 @@ class TokenCache:
         self.max_bytes = max_bytes
         self.fingerprint = fingerprint
         self._index_path = self.root / INDEX_NAME
+        self._temp_dir = self.root / TEMP_DIR
+        self._owner: tuple[int, str, int] | None = None  # (pid, owner name, fd of the held lock)
         self._file_lock = FileLock(str(self.root / LOCK_NAME))
         self._lock = threading.RLock()
         self._conn: sqlite3.Connection | None = None
@@ -320,7 +329,7 @@ class TokenCache:
         self._misses = 0
         self._time_saved = 0.0
         self._last_totals = (0, 0)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self._temp_dir.mkdir(parents=True, exist_ok=True)
         with self._lock:
             self._connection()
         try:
@@ -332,7 +341,7 @@ class TokenCache:
 
     def get(self, key: str, names: Iterable[str] | None = None) -> dict[str, np.ndarray] | None:
         """The arrays stored under ``key``, or None (absent, other fingerprint, damaged, or
-        lacking one of ``names``). A hit refreshes the entry's LRU position."""
+        lacking one of ``names``). A hit reads one file and refreshes the entry's LRU position."""
         _check_key(key)
         wanted = None if names is None else set(names)
         result: dict[str, np.ndarray] | None = None
@@ -351,10 +360,11 @@ class TokenCache:
         return result
 
     def put(self, key: str, arrays: Mapping[str, Any], compute_seconds: float | None = None) -> None:
-        """Store ``arrays`` under ``key``, merged over the arrays already there (new names win).
+        """Store ``arrays`` as the whole record under ``key`` (whatever was there is replaced).
 
         ``compute_seconds`` is what producing these arrays cost (the measured miss); later hits
         add it to ``time_saved_s``. Failures (disk full, lock timeout) are logged, not raised.
+        Temp files of writers that died are removed first, so they never pile up.
         """
         _check_key(key)
         new = _checked_arrays(arrays)
@@ -364,13 +374,8 @@ class TokenCache:
         if not np.isfinite(seconds) or seconds < 0:
             raise ValueError(f"compute_seconds must be a finite non-negative number, got {compute_seconds!r}")
         try:
-            for _attempt in range(MERGE_RETRIES):
-                try:
-                    self._put_once(key, new, seconds)
-                    return
-                except _ConflictError:
-                    continue
-            logger.warning("token cache: put of %s… gave up after %d conflicting writers", key[:8], MERGE_RETRIES)
+            self._reap_dead_writers()
+            self._store(key, new, seconds)
         except (sqlite3.Error, OSError) as exc:
             logger.warning("token cache: could not store %s… (%s); continuing uncached", key[:8], exc)
 
@@ -402,6 +407,7 @@ class TokenCache:
         with self._write() as conn:
             conn.execute("DELETE FROM entries")
             removed = self._remove_payload_files(keep=set())
+        removed += self._reap_dead_writers()
         with self._lock:
             self._hits = self._misses = 0
             self._time_saved = 0.0
@@ -416,9 +422,10 @@ class TokenCache:
         down to this object's budget. This scans the directory once, so it runs at construction
         (server start), never per request.
         """
+        removed = self._reap_dead_writers()
         with self._write() as conn:
             keys = [r[0] for r in conn.execute("SELECT key FROM entries")]
-            removed = self._remove_payload_files(set(keys))
+            removed += self._remove_payload_files(set(keys))
             for key in keys:
                 if not self._path(key).is_file():
                     conn.execute("DELETE FROM entries WHERE key = ?", (key,))
@@ -429,7 +436,13 @@ class TokenCache:
         return removed
 
     def close(self) -> None:
-        """Close the index connection (a later call reopens it)."""
+        """Close the index connection and give up this writer's lock (a later call reopens both)."""
+        with self._lock:
+            self._release_owner()
+            self._close_connection()
+
+    def _close_connection(self) -> None:
+        """Close the index connection only (it is reopened on the next use); temp files stay."""
         with self._lock:
             if self._conn is not None:
                 if self._conn_ident is not None and self._conn_ident[0] == os.getpid():
@@ -445,13 +458,13 @@ class TokenCache:
 
     # ------------------------------------------------------------------ lookups
 
-    def _lookup(self, key: str, wanted: set[str] | None) -> tuple[dict[str, np.ndarray] | None, float]:
+    def _lookup(self, key: str, names: set[str] | None) -> tuple[dict[str, np.ndarray] | None, float]:
         """(arrays, seconds saved) or (None, 0.0); repairs what it finds damaged."""
         for _attempt in range(3):
             row = self._read_row(key)
             if row is None or row.fingerprint != self.fingerprint:
                 return None, 0.0
-            if wanted is not None and not wanted <= set(row.layout):
+            if names is not None and not set(names) <= set(row.layout):
                 return None, 0.0
             arrays, problem = self._load(key, row)
             if arrays is not None:
@@ -459,7 +472,7 @@ class TokenCache:
                     self._touch(key)
                 except sqlite3.OperationalError as exc:  # busy past the timeout: keep the hit
                     logger.debug("token cache: LRU refresh of %s… skipped (%s)", key[:8], exc)
-                return arrays, _saved_seconds(row.compute, wanted)
+                return arrays, row.compute
             # The file may have been replaced by another writer between our two reads: only a
             # row that is unchanged after a re-read really points at a damaged file.
             again = self._read_row(key)
@@ -500,9 +513,10 @@ class TokenCache:
         if r is None:
             return None
         try:
-            return _Row(key, r[0], int(r[1]), r[2], json.loads(r[3]), json.loads(r[4]))
+            layout = json.loads(r[3])
         except (ValueError, TypeError):
-            return _Row(key, r[0], int(r[1]), r[2], {}, [])  # undecodable metadata: _load fails it
+            layout = {}  # undecodable metadata: _load fails it
+        return _Row(key, r[0], int(r[1]), r[2], layout, _compute_seconds(r[4]))
 
     def _touch(self, key: str) -> None:
         with self._write() as conn:
@@ -520,22 +534,9 @@ class TokenCache:
 
     # ------------------------------------------------------------------ writes
 
-    def _put_once(self, key: str, new: dict[str, np.ndarray], seconds: float) -> None:
-        """One optimistic attempt: read base, encode merged payload, commit if base unchanged."""
-        base = self._read_row(key)
-        merged: dict[str, np.ndarray] = {}
-        compute: list[list[Any]] = []
-        if base is not None and base.fingerprint == self.fingerprint:
-            old, _problem = self._load(key, base)
-            if old is not None:
-                merged.update(old)
-                for *names, secs in base.compute:
-                    kept = [n for n in names if n not in new]
-                    if kept:
-                        compute.append([*kept, secs])
-        merged.update(new)
-        compute.append([*sorted(new), seconds])
-        payload, layout = _encode(merged)
+    def _store(self, key: str, arrays: dict[str, np.ndarray], seconds: float) -> None:
+        """Encode the record, write it to a temp file, and commit file and row together."""
+        payload, layout = _encode(arrays)
         if len(payload) > self.max_bytes:
             logger.info(
                 "token cache: entry %s… (%d bytes) exceeds the budget of %d bytes; not stored",
@@ -546,14 +547,13 @@ class TokenCache:
             return
         sha = hashlib.sha256(payload).hexdigest()
         path = self._path(key)
-        tmp = self._write_temp(path, payload)
+        tmp = self._write_temp(key, payload)
+        renamed = False
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             with self._write() as conn:
-                cur = conn.execute("SELECT sha256 FROM entries WHERE key = ?", (key,)).fetchone()
-                if (cur[0] if cur else None) != (base.sha256 if base else None):
-                    raise _ConflictError
                 os.replace(tmp, path)
-                tmp = None
+                renamed = True
                 now = time.time()
                 conn.execute(
                     "INSERT INTO entries (key, fingerprint, bytes, sha256, layout, compute, seq, created,"
@@ -561,20 +561,20 @@ class TokenCache:
                     " ?, ?) ON CONFLICT(key) DO UPDATE SET fingerprint = excluded.fingerprint,"
                     " bytes = excluded.bytes, sha256 = excluded.sha256, layout = excluded.layout,"
                     " compute = excluded.compute, seq = excluded.seq, last_used = excluded.last_used",
-                    (key, self.fingerprint, len(payload), sha, json.dumps(layout), json.dumps(compute), now, now),
+                    (key, self.fingerprint, len(payload), sha, json.dumps(layout), json.dumps(seconds), now, now),
                 )
                 self._evict(conn, keep=key)
         finally:
-            if tmp is not None:
+            if not renamed:
                 _unlink(tmp)
         # Make the rename durable, outside the write lock: losing it in a crash only loses the
         # entry (the row's checksum no longer matches the file, which is a miss).
         _fsync_dir(path.parent)
 
-    def _write_temp(self, path: Path, payload: bytes) -> Path:
-        """Write ``payload`` durably to a unique temp file beside ``path``."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}{TEMP_SUFFIX}")
+    def _write_temp(self, key: str, payload: bytes) -> Path:
+        """Write ``payload`` durably to a temp file named after this writer's lock."""
+        owner = self._owner_name()
+        tmp = self._temp_dir / f"{owner}.{key}.{threading.get_ident()}{TEMP_SUFFIX}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             with os.fdopen(fd, "wb") as f:
@@ -585,6 +585,98 @@ class TokenCache:
             _unlink(tmp)
             raise
         return tmp
+
+    # ------------------------------------------------------------------ temp-file owners
+
+    def _owner_name(self) -> str:
+        """This object's writer name in this process, taking its lock on first use (and after a fork)."""
+        with self._lock:
+            pid = os.getpid()
+            if self._owner is not None and self._owner[0] == pid:
+                return self._owner[1]
+            if self._owner is not None:  # inherited through fork: the parent keeps its own lock
+                with contextlib.suppress(OSError):
+                    os.close(self._owner[2])
+                self._owner = None
+            self._temp_dir.mkdir(parents=True, exist_ok=True)
+            while True:
+                name = f"{pid}-{secrets.token_hex(4)}"
+                path = self._temp_dir / f"{name}{OWNER_LOCK_SUFFIX}"
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                try:  # a reaper may take (and remove) the new file before our flock: then start again
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    same = os.fstat(fd).st_ino == os.stat(path).st_ino
+                except (BlockingIOError, FileNotFoundError):
+                    same = False
+                if same:
+                    self._owner = (pid, name, fd)
+                    return name
+                os.close(fd)
+
+    def _release_owner(self) -> None:
+        """Remove this writer's lock file and release the lock (its temp files go with it)."""
+        if self._owner is None:
+            return
+        pid, name, fd = self._owner
+        self._owner = None
+        if pid != os.getpid():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            return
+        for tmp in self._temp_dir.glob(f"{name}.*{TEMP_SUFFIX}"):
+            _unlink(tmp)
+        _unlink(self._temp_dir / f"{name}{OWNER_LOCK_SUFFIX}")
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+    def _reap_dead_writers(self) -> int:
+        """Remove the temp files of writers that died; returns how many files went.
+
+        One small directory listing plus one non-blocking ``flock`` per live writer: cheap
+        enough for every put. A lock we can take belongs to a dead writer (the kernel released
+        it); a temp file whose writer has no lock file left is a dead writer's too.
+        """
+        try:
+            entries = list(os.scandir(self._temp_dir))
+        except FileNotFoundError:
+            return 0
+        mine = self._owner[1] if self._owner is not None and self._owner[0] == os.getpid() else None
+        live: set[str] = set()
+        removed = 0
+        for entry in entries:
+            if not entry.name.endswith(OWNER_LOCK_SUFFIX):
+                continue
+            owner = entry.name.removesuffix(OWNER_LOCK_SUFFIX)
+            if owner == mine:
+                live.add(owner)
+                continue
+            try:
+                fd = os.open(entry.path, os.O_RDWR)
+            except FileNotFoundError:  # another process reaped it just now
+                continue
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    live.add(owner)  # its writer is alive
+                    continue
+                for tmp in self._temp_dir.glob(f"{owner}.*{TEMP_SUFFIX}"):
+                    _unlink(tmp)
+                    removed += 1
+                _unlink(Path(entry.path))
+            finally:
+                os.close(fd)
+        for entry in entries:
+            owner = entry.name.split(".", 1)[0]
+            if entry.name.endswith(TEMP_SUFFIX) and owner not in live and owner != mine:
+                # written by an owner whose lock was already gone when we listed: dead as well
+                with contextlib.suppress(FileNotFoundError):
+                    if not (self._temp_dir / f"{owner}{OWNER_LOCK_SUFFIX}").exists():
+                        os.unlink(entry.path)
+                        removed += 1
+        if removed:
+            logger.info("token cache: removed %d temp files of writers that died", removed)
+        return removed
 
     def _evict(self, conn: sqlite3.Connection, keep: str) -> None:
         """Drop least-recently-used rows (and files) until the byte total fits the budget."""
@@ -619,7 +711,7 @@ class TokenCache:
             ident = None
         if self._conn is not None and ident == self._conn_ident:
             return self._conn
-        self.close()
+        self._close_connection()
         try:
             self._conn = self._open()
         except sqlite3.Error as exc:
@@ -677,7 +769,7 @@ class TokenCache:
     def _repair_index(self, exc: BaseException) -> sqlite3.Connection:
         """Rebuild a corrupt index empty (one process at a time) and drop the orphaned files."""
         with self._lock:
-            self.close()
+            self._close_connection()
             with self._file_lock:
                 try:  # another process may have rebuilt it while we waited for the lock
                     self._conn = self._open()
@@ -687,7 +779,7 @@ class TokenCache:
                 except sqlite3.Error as again:
                     if not _is_corruption(again):
                         raise
-                    self.close()
+                    self._close_connection()
                 logger.warning("token cache: index %s is damaged (%s); rebuilding it empty", self._index_path, exc)
                 for suffix in ("", "-wal", "-shm"):
                     _unlink(Path(f"{self._index_path}{suffix}"))
@@ -713,13 +805,13 @@ class TokenCache:
         removed = 0
         now = time.time()
         for shard in self.root.iterdir():
-            if not shard.is_dir():
+            if not shard.is_dir() or shard.name == TEMP_DIR:
                 continue
             for f in shard.iterdir():
                 if f.suffix == PAYLOAD_SUFFIX and f.stem not in keep:
                     _unlink(f)
                     removed += 1
-                elif f.name.endswith(TEMP_SUFFIX):
+                elif f.name.endswith(TEMP_SUFFIX):  # written by an earlier version, beside the payloads
                     with contextlib.suppress(FileNotFoundError):
                         if now - f.stat().st_mtime > STALE_TEMP_SECONDS:
                             _unlink(f)
@@ -735,13 +827,13 @@ def _check_key(key: str) -> None:
         raise ValueError(f"cache key must be 8-128 characters of [0-9A-Za-z_-], got {key!r}")
 
 
-def _saved_seconds(compute: list[list[Any]], wanted: set[str] | None) -> float:
-    """Compute seconds of the puts whose arrays this hit returned (all, or those in ``wanted``)."""
-    total = 0.0
-    for *names, secs in compute:
-        if wanted is None or wanted.intersection(names):
-            total += float(secs)
-    return total
+def _compute_seconds(text: str) -> float:
+    """The ``compute`` column: a JSON number (rows of the merging format, a list, count as 0)."""
+    try:
+        value = json.loads(text)
+    except (ValueError, TypeError):
+        return 0.0
+    return float(value) if isinstance(value, int | float) else 0.0
 
 
 def _has_schema(conn: sqlite3.Connection) -> bool:

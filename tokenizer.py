@@ -1,8 +1,8 @@
 """The audio tokenizer stage (``wav2token``): a prompt waveform to Step-Audio's two token streams.
 
-Reference: ``StepAudioTokenizer`` of stepfun-ai/Step-Audio-EditX (model-spec.md §2).
+Reference: ``StepAudioTokenizer`` of stepfun-ai/Step-Audio-EditX (docs/model.md §2).
 
-* **Preprocessing** (§2.2): resample to 16 kHz with the shared sinc resampler, energy
+* **Preprocessing** (docs/model.md §2.2): resample to 16 kHz with the shared sinc resampler, energy
   normalisation, and the reference's silence trim (librosa ``effects.trim``, then a fixed
   lead-in and a frame-aligned length).
 * **vq02** (§2.3), 16.67 Hz, 1024 codes: the pip ``funasr`` streaming Paraformer encoder
@@ -19,20 +19,23 @@ Deliberate deviations (documented in the README): the fbank dither defaults to 0
 reference's 1.0 makes vq02 random run to run, so uncacheable); inputs below 16 kHz are
 resampled up instead of crashing; bad input raises ``audio.AudioError`` instead of asserting.
 
-With a ``token_cache.TokenCache`` attached, ``wav2token`` looks the prompt up by its content
-before encoding and logs the lines operators grep: ``[FunASR Cache HIT] hash=…``,
-``[FunASR Cache MISS] hash=…`` and ``[FunASR Encoding] time=…s``.
+``wav2token`` always encodes and logs ``[FunASR Encoding] time=…s``; caching is the engine's
+(``engine/tts.py`` keeps one record per prompt: tokens, prompt mel and speaker embedding).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
+import threading
 import time
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import librosa
 import numpy as np
@@ -43,9 +46,6 @@ from audio import TOKENIZER_SR, AudioError, resample, to_mono
 from audio_codes import AUDIO_ID_OFFSET, GROUP_SECONDS, VQ02_CODES, VQ02_PER_GROUP, VQ06_PER_GROUP
 from errors import ModelLoadError
 from model_files import FUNASR_MODEL_ID
-
-if TYPE_CHECKING:
-    from token_cache import TokenCache
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,6 @@ VQ06_MIN_PIECE_SAMPLES = 480  # shorter trailing pieces are dropped, as the refe
 
 # --- fingerprint -------------------------------------------------------------------------------
 TOKENS_FORMAT_VERSION = 1  # bump when anything here changes which tokens a prompt gets
-CACHE_ARRAYS = ("vq02", "vq06")  # what wav2token stores under a prompt's content key
 
 
 # ==============================================================================================
@@ -277,6 +276,32 @@ class S3Tokenizer:
 # ==============================================================================================
 
 
+_FUNASR_IMPORT_LOCK = threading.Lock()
+
+
+@lru_cache(maxsize=1)
+def import_funasr() -> None:
+    """Import ``funasr`` once, with what it prints and warns kept out of the server's output.
+
+    Importing it prints a notice that ffmpeg is missing and pydub warns the same; both are about
+    audio file loading, which we never ask funasr to do (it only gets waveforms), so to an operator
+    they are false alarms. They go to this module's debug log instead. Every funasr import in the
+    project goes through here, so the first one is always the quiet one.
+    """
+    with _FUNASR_IMPORT_LOCK:
+        # stdout only: stderr must stay the real one, since funasr's first ``logging.debug`` call
+        # can make the root logger create its handler (bound to whatever sys.stderr is then).
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            # the package's __init__ registers its classes; load_utils prints the ffmpeg notice
+            import funasr.utils.load_utils  # noqa: F401
+    noise = [out.getvalue().strip()] if out.getvalue().strip() else []
+    noise += [f"{w.category.__name__}: {w.message}" for w in caught]
+    if noise:
+        logger.debug("funasr import output (silenced): %s", " | ".join(noise))
+
+
 @dataclass(frozen=True)
 class Vq02Encoding:
     """What the streaming encoder saw and produced for one utterance.
@@ -299,7 +324,7 @@ class ParaformerEncoder:
     """
 
     def __init__(self, model_dir: Path, device: str = "cpu", dither: float = 0.0) -> None:
-        import funasr  # noqa: F401  (importing the package registers its classes)
+        import_funasr()
         from funasr.register import tables
 
         conf = _read_yaml(model_dir / FUNASR_CONFIG_FILE)
@@ -388,6 +413,7 @@ class ParaformerEncoder:
         funasr 1.4 returns no frame where the reference's 1.0.8 frontend raised and the
         reference skipped the chunk (a final chunk under 480 samples): the loop ends there.
         """
+        import_funasr()
         from funasr.utils.load_utils import extract_fbank
 
         audio = audio.detach().to("cpu", torch.float32).reshape(-1)
@@ -507,7 +533,7 @@ def tokenizer_fingerprint(
     stale tokens). The preprocessing constants are part of the hash, so changing one here
     invalidates old entries even without a ``TOKENS_FORMAT_VERSION`` bump.
 
-    Callers that build a ``TokenCache`` before the tokenizer use this; it equals
+    Callers that need it before loading the tokenizer use this; it equals
     ``StepAudioTokenizer(...).fingerprint`` for the same arguments.
     """
     from token_cache import fingerprint_of
@@ -547,14 +573,13 @@ def _check_files(files: dict[str, Path]) -> None:
 
 
 class StepAudioTokenizer:
-    """``wav2token``: a prepared prompt to vq02 + vq06 codes, through an optional disk cache.
+    """``wav2token``: a prepared prompt to vq02 + vq06 codes.
 
     ``tokenizer_dir`` is the ``Step-Audio-Tokenizer`` folder; the Paraformer lives in
     ``tokenizer_dir / funasr_model_id``. ``dither`` is the fbank dither (0 = deterministic; the
-    reference's 1.0 draws from the global torch RNG). ``cache`` may also be attached later:
-    ``tokenizer.cache = TokenCache(dir, budget, tokenizer.fingerprint)`` (or build the cache
-    first with ``tokenizer_fingerprint(...)``); its fingerprint must cover ``self.fingerprint``.
-    Safe to call from several threads: all per-call state is local.
+    reference's 1.0 draws from the global torch RNG). ``fingerprint`` names everything that
+    decides the tokens, for a cache of them to key on. Safe to call from several threads: all
+    per-call state is local.
     """
 
     def __init__(
@@ -565,7 +590,6 @@ class StepAudioTokenizer:
         device: str = "cpu",
         dither: float = 0.0,
         onnx_threads: int = 1,
-        cache: TokenCache | None = None,
     ) -> None:
         if dither < 0 or not math.isfinite(dither):
             raise ValueError(f"dither must be a finite number >= 0, got {dither}")
@@ -578,7 +602,6 @@ class StepAudioTokenizer:
         self.codebook = _load_codebook(files["vq02_codebook"], self.vq02_encoder.output_size)
         self.vq06_tokenizer = S3Tokenizer(files["vq06_onnx"], device=device, threads=onnx_threads)
         self.fingerprint = tokenizer_fingerprint(self.tokenizer_dir, funasr_model_id, dither=dither)
-        self.cache = cache
         _warm_up_trim()
         logger.info(
             "Audio tokenizer loaded from %s in %.2fs (device %s, dither %g, fingerprint %s…)",
@@ -595,22 +618,9 @@ class StepAudioTokenizer:
         Raises ``AudioError`` for unusable audio (empty, non-finite, silent, under 120 ms).
         """
         x = check_prompt(wav, sample_rate)
-        key = None
-        if self.cache is not None:
-            from token_cache import content_key
-
-            key = content_key(x, int(sample_rate))
-            hit = self.cache.get(key, names=CACHE_ARRAYS)
-            if hit is not None:
-                logger.info("[FunASR Cache HIT] hash=%s…", key[:8])
-                return AudioTokens(hit["vq02"], hit["vq06"])
-            logger.info("[FunASR Cache MISS] hash=%s…", key[:8])
         start = time.perf_counter()
         tokens = self.encode(x, int(sample_rate))
-        elapsed = time.perf_counter() - start
-        logger.info("[FunASR Encoding] time=%.3fs", elapsed)
-        if self.cache is not None and key is not None:
-            self.cache.put(key, {"vq02": tokens.vq02, "vq06": tokens.vq06}, compute_seconds=elapsed)
+        logger.info("[FunASR Encoding] time=%.3fs", time.perf_counter() - start)
         return tokens
 
     def encode(self, wav: torch.Tensor, sample_rate: int) -> AudioTokens:

@@ -15,13 +15,16 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import Depends, FastAPI, HTTPException
+from fastapi import FastAPI
+from fastapi.routing import iter_route_contexts
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import error_response, install_error_handlers
+from api.admission import OPEN_PATHS, AdmissionMiddleware
+from api.errors import install_error_handlers
 from api.metrics import Metrics
+from api.openapi import contract_openapi
 from api.routes import speech, system, voices
-from api.state import AppState, Engine, require_api_key
+from api.state import AppState, Engine
 from engine.service import InferenceService
 from engine.types import AudioInput
 from engine.voices import DEFAULT_VOICE_NAME, Voice, VoiceStore
@@ -80,14 +83,18 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory | None = Non
             yield
         finally:
             service.stop()
+            close = getattr(state.engine, "close", None)
+            if close is not None:  # the LLM decode loops
+                close()
 
+    # with an API key the schema is served behind it (below) and the browser UIs are off
+    hidden: dict[str, Any] = {"openapi_url": None, "docs_url": None, "redoc_url": None} if settings.api_key else {}
     app = FastAPI(
         title="Step-Audio-EditX speech server",
         version="1.0",
         description="OpenAI-compatible voice cloning and speech editing with Step-Audio-EditX.",
         lifespan=lifespan,
-        # with an API key the schema is served behind it (below) and the browser UIs are off
-        **({"openapi_url": None, "docs_url": None, "redoc_url": None} if settings.api_key else {}),
+        **hidden,
     )
     app.state.step_audio = state
     install_error_handlers(app)
@@ -95,14 +102,36 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory | None = Non
     app.include_router(system.router)
     app.include_router(speech.router)
     app.include_router(voices.router)
+    app.openapi = lambda: contract_openapi(app)  # type: ignore[method-assign]
+    ui_open: tuple[frozenset[str], tuple[str, ...]] = (frozenset(), ())
+    if settings.ui:
+        from api.ui import mount_ui  # Gradio loads only when the UI is on
+
+        ui_open = mount_ui(app, state)
     if settings.api_key:
 
-        @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_api_key)])
+        @app.get("/openapi.json", include_in_schema=False)
         async def openapi() -> dict[str, Any]:
             return app.openapi()
 
-    # two base64 clips and the text fields fit; more is refused before it is read
-    app.add_middleware(BodyLimitMiddleware, max_bytes=3 * settings.max_upload_bytes + _JSON_OVERHEAD_BYTES)
+    queued = frozenset(
+        (method, route.path)
+        for route in iter_route_contexts(app.routes)
+        if route.path is not None and getattr(route.endpoint, "queues_a_job", False)
+        for method in route.methods or ()
+    )
+    app.add_middleware(
+        AdmissionMiddleware,
+        api_key=settings.api_key.get_secret_value() if settings.api_key else None,
+        # the web UI cannot send a Bearer header: with a key it asks for it on its own login page
+        open_paths=OPEN_PATHS | ui_open[0],
+        open_prefixes=ui_open[1],
+        service=service,
+        queued_routes=queued,
+        # two base64 clips and the text fields fit; more is refused before it is read
+        max_body_bytes=3 * settings.max_upload_bytes + _JSON_OVERHEAD_BYTES,
+        max_file_bytes=settings.max_upload_bytes,
+    )
     if settings.demo:
         app.add_middleware(HeaderMiddleware, name=DEMO_HEADER, value=DEMO_NOTICE)
     return app
@@ -122,6 +151,9 @@ def _load_engine(state: AppState, factory: EngineFactory | None) -> None:
             factory = build_engine
         begin = time.perf_counter()
         engine = factory(settings)
+        observe = getattr(engine, "set_observer", None)
+        if observe is not None:  # batch size per decode step, LLM queue wait, tokens/s
+            observe(state.metrics)
         state.voices.default_voice = _default_voice(engine)
         state.engine = engine
         state.ready_at = time.time()
@@ -177,35 +209,3 @@ class HeaderMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_header)
-
-
-class BodyLimitMiddleware:
-    """413 in OpenAI's envelope for bodies over ``max_bytes``: by Content-Length before reading,
-    else counted while the route reads (the HTTPException then goes through the one handler).
-    """
-
-    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        message = f"the request body is larger than {self.max_bytes} bytes"
-        declared = dict(scope.get("headers", [])).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            await error_response(413, message, code="too_large")(scope, receive, send)
-            return
-        seen = 0
-
-        async def counting_receive() -> Message:
-            nonlocal seen
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.max_bytes:
-                    raise HTTPException(413, message)
-            return msg
-
-        await self.app(scope, counting_receive, send)

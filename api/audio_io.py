@@ -17,10 +17,11 @@ import base64
 import io
 import json
 import struct
-from typing import Literal
+from typing import Literal, cast
 
 import av
 import numpy as np
+from av.audio.stream import AudioStream
 
 from audio import VOCODER_SR, to_pcm16
 
@@ -112,7 +113,7 @@ class StreamingAudioWriter:
             muxer, codec, bit_rate = _AV_CODECS[fmt]
             self._sink: _ForwardSink | io.BytesIO = _ForwardSink() if streaming else io.BytesIO()
             self._container = av.open(self._sink, mode="w", format=muxer)
-            self._stream = self._container.add_stream(codec, rate=sample_rate, layout="mono")
+            self._stream = cast(AudioStream, self._container.add_stream(codec, rate=sample_rate, layout="mono"))
             if bit_rate is not None:
                 self._stream.bit_rate = bit_rate
             self._pts = 0

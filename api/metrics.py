@@ -8,14 +8,18 @@ from the engine and the service when Prometheus scrapes.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+if TYPE_CHECKING:
+    from engine.scheduler import StepStats
+
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
 _RTF_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10)
+_BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 
 
 class _LiveCollector(Collector):
@@ -51,6 +55,22 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.ttfa = Histogram(
+            "step_audio_time_to_first_audio_seconds",
+            "Time from request to the first audio byte, by mode and delivery (streamed: the streaming "
+            "vocoder, while the LLM generates; whole: after the whole generation).",
+            ["mode", "delivery"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.stream_start = Histogram(
+            "step_audio_stream_first_audio_generation_fraction",
+            "Share of a streamed request's LLM ids already sampled when its first audio left "
+            "(below 1: audio was on its way while the LLM still generated).",
+            ["mode"],
+            buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0),
+            registry=r,
+        )
         self.rtf = Histogram(
             "step_audio_real_time_factor",
             "Inference seconds per second of audio produced (lower is faster).",
@@ -73,3 +93,33 @@ class Metrics:
             registry=r,
         )
         r.register(_LiveCollector(live))
+        # Continuous batching (engine.scheduler calls on_admit / on_step on its loop thread).
+        self.llm_batch_size = Histogram(
+            "step_audio_llm_batch_size",
+            "Requests sharing each LLM decode step.",
+            ["variant"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.llm_queue_wait = Histogram(
+            "step_audio_llm_queue_wait_seconds",
+            "Time a generation waited for room in its LLM's running batch.",
+            ["variant"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.llm_tokens = Counter("step_audio_llm_tokens", "Audio tokens generated.", ["variant"], registry=r)
+        self.llm_decode_seconds = Counter(
+            "step_audio_llm_decode_seconds",
+            "Time spent in decode steps; tokens / seconds is the decode rate in tokens/s.",
+            ["variant"],
+            registry=r,
+        )
+
+    def on_admit(self, variant: str, queue_wait_s: float) -> None:
+        self.llm_queue_wait.labels(variant).observe(queue_wait_s)
+
+    def on_step(self, variant: str, stats: StepStats) -> None:
+        self.llm_batch_size.labels(variant).observe(stats.requests)
+        self.llm_tokens.labels(variant).inc(stats.requests)
+        self.llm_decode_seconds.labels(variant).inc(stats.seconds)

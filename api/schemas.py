@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from engine.types import MAX_SEED, MAX_SPEED, MIN_SPEED, EditMode, Mode
 from llm.generate import MAX_INTENSITY, MIN_INTENSITY
@@ -23,7 +23,27 @@ MODEL_ID = "step-audio-editx"
 MODEL_ALIASES = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
 
 
-class EditStepBody(BaseModel):
+def unicode_text(value: object) -> object:
+    """Refuse a string holding a lone UTF-16 surrogate: valid JSON (``"\\ud800"``) but not text that
+    a tokenizer, a file or a header can take. Every text field passes here at the boundary."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"holds a lone surrogate at character {exc.start}; send valid Unicode text") from None
+    return value
+
+
+class _TextModel(BaseModel):
+    """A request body whose every string field must be valid Unicode text."""
+
+    @field_validator("*")
+    @classmethod
+    def check_unicode_text(cls, value: object) -> object:
+        return unicode_text(value)
+
+
+class EditStepBody(_TextModel):
     """One step of ``step_audio.edits``: it edits the previous step's output."""
 
     model_config = ConfigDict(extra="forbid")
@@ -36,7 +56,7 @@ class EditStepBody(BaseModel):
     )
 
 
-class StepAudioOptions(BaseModel):
+class StepAudioOptions(_TextModel):
     """The ``step_audio`` object: everything OpenAI's body has no field for."""
 
     model_config = ConfigDict(extra="forbid")
@@ -75,13 +95,13 @@ class StepAudioOptions(BaseModel):
     )
 
 
-class VoiceRef(BaseModel):
+class VoiceRef(_TextModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str
 
 
-class SpeechRequest(BaseModel):
+class SpeechRequest(_TextModel):
     """OpenAI's ``/v1/audio/speech`` body plus ``step_audio``.
 
     Unknown top-level fields are ignored (newer OpenAI clients may send more); unknown

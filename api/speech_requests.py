@@ -125,7 +125,7 @@ def _chain(
     if opts.edits is not None:
         for i, item in enumerate(opts.edits):
             step = EditStep(item.mode, item.edit_info, item.n_edit_iter, item.text)
-            edits.append((step, lambda f, i=i: f"step_audio.edits[{i}].{f}"))
+            edits.append((step, _edits_field(i)))
     elif body.instructions is not None:
         mapped = map_instructions(body.instructions)
         edits.extend((step, lambda _: "instructions") for step in mapped.steps)
@@ -145,6 +145,11 @@ def _chain(
     if edits and report is None:
         report = chains.describe(checked)
     return first, checked, text, report
+
+
+def _edits_field(index: int) -> Callable[[str], str]:
+    """Engine field -> HTTP name for item ``index`` of ``step_audio.edits`` (binds the index now)."""
+    return lambda field: f"step_audio.edits[{index}].{field}"
 
 
 def _checked(engine: Engine, step: EditStep, where: Callable[[str], str]) -> EditStep:

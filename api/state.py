@@ -2,29 +2,32 @@
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Protocol
 
 from fastapi import Depends, Request
 
-from api.errors import UnauthorizedError
 from api.metrics import Metrics
 from engine.service import InferenceService
-from engine.types import AudioInput, CloneRequest, EditRequest, EditStep, SynthesisResult
+from engine.types import AudioInput, AudioSink, CancelToken, CloneRequest, EditRequest, EditStep, SynthesisResult
 from engine.voices import VoiceStore
 from errors import ModelLoadError, NotReadyError
 from settings import Settings
 
 
 class Engine(Protocol):
-    """What the HTTP layer needs from ``engine.tts.StepAudioEngine`` (see INTERFACES.md)."""
+    """What the HTTP layer needs from ``engine.tts.StepAudioEngine`` (a Protocol, so tests can stand in)."""
 
-    variants: list[str]
+    @property
+    def variants(self) -> list[str]: ...
 
-    def clone(self, request: CloneRequest) -> SynthesisResult: ...
-    def edit(self, request: EditRequest) -> SynthesisResult: ...
+    def clone(
+        self, request: CloneRequest, *, sink: AudioSink | None = None, cancel: CancelToken | None = None
+    ) -> SynthesisResult: ...
+    def edit(
+        self, request: EditRequest, *, sink: AudioSink | None = None, cancel: CancelToken | None = None
+    ) -> SynthesisResult: ...
     def tags(self) -> dict[str, list[str]]: ...
     def check_steps(self, steps: Sequence[EditStep]) -> tuple[EditStep, ...]: ...
     def prepare_voice(self, audio: AudioInput) -> None: ...
@@ -54,7 +57,8 @@ class AppState:
 
 
 def get_state(request: Request) -> AppState:
-    return request.app.state.step_audio
+    state: AppState = request.app.state.step_audio
+    return state
 
 
 State = Annotated[AppState, Depends(get_state)]
@@ -65,14 +69,3 @@ def get_engine(state: State) -> Engine:
 
 
 ReadyEngine = Annotated[Engine, Depends(get_engine)]
-
-
-def require_api_key(request: Request, state: State) -> None:
-    """``Authorization: Bearer <key>`` when the server has a key (every route but /healthz)."""
-    key = state.settings.api_key
-    if key is None:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.get_secret_value().encode()):
-        raise UnauthorizedError("a valid API key is required (Authorization: Bearer <key>)")

@@ -9,8 +9,8 @@ Not a test. Three parts, all greedy decoding with our model and a transformers D
   ``model_loader.load_llm``; a prompt of ``--context`` ids is prefilled, then ``--steps`` single
   token steps are timed one by one (median). Batch 8 uses left-padded prompts of different
   lengths, as batched requests do. tokens/s = batch / step time.
-* **full size on CPU, per decode step at contexts 256/512/1024/2048** (fp32, the reference's
-  PERFORMANCE.md row): the context is a KV cache of that length (random keys/values cost what real
+* **full size on CPU, per decode step at contexts 256/512/1024/2048** (fp32, the contexts of
+  the reference's row in bench/README.md): the context is a KV cache of that length (random keys/values cost what real
   ones cost) and each step is one token. The full model is 14 GB in fp32, so by default the
   official-width model is built with 0 and 4 layers (same embedding, final norm and head) and the
   32-layer step is extrapolated: ``step(32) = step(0) + 8 * (step(4) - step(0))``. Each figure is
@@ -28,6 +28,7 @@ import logging
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -45,7 +46,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 OUT_DIR = REPO_ROOT / "bench" / "out"
 AUDIO_IDS = (AUDIO_ID_OFFSET, AUDIO_ID_OFFSET + N_MIXED_CODES)
 CONTEXTS = (256, 512, 1024, 2048)
-REFERENCE_STEP_S = {256: 0.68, 512: 1.06, 1024: 4.8, 2048: 20.2}  # PERFORMANCE.md, fp32, 2 threads
+REFERENCE_STEP_S = {256: 0.68, 512: 1.06, 1024: 4.8, 2048: 20.2}  # the reference (bench/README.md), fp32, 2 threads
 TARGET_STEP_S = 0.7
 
 
@@ -136,7 +137,7 @@ def step_vs_context(model: Step1ForCausalLM, contexts: tuple[int, ...], repeats:
     return out
 
 
-def full_cpu_steps(layer_counts: list[int], contexts: tuple[int, ...]) -> dict[str, object]:
+def full_cpu_steps(layer_counts: list[int], contexts: tuple[int, ...]) -> dict[str, Any]:
     """Per-step seconds at each context for the 32-layer fp32 model (measured or extrapolated)."""
     measured: dict[int, dict[int, float]] = {}
     for layers in layer_counts:
@@ -171,7 +172,7 @@ def main() -> None:
     cpu = torch.device("cpu")
     results: dict[str, object] = {"threads": args.threads, "context": args.context, "decode": []}
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for size in ("tiny", "mid"):
         model = load_llm(_bundle(args.root, size, cpu), "base", cpu, torch.float32)
         for batch in (1, 8):

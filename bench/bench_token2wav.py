@@ -1,6 +1,6 @@
 """Benchmark: non-streaming token2wav on the FULL-size random vocoder (official dimensions).
 
-Measures what docs/PERFORMANCE.md lists for the reference: seconds for 3 s and 10 s of target
+Measures what bench/README.md lists for the reference: seconds for 3 s and 10 s of target
 audio with a 3 s prompt (125 prompt codes, 150 prompt-mel frames), fp32, ``torch`` with 2 CPU
 threads, and the peak resident memory of the process. Each case runs in its own subprocess so
 ``ru_maxrss`` is that case's peak (weights included). On a CUDA machine the same cases also run on
@@ -30,8 +30,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ROOT = Path(tempfile.gettempdir()) / "step-audio-bench-vocoder-full"
 PROMPT_GROUPS = 25  # 125 mixed codes -> 75 token frames -> 150 mel frames = 3.0 s
 CASES = {"3s": 25, "10s": 84}  # target groups: 25 -> 3.0 s, 84 -> 10.08 s
-REFERENCE_CPU_S = {"3s": 5.07, "10s": 11.96}  # docs/PERFORMANCE.md, same machine class, 2 threads
-# checkpoint-keys.md §4: the reference with 1 thread, 3 s case (wall 9.17 s = process CPU 9.15 s)
+REFERENCE_CPU_S = {"3s": 5.07, "10s": 11.96}  # the reference (bench/README.md), same machine class, 2 threads
+# the reference with 1 thread (bench/README.md), 3 s case (wall 9.17 s = process CPU 9.15 s)
 REFERENCE_CPU_1THREAD_S = {"3s": 9.17}
 REFERENCE_PEAK_GB = 3.8
 
@@ -90,6 +90,7 @@ def run_case(vocoder_dir: Path, case: str, device: str, threads: int, repeats: i
         if device == "cuda":
             torch.cuda.synchronize()
         timings = t2w.last_timings
+        assert timings is not None  # set by every token2wav call
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         return wall, timings.flow_s, timings.hift_s, wav.shape[1], cpu
 
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(result)
             print(json.dumps(result), flush=True)
     print(
-        f"reference (docs/PERFORMANCE.md): 3 s -> {REFERENCE_CPU_S['3s']} s, 10 s -> {REFERENCE_CPU_S['10s']} s, "
+        f"reference (bench/README.md): 3 s -> {REFERENCE_CPU_S['3s']} s, 10 s -> {REFERENCE_CPU_S['10s']} s, "
         f"peak RSS {REFERENCE_PEAK_GB} GB",
         file=sys.stderr,
     )

@@ -88,7 +88,7 @@ class RequestResult:
     seconds: float = 0.0  # request sent -> last byte
     first_audio_s: float | None = None  # request sent -> first byte of audio (past the WAV header)
     audio_s: float = 0.0
-    audio_tokens: int = 0
+    audio_tokens: int | None = None  # whole answers say it in a header; a stream cannot know it up front
     error: str | None = None
 
     @property
@@ -163,7 +163,8 @@ def run_request(http: httpx.Client, body: dict[str, Any], variant: str) -> Reque
                 return result
             if r.headers.get("x-step-audio-variant") != variant:
                 result.error = f"answered by variant {r.headers.get('x-step-audio-variant')!r}, not {variant!r}"
-            result.audio_tokens = int(r.headers.get("x-step-audio-audio-tokens", 0))
+            if "x-step-audio-audio-tokens" in r.headers:
+                result.audio_tokens = int(r.headers["x-step-audio-audio-tokens"])
     except httpx.HTTPError as exc:
         return RequestResult(
             mode, streamed, 0, time.perf_counter() - start, first, error=f"{type(exc).__name__}: {exc}"
@@ -308,8 +309,10 @@ def _run_requests(http: httpx.Client, report: VariantReport, voice_b64: str) -> 
     report.requests.extend(results)
     alone = report.clone(streamed=False)
     if alone is not None and alone.seconds > 0:
-        report.serving["tokens_per_s_1_client"] = round(alone.audio_tokens / alone.seconds, 1)
-    report.serving[f"tokens_per_s_{CONCURRENT_CLIENTS}_clients"] = round(sum(r.audio_tokens for r in results) / wall, 1)
+        report.serving["tokens_per_s_1_client"] = round((alone.audio_tokens or 0) / alone.seconds, 1)
+    report.serving[f"tokens_per_s_{CONCURRENT_CLIENTS}_clients"] = round(
+        sum(r.audio_tokens or 0 for r in results) / wall, 1
+    )
     report.serving[f"audio_s_per_s_{CONCURRENT_CLIENTS}_clients"] = round(sum(r.audio_s for r in results) / wall, 2)
     for r in report.requests:
         if r.error:

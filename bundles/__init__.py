@@ -3,8 +3,11 @@
 ``write_bundle(root)`` writes a complete ``<root>/Step-Audio-Tokenizer`` +
 ``<root>/Step-Audio-EditX`` (with ``CosyVoice-300M-25Hz/`` inside) by calling each stage's own
 writer. Tests and the demo server use the tiny size (seconds, a few MB); benchmarks use
-``full`` (official dimensions). A finished bundle carries a marker file, so a second call with
-the same size and seed reuses it; a file lock keeps two processes from writing one root at once.
+``full`` (official dimensions) and ``mid``: the ``mid`` Step1 (768 wide, 8 layers) with the tiny
+tokenizer and vocoder, for serving benchmarks on CPU, where it gives the LLM the larger share of
+a request's time, as the full model has on a GPU. A finished bundle carries a marker file, so a
+second call with the same size and seed reuses it; a file lock keeps two processes from writing
+one root at once.
 The quantised LLM variants (``awq``, ``bnb``) are written on request from the base weights, each
 with a marker of its own, so a bundle gains a variant without being rewritten.
 """
@@ -22,6 +25,12 @@ logger = logging.getLogger(__name__)
 
 MARKER_NAME = ".bundle-complete.json"
 LOCK_NAME = ".bundle.lock"
+# bundle size -> each stage's size
+BUNDLE_SIZES: dict[str, dict[str, str]] = {
+    "tiny": {"tokenizer": "tiny", "llm": "tiny", "vocoder": "tiny"},
+    "mid": {"tokenizer": "tiny", "llm": "mid", "vocoder": "tiny"},
+    "full": {"tokenizer": "full", "llm": "full", "vocoder": "full"},
+}
 BUNDLE_FORMAT = 1  # bump when a writer's output changes incompatibly, so old bundles are rewritten
 QUANTISED_VARIANTS = ("awq", "bnb")
 
@@ -60,13 +69,14 @@ def write_bundle(
 ) -> Path:
     """Write (or reuse) a complete bundle under ``root`` and return ``root``.
 
-    ``size``: ``tiny`` or ``full``. Every stage's weights are drawn from ``seed``. ``variants``:
-    quantised LLM variants to add (``awq``, ``bnb``; quantised on CPU from the base weights).
+    ``size``: ``tiny``, ``mid`` or ``full`` (``BUNDLE_SIZES``). Every stage's weights are drawn
+    from ``seed``. ``variants``: quantised LLM variants to add (``awq``, ``bnb``; quantised on CPU
+    from the base weights).
     ``eos=False``: an LLM that never stops before its token cap (``bundles.llm_bundle``).
     ``llm_device``: where the LLM's random draws happen (``cuda`` makes the full size fast).
     """
-    if size not in {"tiny", "full"}:
-        raise ValueError(f"bundle size must be 'tiny' or 'full', got {size!r}")
+    if size not in BUNDLE_SIZES:
+        raise ValueError(f"bundle size must be one of {', '.join(BUNDLE_SIZES)}, got {size!r}")
     unknown = set(variants) - set(QUANTISED_VARIANTS)
     if unknown:
         raise ValueError(f"quantised variants must be among {QUANTISED_VARIANTS}, got {sorted(unknown)}")
@@ -102,11 +112,12 @@ def _write_base(root: Path, size: str, seed: int, eos: bool, llm_device: str) ->
     (root / MARKER_NAME).unlink(missing_ok=True)
     for variant in QUANTISED_VARIANTS:
         _variant_marker(root, variant).unlink(missing_ok=True)
-    write_tokenizer_bundle(root, size=size, seed=seed)
-    editx_dir = write_llm_bundle(root, size=size, seed=seed, device=llm_device, eos=eos)
+    stage_size = BUNDLE_SIZES[size]
+    write_tokenizer_bundle(root, size=stage_size["tokenizer"], seed=seed)
+    editx_dir = write_llm_bundle(root, size=stage_size["llm"], seed=seed, device=llm_device, eos=eos)
     if not (Path(editx_dir) / "tokenizer.model").is_file():
         from bundles.text_tokenizer_bundle import write_text_tokenizer
 
         write_text_tokenizer(Path(editx_dir))
-    write_vocoder_bundle(Path(editx_dir), size=size, seed=seed)
+    write_vocoder_bundle(Path(editx_dir), size=stage_size["vocoder"], seed=seed)
     logger.info("Wrote a %s bundle (seed %d) at %s in %.1fs", size, seed, root, time.perf_counter() - start)

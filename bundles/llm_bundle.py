@@ -24,6 +24,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -75,7 +76,7 @@ AUDIO_LOGIT_STD = 2.0  # spread of audio logits (the final norm output has rms ~
 EOS_LOGIT_STD = 2.6  # EOS beats the sampled audio ids now and then: generation ends
 
 
-def llm_config_dict(size: str = "tiny") -> dict[str, object]:
+def llm_config_dict(size: str = "tiny") -> dict[str, Any]:
     """``config.json`` content for ``size``, with exactly the official keys."""
     if size not in LLM_SIZES:
         raise ValueError(f"LLM bundle size must be one of {sorted(LLM_SIZES)}, got {size!r}")
@@ -93,7 +94,7 @@ def llm_config_dict(size: str = "tiny") -> dict[str, object]:
     }
 
 
-def llm_weight_shapes(config: dict[str, object]) -> dict[str, tuple[int, ...]]:
+def llm_weight_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Official key -> shape, in the official checkpoint's order."""
     hidden, inter = int(config["hidden_size"]), int(config["intermediate_size"])
     kv_width = hidden // int(config["num_attention_heads"]) * int(config["num_attention_groups"])
@@ -116,7 +117,7 @@ def llm_weight_shapes(config: dict[str, object]) -> dict[str, tuple[int, ...]]:
 
 
 def random_llm_weights(
-    config: dict[str, object], seed: int = 0, device: str | torch.device = "cpu", *, eos: bool = True
+    config: dict[str, Any], seed: int = 0, device: str | torch.device = "cpu", *, eos: bool = True
 ) -> dict[str, torch.Tensor]:
     """Seeded bf16 weights under the official keys (drawn in fp32 on ``device``, returned on CPU).
 
@@ -143,7 +144,7 @@ def random_llm_weights(
     return out
 
 
-def write_llm_files(model_dir: Path, config: dict[str, object], tensors: dict[str, torch.Tensor]) -> None:
+def write_llm_files(model_dir: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
     """``config.json``, the single safetensors shard and its index into ``model_dir``."""
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
@@ -236,10 +237,11 @@ def write_awq_bundle(root: Path, group_size: int | None = None) -> Path:
     with torch.no_grad():
         for module in model.modules():
             if hasattr(module, "weight_scale"):
-                groups = module.weight.view(module.weight.shape[0], -1, group_size)
+                linear: Any = module  # a quantised Linear: weight_scale / weight_zero_point were added
+                groups = linear.weight.view(linear.weight.shape[0], -1, group_size)
                 scale, zero_point = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
-                module.weight_scale.copy_(scale)
-                module.weight_zero_point.copy_(zero_point)
+                linear.weight_scale.copy_(scale)
+                linear.weight_zero_point.copy_(zero_point)
     compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
     compressor.compress_model(model)
     tensors = {

@@ -1,6 +1,6 @@
 """Writes ``Step-Audio-Tokenizer/`` in the official layout with seeded random weights.
 
-Layout (model-spec.md §1.2)::
+Layout (docs/model.md §1.2)::
 
     Step-Audio-Tokenizer/
       linguistic_tokenizer.npy            float32 (1024, D) k-means centres for vq02
@@ -207,7 +207,9 @@ def _am_mvn(rng: np.random.Generator) -> str:
 
 def _paraformer_state_dict(config: dict, vocab: int, seed: int) -> dict[str, torch.Tensor]:
     """State dict of funasr's own ``ParaformerStreaming`` built from ``config``, seeded init."""
-    import funasr  # noqa: F401  (registers the classes)
+    from tokenizer import import_funasr
+
+    import_funasr()
     from funasr.register import tables
 
     model_cls = tables.model_classes[config["model"]]
@@ -261,6 +263,8 @@ class _Block(nn.Module):
 
 class S3TokenizerStandIn(nn.Module):
     """A Whisper-style encoder + cosine codebook with the real S3 tokenizer's I/O signature."""
+
+    positional_embedding: torch.Tensor  # buffer (positions, width)
 
     def __init__(self, dims: TokenizerDims) -> None:
         super().__init__()

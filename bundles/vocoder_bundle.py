@@ -45,7 +45,7 @@ class VocoderDims:
 
 
 SIZES: dict[str, VocoderDims] = {
-    # official values: model-spec §4.1, verified against checkpoint-keys.md shapes
+    # official values: docs/model.md §4.1, verified against the checkpoints' shapes (tests/data/checkpoint-keys)
     "full": VocoderDims(512, 8, 6, 4, 2048, 512, 16, 8, 64, 4.0, 512),
     "tiny": VocoderDims(32, 2, 2, 2, 64, 32, 2, 2, 16, 2.0, 16),
 }

@@ -3,9 +3,14 @@
 Inference never runs on the event loop: ``InferenceService.submit`` puts a job in a bounded
 queue and awaits its future while worker threads run jobs under ``torch.inference_mode()``.
 
-- A full queue answers at once with ``BusyError`` (429 + Retry-After), never by waiting.
+- A full queue answers at once with ``BusyError`` (429 + Retry-After), never by waiting;
+  ``refuse_if_full`` lets the HTTP layer answer so before it reads the request's body.
+- Retry-After is the queue ahead drained by the workers at the measured job time: an average
+  over finished jobs, the first one replacing any prior; before any job has finished, the
+  longest-running job's elapsed time stands in (a measured lower bound, never a guess).
 - A caller that goes away (its task is cancelled, e.g. the client disconnected) frees its place:
-  a queued job is removed; a running job finishes but its result is dropped.
+  a queued job is removed; a running job is told through its ``cancel`` event (the engine then
+  stops within one decode step) and its result is dropped.
 - Jobs carry a ``kind`` and a ``request``; a worker takes jobs through ``_take_batch`` and runs
   them through ``_run_batch``. Today a batch is one job; batching several compatible requests
   into one generation only has to change those two methods.
@@ -25,12 +30,13 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
+from engine.types import CancelToken
 from errors import BusyError, NotReadyError
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-_DEFAULT_JOB_SECONDS = 2.0  # Retry-After estimate before any job has finished
+_JOB_TIME_WEIGHT = 0.2  # weight of the newest finished job in the running average of job time
 
 
 @dataclass
@@ -45,6 +51,7 @@ class Job(Generic[T]):
     enqueued_at: float = field(default_factory=time.perf_counter)
     started_at: float | None = None
     cancelled: bool = False
+    cancel: CancelToken | None = None  # set when the caller goes away, for a running job to see
 
 
 @dataclass(frozen=True)
@@ -66,7 +73,8 @@ class InferenceService:
         self._threads: list[threading.Thread] = []
         self._running = 0
         self._stopping = False
-        self._avg_job_s = _DEFAULT_JOB_SECONDS
+        self._avg_job_s: float | None = None  # measured; None until a job has finished
+        self._started: dict[int, float] = {}  # id(job) -> start time, of the jobs running now
         self.completed = 0
         self.rejected = 0
 
@@ -104,27 +112,45 @@ class InferenceService:
     def running(self) -> int:
         return self._running
 
+    def job_seconds(self) -> float:
+        """The measured time of one job: the running average, or before any has finished the
+        elapsed time of the longest-running job (0 when idle)."""
+        with self._cond:
+            if self._avg_job_s is not None:
+                return self._avg_job_s
+            now = time.perf_counter()
+            return max((now - t for t in self._started.values()), default=0.0)
+
     def retry_after(self) -> float:
-        """Seconds until a place is likely free: the queue ahead drained by the workers."""
-        return max(1.0, self._avg_job_s * (len(self._queue) + self._running) / self.workers)
+        """Seconds until the queue ahead is likely drained by the workers (at least 1)."""
+        ahead = len(self._queue) + self._running
+        return max(1.0, self.job_seconds() * ahead / self.workers)
+
+    def refuse_if_full(self) -> None:
+        """``BusyError`` with its Retry-After when no place is left in the queue."""
+        with self._cond:
+            if len(self._queue) < self.queue_size:
+                return
+            self.rejected += 1
+        raise BusyError(
+            f"the request queue is full ({self.queue_size} waiting); retry later", retry_after=self.retry_after()
+        )
 
     # --- submission ---------------------------------------------------------------------
-    async def submit(self, kind: str, run: Callable[[], T], request: Any = None) -> tuple[T, JobTiming]:
+    async def submit(
+        self, kind: str, run: Callable[[], T], request: Any = None, cancel: CancelToken | None = None
+    ) -> tuple[T, JobTiming]:
         """Queue ``run`` and await its result; raises ``BusyError`` at once when full.
 
-        Cancelling the awaiting task (client gone) removes a job that has not started.
+        Cancelling the awaiting task (client gone) removes a job that has not started, and sets
+        ``cancel`` so a running one can stop early.
         """
         loop = asyncio.get_running_loop()
-        job: Job[T] = Job(kind=kind, run=run, loop=loop, future=loop.create_future(), request=request)
+        job: Job[T] = Job(kind=kind, run=run, loop=loop, future=loop.create_future(), request=request, cancel=cancel)
         with self._cond:
             if self._stopping or not self._threads:
                 raise NotReadyError("the inference workers are not running")
-            if len(self._queue) >= self.queue_size:
-                self.rejected += 1
-                raise BusyError(
-                    f"the request queue is full ({self.queue_size} waiting); retry later",
-                    retry_after=self.retry_after(),
-                )
+            self.refuse_if_full()
             self._queue.append(job)
             self._cond.notify()
         try:
@@ -139,6 +165,8 @@ class InferenceService:
     def _cancel(self, job: Job[Any]) -> None:
         with self._cond:
             job.cancelled = True
+            if job.cancel is not None:
+                job.cancel.set()
             with contextlib.suppress(ValueError):
                 self._queue.remove(job)
                 logger.info("dropped a queued %s job: its client went away", job.kind)
@@ -153,6 +181,7 @@ class InferenceService:
                 return None
             job = self._queue.popleft()
             job.started_at = time.perf_counter()
+            self._started[id(job)] = job.started_at
             self._running += 1
             return [job]
 
@@ -178,10 +207,16 @@ class InferenceService:
                 self._run_batch(batch)
             finally:
                 elapsed = time.perf_counter() - t0
+                per_job = elapsed / max(1, len(batch))
                 with self._cond:
                     self._running -= len(batch)
                     self.completed += len(batch)
-                    self._avg_job_s = 0.8 * self._avg_job_s + 0.2 * elapsed / max(1, len(batch))
+                    for job in batch:
+                        self._started.pop(id(job), None)
+                    if self._avg_job_s is None:
+                        self._avg_job_s = per_job
+                    else:
+                        self._avg_job_s += _JOB_TIME_WEIGHT * (per_job - self._avg_job_s)
 
     @staticmethod
     def _resolve(job: Job[Any], *, result: Any = None, error: BaseException | None = None) -> None:

@@ -1,7 +1,7 @@
-"""The engine: clone and edit composed from the three stages (model-spec §5, DESIGN §2).
+"""The engine: clone and edit composed from the three stages (docs/model.md §5, docs/engine.md).
 
     clone: prompt audio ─► prepare_prompt ─► wav2token + prompt mel + speaker embedding
-               (cached together under the audio's content key)
+               (one cache record under the audio's content key, see _prompt_features)
            prompt text + tokens ─► clone prompt ─► Step1 generate(intensity, seed)
            audio ids + the prompt's tokens/mel/embedding ─► token2wav ─► 24 kHz
     edit:  the same, with the edit prompt; the audio to edit is the acoustic prompt.
@@ -17,6 +17,7 @@ own lock, so two requests overlap in different stages while (GPU) memory stays b
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import secrets
 import threading
@@ -36,30 +37,36 @@ import model_loader
 from audio import PCM16_SCALE, VOCODER_SR, AudioError, prepare_prompt, to_pcm16
 from audio_codes import CODES_PER_GROUP, FRAMES_PER_GROUP
 from engine.chains import check_step, generation_seed, needs_transcript
+from engine.scheduler import GenerationHandle, Scheduler, SchedulerObserver
 from engine.types import (
     MAX_SEED,
     MAX_SPEED,
     MIN_SPEED,
     AudioInput,
+    AudioSink,
+    CancelToken,
     CloneRequest,
     EditRequest,
     EditStep,
     IterationLabel,
+    StreamInfo,
     SynthesisResult,
 )
-from errors import InvalidInputError, TooLargeError
+from errors import InvalidInputError, RequestCancelledError, TooLargeError
 from llm import prompts
-from llm.generate import MAX_INTENSITY, MIN_INTENSITY, generate_audio_ids
+from llm.generate import MAX_INTENSITY, MIN_INTENSITY, STOP_IDS
+from llm.text_tokenizer import AUDIO_ID_END, AUDIO_ID_OFFSET
 from token_cache import LookupTally, content_key, count_lookups
-from vocoder.frontend import prompt_features
+from tokenizer import AudioTokens, check_prompt
+from vocoder.frontend import frontend_fingerprint, prompt_features
 
 if TYPE_CHECKING:
-    from engine.transcribe import WhisperTranscriber
+    from engine.transcribe import Transcriber
     from llm.model import Step1ForCausalLM
     from llm.text_tokenizer import StepTextTokenizer
     from settings import Settings
     from token_cache import TokenCache
-    from tokenizer import AudioTokens, StepAudioTokenizer
+    from tokenizer import StepAudioTokenizer
     from vocoder.frontend import SpeakerEncoder
     from vocoder.token2wav import Token2Wav
 
@@ -73,6 +80,8 @@ SAMPLES_PER_GROUP = FRAMES_PER_GROUP * MEL_FRAMES_PER_TOKEN_FRAME * SAMPLES_PER_
 DEFAULT_VOICE_DIR = Path(__file__).resolve().parent / "default_voice"
 
 DEMO_MAX_NEW_TOKENS = 250  # random weights rarely sample EOS: cap demo generations at 6 s of audio
+PROMPT_RECORD = ("vq02", "vq06", "prompt_mel", "spk_emb")  # the arrays of a prompt's cache record
+PROMPT_RECORD_VERSION = 1  # bump when the record's arrays or their meaning change
 
 
 @dataclass(frozen=True)
@@ -86,6 +95,8 @@ class EngineOptions:
     top_k: int = 50
     max_length: int = 8192  # total LLM length, prompt included, as the reference
     max_new_tokens: int | None = None  # cap on generated audio ids (tests keep it small)
+    max_batch_rows: int = 16  # KV-cache rows in one decode step of a variant's loop
+    kv_cache_bytes: int = 4 * 2**30  # KV budget of a variant's running batch (worst case)
 
 
 @dataclass(frozen=True)
@@ -118,15 +129,34 @@ class _ChainRun:
     outputs: list[np.ndarray] = field(default_factory=list)
     labels: list[IterationLabel] = field(default_factory=list)
     codes: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    sink: AudioSink | None = None  # streams the request's last generation
+    cancel: CancelToken | None = None  # set when the client went away
+    transcript: str | None = None  # of the request's audio, for the stream's headers
 
     @property
     def generations(self) -> int:
         return len(self.outputs)
 
 
+def _raise_if_cancelled(cancel: CancelToken | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise RequestCancelledError("the client went away; its work was stopped")
+
+
+def prompt_cache_fingerprint(tokenizer_fingerprint: str, frontend_fp: str) -> str:
+    """The fingerprint of prompt records: the tokenizer's and the prompt frontend's, and the layout.
+
+    Any change to the tokenizer files or settings, ``campplus.onnx`` or the mel config makes old
+    records misses (then overwritten), so new weights never get stale tokens or features.
+    """
+    text = f"prompt-record-v{PROMPT_RECORD_VERSION}\0{tokenizer_fingerprint}\0{frontend_fp}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def pcm16_round_trip(wav: np.ndarray) -> np.ndarray:
     """The reference saves each edit iteration as a 16-bit WAV (soundfile) and reloads it; same in memory."""
-    return (to_pcm16(wav) / np.float32(PCM16_SCALE)).astype(np.float32)
+    out: np.ndarray = (to_pcm16(wav) / np.float32(PCM16_SCALE)).astype(np.float32)
+    return out
 
 
 def change_speed(wav: np.ndarray, speed: float) -> np.ndarray:
@@ -176,8 +206,9 @@ class StepAudioEngine:
 
     Parts (all already loaded): ``tokenizer`` (StepAudioTokenizer), ``llms`` (variant name ->
     Step1ForCausalLM), ``text_tokenizer`` (the LLM's text tokenizer), ``token2wav`` (the
-    vocoder), ``speaker_encoder`` (CAM++), ``cache`` (the TokenCache the tokenizer also writes,
-    or None), ``transcriber`` (Whisper, or None when auto-transcription is off).
+    vocoder), ``speaker_encoder`` (CAM++), ``cache`` (the TokenCache of prompt records, whose
+    fingerprint is ``prompt_cache_fingerprint`` of these stages, or None), ``transcriber``
+    (Whisper, or None when auto-transcription is off).
     """
 
     def __init__(
@@ -189,7 +220,7 @@ class StepAudioEngine:
         token2wav: Token2Wav,
         speaker_encoder: SpeakerEncoder,
         cache: TokenCache | None = None,
-        transcriber: WhisperTranscriber | None = None,
+        transcriber: Transcriber | None = None,
         options: EngineOptions | None = None,
         device: torch.device | str = "cpu",
     ) -> None:
@@ -204,12 +235,27 @@ class StepAudioEngine:
         self.transcriber = transcriber
         self.options = options or EngineOptions()
         self.device = torch.device(device)
-        # the tokenizer and the prompt frontend keep no per-call state; the LLM and the vocoder
-        # run one request at a time each, which bounds (GPU) memory to one activation set per stage
+        # the tokenizer and the prompt frontend keep no per-call state; each LLM variant has one
+        # decode loop that batches every request generating on it (continuous batching), and the
+        # vocoder runs one chunk or utterance at a time, which bounds its activation memory
+        opts = self.options
+        self.schedulers = {
+            name: Scheduler(llm, max_batch_rows=opts.max_batch_rows, kv_budget_bytes=opts.kv_cache_bytes, variant=name)
+            for name, llm in self.llms.items()
+        }
         self._vocoder_lock = threading.Lock()
-        self._llm_locks = {name: threading.Lock() for name in self.llms}
         self._count_lock = threading.Lock()
         self.generations = 0  # LLM generations run since start (every clone and edit iteration)
+
+    def set_observer(self, observer: SchedulerObserver | None) -> None:
+        """Metrics hooks for every variant's decode loop (batch size per step, queue wait, tokens)."""
+        for scheduler in self.schedulers.values():
+            scheduler.observer = observer
+
+    def close(self) -> None:
+        """Stop the decode loops (waiting and running generations end with NotReadyError)."""
+        for scheduler in self.schedulers.values():
+            scheduler.close()
 
     # --- catalogue ------------------------------------------------------------------------
     @property
@@ -247,37 +293,46 @@ class StepAudioEngine:
         return tuple(check_step(step, max_edit_iter=self.options.max_edit_iter) for step in steps)
 
     # --- requests -------------------------------------------------------------------------
-    def clone(self, request: CloneRequest) -> SynthesisResult:
-        """Speak ``request.text`` in the voice of ``request.prompt_audio``, then run ``request.edits``."""
+    def clone(
+        self, request: CloneRequest, *, sink: AudioSink | None = None, cancel: CancelToken | None = None
+    ) -> SynthesisResult:
+        """Speak ``request.text`` in the voice of ``request.prompt_audio``, then run ``request.edits``.
+
+        With a ``sink`` the request's last generation is streamed there while the LLM samples
+        (the earlier ones run whole); ``cancel`` set (the client went away) stops the work
+        before the next decode step with ``RequestCancelledError``.
+        """
         start = time.perf_counter()
         timings: dict[str, float] = {}
         llm = self._llm(request.variant)
         self._check_controls(request.intensity, request.speed)
         steps = self.check_steps(request.edits)
         seed = self._seed(request.seed)
-        run = _ChainRun(llm, request, seed, timings)
+        run = _ChainRun(llm, request, seed, timings, sink=sink, cancel=cancel)
         with count_lookups() as lookups:
             prepared = self.prepare_clone(request, timings)
-            codes = self._generate(
-                llm, request.variant, prepared.pair, intensity=request.intensity, seed=seed, timings=timings
-            )
-            run.outputs.append(self._vocode(codes, prepared.features, seed, timings))
-            run.labels.append(IterationLabel(step=0, mode="clone", edit_info=None, iteration=1, seed=seed))
-            run.codes = codes
+            run.transcript = prepared.transcript
+            self._output(run, prepared, seed, IterationLabel(0, "clone", None, 1, seed), last=not steps)
             self._run_steps(run, steps, None, request.text)
         return self._result(run, prepared.transcript, lookups, start)
 
-    def edit(self, request: EditRequest) -> SynthesisResult:
-        """Edit ``request.audio`` (``n_edit_iter`` times, each on the previous output), then ``request.edits``."""
+    def edit(
+        self, request: EditRequest, *, sink: AudioSink | None = None, cancel: CancelToken | None = None
+    ) -> SynthesisResult:
+        """Edit ``request.audio`` (``n_edit_iter`` times, each on the previous output), then ``request.edits``.
+
+        ``sink`` and ``cancel`` as for ``clone``: only the last iteration of the last step streams.
+        """
         start = time.perf_counter()
         timings: dict[str, float] = {}
         llm = self._llm(request.variant)
         self._check_controls(request.intensity, request.speed)
         steps = self.check_steps((request.first_step, *request.edits))
         seed = self._seed(request.seed)
-        run = _ChainRun(llm, request, seed, timings)
+        run = _ChainRun(llm, request, seed, timings, sink=sink, cancel=cancel)
         with count_lookups() as lookups:
             prepared = self.prepare_edit(request, timings, steps=steps)
+            run.transcript = prepared.transcript
             self._run_steps(run, steps, prepared, prepared.transcript)
         return self._result(run, prepared.transcript, lookups, start)
 
@@ -300,7 +355,7 @@ class StepAudioEngine:
             audio_text, finished = self._run_step(run, step, k + 1, first_prompt if k == 0 else None, audio_text)
             if not finished:
                 return
-        self._run_step(run, last, len(head) + 1, None if head else first_prompt, audio_text)
+        self._run_step(run, last, len(head) + 1, None if head else first_prompt, audio_text, last=True)
 
     def _run_step(
         self,
@@ -309,6 +364,8 @@ class StepAudioEngine:
         step_no: int,
         prompt: PreparedPrompt | None,
         audio_text: str | None,
+        *,
+        last: bool = False,
     ) -> tuple[str | None, bool]:
         """One step's iterations; returns the transcript of its output and whether it ran in full.
 
@@ -337,16 +394,43 @@ class StepAudioEngine:
                     )
                     return audio_text, False
             gen_seed = generation_seed(run.seed, run.generations)
-            request = run.request
-            run.codes = self._generate(
-                run.llm, request.variant, prompt.pair, intensity=request.intensity, seed=gen_seed, timings=run.timings
-            )
-            run.outputs.append(self._vocode(run.codes, prompt.features, gen_seed, run.timings))
-            run.labels.append(IterationLabel(step_no, step.mode, step.edit_info, iteration + 1, gen_seed))
+            label = IterationLabel(step_no, step.mode, step.edit_info, iteration + 1, gen_seed)
+            self._output(run, prompt, gen_seed, label, last=last and iteration == step.n_edit_iter - 1)
             prompt = None
             if step.text is not None:  # the next edit hears the text this one produced
                 audio_text = step.text
         return audio_text, True
+
+    def _output(self, run: _ChainRun, prompt: PreparedPrompt, seed: int, label: IterationLabel, *, last: bool) -> None:
+        """One generation and its audio, appended to ``run``; the request's last one streams to
+        ``run.sink`` when there is one."""
+        request = run.request
+        if last and run.sink is not None:
+            info = StreamInfo(run.seed, request.intensity, VOCODER_SR, run.generations + 1, run.transcript)
+            run.sink.start(info)
+            codes, wav = self._generate_streamed(
+                request.variant,
+                prompt,
+                intensity=request.intensity,
+                seed=seed,
+                speed=request.speed,
+                timings=run.timings,
+                sink=run.sink,
+                cancel=run.cancel,
+            )
+        else:
+            codes = self._generate(
+                request.variant,
+                prompt.pair,
+                intensity=request.intensity,
+                seed=seed,
+                timings=run.timings,
+                cancel=run.cancel,
+            )
+            wav = self._vocode(codes, prompt.features, seed, run.timings)
+        run.codes = codes
+        run.outputs.append(wav)
+        run.labels.append(label)
 
     def _result(self, run: _ChainRun, transcript: str | None, lookups: LookupTally, start: float) -> SynthesisResult:
         timings = run.timings
@@ -406,6 +490,7 @@ class StepAudioEngine:
         step = steps[0]
         audio = request.audio
         self._check_audio(audio, "audio")
+        audio_text: str | None
         if needs_transcript(steps):
             audio_text = self._transcript(request.audio_text, audio, "audio_text", timings)
         else:
@@ -475,7 +560,7 @@ class StepAudioEngine:
         and auto-transcription is on."""
         if given is not None and given.strip():
             return given
-        if not self.auto_transcribe:
+        if not self.auto_transcribe or self.transcriber is None:
             raise InvalidInputError(
                 f"{param} (the transcript of the audio) is required: auto-transcription is off", param=param
             )
@@ -499,47 +584,150 @@ class StepAudioEngine:
     def _prompt_features(
         self, samples: np.ndarray, sample_rate: int, param: str, timings: dict[str, float] | None = None
     ) -> PromptFeatures:
-        """Tokens, mel and speaker embedding of one prompt; each from the cache when it has them."""
+        """Tokens, mel and speaker embedding of one prompt: one cache record, looked up once.
+
+        The content key is hashed once here and a hit reads one file; a miss computes all three
+        and puts them as one record. Unusable audio raises before the cache is touched. The
+        log lines (``[FunASR Cache HIT|MISS] hash=…``) are the ones operators grep for.
+        """
         begin = time.perf_counter()
-        wav = prepare_prompt(samples, sample_rate)
-        key = content_key(wav, sample_rate)
         try:
-            with torch.inference_mode():
-                tokens = self.tokenizer.wav2token(wav, sample_rate)
-                features = prompt_features(wav, sample_rate, self.speaker_encoder, cache=self.cache, key=key)
+            wav = check_prompt(prepare_prompt(samples, sample_rate), sample_rate)
+            key = content_key(wav, sample_rate)
+            record = self.cache.get(key, names=PROMPT_RECORD) if self.cache is not None else None
+            if record is not None:
+                logger.info("[FunASR Cache HIT] hash=%s…", key[:8])
+                tokens = AudioTokens(record["vq02"], record["vq06"])
+                prompt_mel = torch.from_numpy(np.asarray(record["prompt_mel"], dtype=np.float32))
+                spk_emb = torch.from_numpy(np.asarray(record["spk_emb"], dtype=np.float32))
+            else:
+                if self.cache is not None:
+                    logger.info("[FunASR Cache MISS] hash=%s…", key[:8])
+                start = time.perf_counter()
+                with torch.inference_mode():
+                    tokens = self.tokenizer.wav2token(wav, sample_rate)
+                    features = prompt_features(wav, sample_rate, self.speaker_encoder)
+                prompt_mel, spk_emb = features.prompt_mel.float().cpu(), features.spk_emb.float().cpu()
+                if self.cache is not None:
+                    arrays = {"vq02": tokens.vq02, "vq06": tokens.vq06, "prompt_mel": prompt_mel, "spk_emb": spk_emb}
+                    self.cache.put(key, arrays, compute_seconds=time.perf_counter() - start)
         except AudioError as exc:
             exc.param = exc.param or param
             raise
         if timings is not None:
             timings["prompt_features"] = timings.get("prompt_features", 0.0) + time.perf_counter() - begin
-        return PromptFeatures(key, tokens, features.prompt_mel.float(), features.spk_emb.float())
+        return PromptFeatures(key, tokens, prompt_mel, spk_emb)
+
+    def _submit_generation(
+        self,
+        variant: str,
+        pair: prompts.PromptPair,
+        *,
+        intensity: float,
+        seed: int,
+        cancel: CancelToken | None,
+    ) -> GenerationHandle:
+        """Queue one prompt on its variant's decode loop; ``cancel`` stops it before its next step."""
+        _raise_if_cancelled(cancel)
+        opts = self.options
+        handle = self.schedulers[variant].submit(
+            pair,
+            seed=seed,
+            intensity=intensity,
+            temperature=opts.temperature,
+            top_k=opts.top_k,
+            max_length=opts.max_length,
+            max_new_tokens=opts.max_new_tokens,
+        )
+        if cancel is not None:
+            cancel.on_cancel(handle.cancel)
+        with self._count_lock:
+            self.generations += 1
+        return handle
 
     def _generate(
         self,
-        llm: Step1ForCausalLM,
         variant: str,
         pair: prompts.PromptPair,
         *,
         intensity: float,
         seed: int,
         timings: dict[str, float],
+        cancel: CancelToken | None = None,
     ) -> np.ndarray:
+        """Mixed audio codes of one prompt, generated in the variant's running batch."""
         begin = time.perf_counter()
-        with self._llm_locks[variant], torch.inference_mode():
-            codes = generate_audio_ids(
-                llm,
-                [pair],
-                intensity=intensity,
-                seed=seed,
-                temperature=self.options.temperature,
-                top_k=self.options.top_k,
-                max_length=self.options.max_length,
-                max_new_tokens=self.options.max_new_tokens,
-            )[0]
-            with self._count_lock:
-                self.generations += 1
+        handle = self._submit_generation(variant, pair, intensity=intensity, seed=seed, cancel=cancel)
+        result = handle.result()
         timings["llm"] = timings.get("llm", 0.0) + time.perf_counter() - begin
-        return np.asarray(codes, dtype=np.int64)
+        if result.cancelled:
+            raise RequestCancelledError("the client went away during generation")
+        return np.asarray(result.codes, dtype=np.int64)
+
+    def _generate_streamed(
+        self,
+        variant: str,
+        prepared: PreparedPrompt,
+        *,
+        intensity: float,
+        seed: int,
+        speed: float,
+        timings: dict[str, float],
+        sink: AudioSink,
+        cancel: CancelToken | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The decode loop samples while this thread feeds the streaming vocoder with its ids.
+
+        The vocoder session's output does not depend on how the codes are split across feeds,
+        so the streamed audio is the same whatever the thread timing. With ``speed`` != 1 the
+        pieces are held back and the stretched whole is sent at the end (a phase-vocoder
+        stretch needs the whole signal).
+        """
+        pieces: list[np.ndarray] = []
+        begin = time.perf_counter()
+        handle = self._submit_generation(variant, prepared.pair, intensity=intensity, seed=seed, cancel=cancel)
+
+        def emit(new: list[np.ndarray]) -> None:
+            for piece in new:
+                if piece.size:
+                    if not pieces:  # how far the LLM was when the first audio left
+                        timings["first_audio_ids"] = float(handle.steps_run)
+                        timings["first_audio"] = time.perf_counter() - begin
+                    pieces.append(piece)
+                    if speed == 1.0:
+                        sink.put(piece)
+
+        features = prepared.features
+        vocode_s = 0.0
+        try:
+            with self.token2wav.stream(
+                np.asarray(features.tokens.prompt_codes), features.prompt_mel, features.spk_emb, seed=seed
+            ) as session:
+                stopped = False
+                for token in handle.ids():
+                    _raise_if_cancelled(cancel)  # also when the LLM had already finished
+                    if stopped or not AUDIO_ID_OFFSET <= token < AUDIO_ID_END:
+                        stopped = stopped or token in STOP_IDS  # the reference's postprocess: cut at a stop id
+                        continue
+                    t = time.perf_counter()
+                    with self._vocoder_lock, torch.inference_mode():
+                        emit(session.feed([token - AUDIO_ID_OFFSET]))
+                    vocode_s += time.perf_counter() - t
+                result = handle.result()
+                _raise_if_cancelled(cancel)
+                t = time.perf_counter()
+                with self._vocoder_lock, torch.inference_mode():
+                    emit(session.finish())
+                vocode_s += time.perf_counter() - t
+        finally:
+            handle.cancel()  # a no-op when it is done; stops the LLM if the vocoder failed
+        wav = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
+        if speed != 1.0 and wav.size:
+            sink.put(self._apply_speed(wav, speed, timings))
+        timings["generated_ids"] = float(handle.steps_run)
+        timings["llm"] = timings.get("llm", 0.0) + time.perf_counter() - begin - vocode_s
+        timings["vocoder"] = timings.get("vocoder", 0.0) + vocode_s
+        return np.asarray(result.codes, dtype=np.int64), wav
 
     def _vocode(self, codes: np.ndarray, features: PromptFeatures, seed: int, timings: dict[str, float]) -> np.ndarray:
         if codes.size == 0:
@@ -594,31 +782,38 @@ def build_engine(
     if max_new_tokens is None and settings.demo:
         max_new_tokens = DEMO_MAX_NEW_TOKENS
     tokenizer = registry.get_tokenizer(
-        settings.funasr_model_id,
-        dither=settings.funasr_dither,
-        onnx_threads=settings.onnx_threads,
-        cache_dir=settings.cache_dir,
-        cache_max_bytes=settings.cache_max_bytes,
+        settings.funasr_model_id, dither=settings.funasr_dither, onnx_threads=settings.onnx_threads
     )
     vocoder = registry.get_vocoder(settings.onnx_threads)
+    cache = registry.get_prompt_cache(
+        settings.cache_dir,
+        settings.cache_max_bytes,
+        prompt_cache_fingerprint(tokenizer.fingerprint, frontend_fingerprint(vocoder.speaker_encoder)),
+    )
     llms = registry.load_llms(dict.fromkeys(settings.variants))  # de-duplicated, in order
     transcriber = None
     if settings.enable_auto_transcribe:
-        from engine.transcribe import WhisperTranscriber
+        from engine.transcribe import make_transcriber
 
-        def load_whisper() -> WhisperTranscriber:
-            whisper = WhisperTranscriber(
-                settings.whisper_model, device=str(registry.device), download_root=settings.cache_dir / "whisper"
+        def load_whisper() -> Transcriber:
+            whisper = make_transcriber(
+                settings.asr_backend,
+                settings.whisper_model,
+                device=str(registry.device),
+                download_root=settings.cache_dir / "whisper",
             )
             whisper.load()  # at startup, so the first request does not pay for it
             return whisper
 
-        transcriber = registry.get_or_load(f"whisper:{settings.whisper_model}", load_whisper)
+        key = f"whisper:{settings.asr_backend}:{settings.whisper_model}"
+        transcriber = registry.get_or_load(key, load_whisper)
     options = EngineOptions(
         max_audio_seconds=settings.max_audio_seconds,
         max_edit_iter=settings.max_edit_iter,
         enable_auto_transcribe=settings.enable_auto_transcribe,
         max_new_tokens=max_new_tokens,
+        max_batch_rows=settings.llm_max_batch_rows,
+        kv_cache_bytes=settings.llm_kv_cache_mib * 2**20,
     )
     return StepAudioEngine(
         tokenizer=tokenizer,
@@ -626,7 +821,7 @@ def build_engine(
         text_tokenizer=registry.get_text_tokenizer(),
         token2wav=vocoder.token2wav,
         speaker_encoder=vocoder.speaker_encoder,
-        cache=tokenizer.cache,
+        cache=cache,
         transcriber=transcriber,
         options=options,
         device=registry.device,

@@ -6,8 +6,10 @@ checks cannot drift apart (the guidance range belongs to ``llm.generate``, which
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Literal, Protocol, get_args
 
 import numpy as np
 
@@ -29,7 +31,7 @@ class AudioInput:
 
     @property
     def seconds(self) -> float:
-        return self.samples.shape[-1] / self.sample_rate
+        return float(self.samples.shape[-1] / self.sample_rate)
 
 
 @dataclass(frozen=True)
@@ -110,3 +112,58 @@ class SynthesisResult:
     timings: dict[str, float] = field(default_factory=dict)
     cache_hits: int = 0
     cache_misses: int = 0
+
+
+class CancelToken:
+    """A request's "the client went away" flag, with hooks that run the moment it is set.
+
+    The service sets it from the event loop; the engine hooks the running generation's cancel
+    onto it, so the LLM stops before its next decode step, not at the next poll.
+    """
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._hooks: list[Callable[[], None]] = []
+
+    def set(self) -> None:
+        with self._lock:
+            self._event.set()
+            hooks, self._hooks = self._hooks, []
+        for hook in hooks:
+            hook()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def on_cancel(self, hook: Callable[[], None]) -> None:
+        """Run ``hook`` when the token is set (at once if it already is)."""
+        with self._lock:
+            if not self._event.is_set():
+                self._hooks.append(hook)
+                return
+        hook()
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    """What a streamed answer can say before its first audio (its response headers)."""
+
+    seed: int
+    intensity: float
+    sample_rate: int
+    iterations: int  # the edit iterations run in all (the last one is the streamed one)
+    transcript: str | None = None
+
+
+class AudioSink(Protocol):
+    """Where a streamed request's audio goes as it is made (the HTTP layer's response).
+
+    ``start`` is called once, after everything that can reject the request has run and right
+    before the first audio is made; ``put`` then receives the 24 kHz float32 pieces in order.
+    Both are called from the worker thread and must not block.
+    """
+
+    def start(self, info: StreamInfo) -> None: ...
+
+    def put(self, piece: np.ndarray) -> None: ...

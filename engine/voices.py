@@ -1,9 +1,19 @@
 """Named voices: a reference clip plus its transcript, kept on disk across restarts.
 
-Layout: ``<voices_dir>/<name>/audio.wav`` (float32 WAV, exactly the samples registered) and
-``<voices_dir>/<name>/voice.json`` (transcript, sample rate, seconds, creation time). A voice
-is written to a temporary directory and renamed into place, so a crash never leaves half a
-voice. Names match ``VOICE_NAME_RE`` (no dots, no slashes), so no name escapes the directory.
+Layout: one file per voice, ``<voices_dir>/<name>.npz`` (an uncompressed numpy archive read with
+``allow_pickle=False``): ``samples`` (float32 ``(channels, n)``, exactly the samples registered)
+and ``meta`` (UTF-8 JSON: transcript, sample rate, seconds, creation time).
+
+Why one file: a voice is replaced by writing a temporary file beside it and ``os.replace``-ing
+it over the old one, which is atomic, so a reader that opens the name gets the whole old voice
+or the whole new one, never half of each, and never finds the name missing while it is being
+re-registered (the old layout, a directory of two files swapped by two renames, had both
+windows). A reader reads the file through one open descriptor, so a replace or delete after the
+open cannot disturb it. A listing skips a voice deleted between listing and reading it.
+
+Names match ``VOICE_NAME_RE`` (no dots, no slashes), so no name escapes the directory and no
+name collides with a temporary file (``.<name>.<pid>.<random>.tmp``). Voices stored by earlier
+versions (``<name>/audio.wav`` + ``<name>/voice.json``) are converted when the store opens.
 
 OpenAI's voice names resolve to the engine's built-in default voice unless an operator has
 registered a voice of the same name, which then wins.
@@ -11,13 +21,17 @@ registered a voice of the same name, which then wins.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
+import os
 import re
+import secrets
 import shutil
-import tempfile
 import threading
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +49,11 @@ OPENAI_VOICES: tuple[str, ...] = (
     "alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova", "sage", "shimmer", "verse",
 )  # fmt: skip
 DEFAULT_VOICE_NAME = "default"
-_AUDIO_FILE = "audio.wav"
-_META_FILE = "voice.json"
+VOICE_SUFFIX = ".npz"
+TEMP_SUFFIX = ".tmp"
+STALE_TEMP_SECONDS = 600.0  # a temporary file this old was left by a writer that died
+_LEGACY_AUDIO_FILE = "audio.wav"  # the layout before one file per voice
+_LEGACY_META_FILE = "voice.json"
 
 
 @dataclass(frozen=True)
@@ -69,6 +86,7 @@ class VoiceStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.default_voice = default_voice
         self._lock = threading.Lock()
+        self._tidy()
 
     # --- registration -------------------------------------------------------------------
     def register(
@@ -86,64 +104,60 @@ class VoiceStore:
         if prepare is not None:
             prepare(audio)  # fails on audio the engine cannot use, before anything is written
         created = int(time.time())
+        samples = np.ascontiguousarray(audio.samples, dtype=np.float32)
         with self._lock:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.directory))
-            try:
-                samples = np.asarray(audio.samples, dtype=np.float32)
-                sf.write(tmp / _AUDIO_FILE, samples.T, audio.sample_rate, subtype="FLOAT")
-                meta = {
-                    "name": name,
-                    "transcript": transcript,
-                    "sample_rate": audio.sample_rate,
-                    "seconds": round(audio.seconds, 3),
-                    "created": created,
-                }
-                (tmp / _META_FILE).write_text(json.dumps(meta, ensure_ascii=False, indent=1))
-                target = self._path(name)
-                if target.exists():
-                    trash = Path(tempfile.mkdtemp(prefix=f".{name}.old.", dir=self.directory))
-                    target.rename(trash / "v")
-                    tmp.rename(target)
-                    shutil.rmtree(trash, ignore_errors=True)
-                else:
-                    tmp.rename(target)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+            self._write(name, samples, audio.sample_rate, transcript, created)
         logger.info("registered voice %r (%.2f s)", name, audio.seconds)
         return Voice(name=name, audio=audio, transcript=transcript, created=created)
 
     def delete(self, name: str) -> None:
         validate_voice_name(name)
-        with self._lock:
-            target = self._path(name)
-            if not (target / _META_FILE).is_file():
-                raise NotFoundError(f"no registered voice named {name!r}")
-            trash = Path(tempfile.mkdtemp(prefix=f".{name}.del.", dir=self.directory))
-            target.rename(trash / "v")
-        shutil.rmtree(trash, ignore_errors=True)
+        try:
+            os.unlink(self._path(name))
+        except FileNotFoundError:
+            raise NotFoundError(f"no registered voice named {name!r}") from None
 
     # --- lookup ---------------------------------------------------------------------------
     def names(self) -> list[str]:
-        """Registered voice names, sorted (temporary and foreign directories skipped)."""
+        """Registered voice names, sorted (temporary and foreign files skipped)."""
         return sorted(
-            p.name for p in self.directory.iterdir() if VOICE_NAME_RE.fullmatch(p.name) and (p / _META_FILE).is_file()
+            p.name.removesuffix(VOICE_SUFFIX)
+            for p in self.directory.iterdir()
+            if p.name.endswith(VOICE_SUFFIX) and VOICE_NAME_RE.fullmatch(p.name.removesuffix(VOICE_SUFFIX))
         )
 
+    def voices(self) -> list[Voice]:
+        """Every registered voice, sorted by name; one deleted while we read is left out."""
+        found = []
+        for name in self.names():
+            with contextlib.suppress(NotFoundError):
+                found.append(self.get(name))
+        return found
+
     def get(self, name: str) -> Voice:
-        """A registered voice by name (NotFoundError when absent)."""
+        """A registered voice by name (NotFoundError when absent or unreadable)."""
         validate_voice_name(name)
-        path = self._path(name)
         try:
-            meta = json.loads((path / _META_FILE).read_text())
-            samples, sr = sf.read(path / _AUDIO_FILE, dtype="float32", always_2d=True)
+            data = self._path(name).read_bytes()  # one open: a later replace cannot mix versions
         except FileNotFoundError:
             raise NotFoundError(f"no registered voice named {name!r}") from None
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+                samples = np.asarray(npz["samples"], dtype=np.float32)
+                meta = json.loads(bytes(npz["meta"]).decode("utf-8"))
+            sample_rate = int(meta["sample_rate"])
+            transcript = str(meta["transcript"])
+            if samples.ndim != 2 or sample_rate <= 0:
+                raise ValueError(f"samples {samples.shape} at {sample_rate} Hz")
+        except (ValueError, KeyError, TypeError, OSError, EOFError, zipfile.BadZipFile) as exc:
+            logger.warning("voice %r is unreadable (%s); treating it as absent", name, exc)
+            raise NotFoundError(f"no registered voice named {name!r} (its file is damaged)") from None
+        created = meta.get("created")
         return Voice(
             name=name,
-            audio=AudioInput(np.ascontiguousarray(samples.T), int(sr)),
-            transcript=str(meta["transcript"]),
-            created=meta.get("created"),
+            audio=AudioInput(samples, sample_rate),
+            transcript=transcript,
+            created=int(created) if isinstance(created, int | float) else None,
         )
 
     def available(self) -> list[str]:
@@ -158,16 +172,92 @@ class VoiceStore:
 
         Unknown names are a bad request (400) that lists the names available.
         """
-        if isinstance(name, str) and VOICE_NAME_RE.fullmatch(name) and (self._path(name) / _META_FILE).is_file():
-            return self.get(name)
+        if isinstance(name, str) and VOICE_NAME_RE.fullmatch(name):
+            with contextlib.suppress(NotFoundError):
+                return self.get(name)
         if self.default_voice is not None and name in (DEFAULT_VOICE_NAME, *OPENAI_VOICES):
             return self.default_voice
         available = self.available()
         hint = ", ".join(available) if available else "none (register one with POST /v1/voices)"
         raise InvalidInputError(f"unknown voice {name!r}; available voices: {hint}", param="voice")
 
+    # --- storage --------------------------------------------------------------------------
     def _path(self, name: str) -> Path:
-        path = (self.directory / name).resolve()
+        path = (self.directory / f"{name}{VOICE_SUFFIX}").resolve()
         if path.parent != self.directory.resolve():  # belt and braces beside the regex
             raise InvalidInputError(f"invalid voice name {name!r}", param="name")
         return path
+
+    def _write(self, name: str, samples: np.ndarray, sample_rate: int, transcript: str, created: int) -> None:
+        """Write the voice's file durably under a temporary name, then rename it over the old one."""
+        meta = {
+            "name": name,
+            "transcript": transcript,
+            "sample_rate": int(sample_rate),
+            "seconds": round(samples.shape[-1] / sample_rate, 3),
+            "created": created,
+        }
+        buf = io.BytesIO()
+        meta_bytes = np.frombuffer(json.dumps(meta, ensure_ascii=False).encode("utf-8"), dtype=np.uint8)
+        np.savez(buf, samples=samples, meta=meta_bytes)
+        target = self._path(name)
+        tmp = self.directory / f".{name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(buf.getvalue())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(self.directory)
+
+    def _tidy(self) -> None:
+        """Convert voices of the old two-file layout and remove temporary files of dead writers."""
+        now = time.time()
+        for entry in self.directory.iterdir():
+            if entry.name.startswith("."):  # temporary files (and folders of earlier versions)
+                with contextlib.suppress(FileNotFoundError):
+                    if now - entry.stat().st_mtime <= STALE_TEMP_SECONDS:
+                        continue
+                    if entry.is_dir():
+                        shutil.rmtree(entry, ignore_errors=True)
+                    elif entry.name.endswith(TEMP_SUFFIX):
+                        entry.unlink()
+            elif entry.is_dir() and VOICE_NAME_RE.fullmatch(entry.name):
+                self._convert_legacy(entry)
+
+    def _convert_legacy(self, folder: Path) -> None:
+        """``<name>/{audio.wav,voice.json}`` (earlier versions) -> ``<name>.npz``; the folder is removed."""
+        name = folder.name
+        try:
+            meta = json.loads((folder / _LEGACY_META_FILE).read_text(encoding="utf-8"))
+            samples, sample_rate = sf.read(folder / _LEGACY_AUDIO_FILE, dtype="float32", always_2d=True)
+            with self._lock:
+                if not self._path(name).exists():  # a newer registration wins over the old copy
+                    created = meta.get("created")
+                    created = int(created) if isinstance(created, int | float) else int(time.time())
+                    self._write(
+                        name, np.ascontiguousarray(samples.T), int(sample_rate), str(meta["transcript"]), created
+                    )
+        except (OSError, ValueError, KeyError, TypeError, sf.LibsndfileError) as exc:
+            logger.warning("voice folder %s of an earlier version could not be converted (%s); left as is", folder, exc)
+            return
+        shutil.rmtree(folder, ignore_errors=True)
+        logger.info("converted voice %r to the one-file layout", name)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (best effort where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -8,6 +8,7 @@ This class accepts the same keys (``num_attention_groups``, ``max_seq_len``, ...
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from transformers import PretrainedConfig
 
@@ -20,7 +21,7 @@ class Step1Config(PretrainedConfig):
     """Step1 (Step-Audio-EditX LLM) configuration; defaults are the official 3.5 B model.
 
     ``tie_word_embeddings`` is forced to False: the checkpoint stores ``lm_head`` separately and
-    transformers >= 4.54 would otherwise tie it to the embeddings (silent audio, model-spec §3.6).
+    transformers >= 4.54 would otherwise tie it to the embeddings (silent audio, docs/model.md §3.6).
     """
 
     model_type = MODEL_TYPE
@@ -45,7 +46,7 @@ class Step1Config(PretrainedConfig):
     eos_token_id: int | list[int] | None = 3
     tie_word_embeddings: bool = False
 
-    def __post_init__(self, **kwargs) -> None:
+    def __post_init__(self, **kwargs: Any) -> None:
         kwargs.pop("tie_word_embeddings", None)
         super().__post_init__(**kwargs)
         self.validate_architecture()

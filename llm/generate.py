@@ -4,7 +4,7 @@ Per step and per prompt, in this order (the reference's order under transformers
 
 1. logits of the last position, in float32;
 2. guidance when ``intensity != 1.0``: ``uncond + intensity * (cond - uncond)`` (see below);
-3. the repetition-aware rule (model-spec §3.4): over the last 10 ids of the sequence, prompt
+3. the repetition-aware rule (docs/model.md §3.4): over the last 10 ids of the sequence, prompt
    included, if the last id occurs at least twice, it is banned (``-inf``); no-op while the
    sequence is shorter than 10. The window is the conditional sequence's;
 4. temperature 0.7, then top-k 50, softmax, ``torch.multinomial`` among the k candidates with
@@ -13,10 +13,14 @@ Per step and per prompt, in this order (the reference's order under transformers
    ``do_sample=False`` takes the argmax after step 3 instead (tests, benchmarks).
 
 Stopping: ``<|EOT|>`` (3), the reference's EOS, and also ``</s>`` (2), which the reference would
-sample on through (a hardening the Swift port's oracle also uses); or when the prompt plus the
+sample on through (a hardening, docs/model.md §3.5); or when the prompt plus the
 generated ids reach ``max_length`` (8192, the reference's total-length limit), or after
 ``max_new_tokens``. A prompt that stops leaves the batch (its rows are dropped from the KV cache),
 the others go on.
+
+Streaming: ``on_token`` sees every id the moment it is sampled, and ``stop_requested`` can end a
+prompt between two steps; neither changes the ids. ``engine.scheduler`` builds continuous batching
+(requests joining a running batch) from the same per-row steps.
 
 Batching: prompts are left-padded into one batch with an ``attention_mask``; each prompt's
 result equals generating it alone (argmax exactly; sampling too, since every prompt draws from
@@ -30,7 +34,7 @@ reference path: the unconditional rows are never built or run, and the output is
 to plain generation. Other values double the rows of every forward (about 2x the decode
 compute and KV-cache memory per prompt).
 
-Post-processing (``postprocess``) fixes the reference's bugs (model-spec §3.5): only a trailing
+Post-processing (``postprocess``) fixes the reference's bugs (docs/model.md §3.5): only a trailing
 stop id is removed (a generation cut by the length limit keeps its last real token), and only
 audio ids in [65536, 70656) are kept, as mixed codes 0..5119, instead of letting text ids turn
 into code 0 or crash the vocoder's embedding.
@@ -68,6 +72,8 @@ MIN_INTENSITY = 0.1
 MAX_INTENSITY = 3.0
 
 StepHook = Callable[[int, list[int], torch.Tensor], None]
+TokenHook = Callable[[int, int], None]  # (prompt index, id just sampled)
+StopCheck = Callable[[int], bool]  # (prompt index) -> stop it now
 
 
 @dataclass(frozen=True)
@@ -76,13 +82,15 @@ class GenerationResult:
 
     token_ids: every id generated after the prompt (int64), the final stop id included when one
     ended it. codes: the post-processed mixed audio codes (int64, 0..5119). stopped: a stop id
-    ended it (False: the length limit did). seed: the seed its generator used.
+    ended it (False: the length limit or a cancellation did). seed: the seed its generator used.
+    cancelled: its caller stopped it early (the ids are those sampled until then).
     """
 
     token_ids: np.ndarray
     codes: np.ndarray
     stopped: bool
     seed: int
+    cancelled: bool = False
 
 
 def guidance_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -155,7 +163,7 @@ def postprocess(token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
     return ids[keep] - AUDIO_ID_OFFSET
 
 
-def _seeds(seed: int | Sequence[int | None] | None, n: int) -> list[int]:
+def resolve_seeds(seed: int | Sequence[int | None] | None, n: int) -> list[int]:
     """One seed per prompt: an int applies to every prompt; None draws a fresh one (reported back)."""
     if seed is None or isinstance(seed, int | np.integer):
         seeds: list[int | None] = [None if seed is None else int(seed)] * n
@@ -172,7 +180,7 @@ def _seeds(seed: int | Sequence[int | None] | None, n: int) -> list[int]:
     return out
 
 
-def _check_args(
+def check_generation_args(
     prompts: Sequence[PromptPair],
     *,
     intensity: float,
@@ -182,6 +190,7 @@ def _check_args(
     max_new_tokens: int | None,
     vocab_size: int | None,
 ) -> None:
+    """Raise InvalidInputError before any compute, so a bad request costs no model time (and gets a 4xx)."""
     if not prompts:
         raise InvalidInputError("no prompts to generate from", param="input")
     if not (isinstance(intensity, int | float) and MIN_INTENSITY <= intensity <= MAX_INTENSITY):
@@ -207,7 +216,7 @@ def _check_args(
             )
 
 
-def _left_pad(rows: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(rows: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(R, L) input ids padded on the left with the pad id, and the (R, L) attention mask."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
@@ -218,7 +227,7 @@ def _left_pad(rows: Sequence[Sequence[int]], device: torch.device) -> tuple[torc
     return ids.to(device), mask.to(device)
 
 
-def _windows(rows: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
+def repetition_windows(rows: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
     """(R, 10) last ids of each row for the repetition rule, -1 where a row is shorter."""
     out = torch.full((len(rows), REPETITION_WINDOW), -1, dtype=torch.long)
     for i, r in enumerate(rows):
@@ -227,7 +236,7 @@ def _windows(rows: Sequence[Sequence[int]], device: torch.device) -> torch.Tenso
     return out.to(device)
 
 
-class _Forward:
+class LastLogits:
     """Calls the model's forward for the last position's float32 logits, with an explicit cache."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -235,13 +244,16 @@ class _Forward:
         params = inspect.signature(model.forward).parameters
         self.last_only = "logits_to_keep" in params  # skip the head on every prompt position
 
-    def __call__(self, ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor, cache: object) -> torch.Tensor:
+        """``cache``: a transformers ``DynamicCache`` or any object with its update interface
+        (``llm.batching.RowKVCache``)."""
         kwargs: dict[str, object] = {"logits_to_keep": 1} if self.last_only else {}
         out = self.model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, **kwargs)
-        return out.logits[:, -1, :].float()
+        logits: torch.Tensor = out.logits[:, -1, :].float()
+        return logits
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
     try:
         return next(model.parameters()).device
     except StopIteration:  # a parameterless wrapper: fall back to CPU
@@ -261,6 +273,8 @@ def generate(
     max_new_tokens: int | None = None,
     do_sample: bool = True,
     on_step: StepHook | None = None,
+    on_token: TokenHook | None = None,
+    stop_requested: StopCheck | None = None,
 ) -> list[GenerationResult]:
     """Generate audio ids for every prompt in one batch; see the module docstring for the rules.
 
@@ -269,9 +283,13 @@ def generate(
     seed: one int for all prompts, one per prompt, or None (fresh seeds, reported in the results).
     on_step(step, prompt_indices, scores): called each step with the (n, V) float32 scores after
     guidance and before the repetition rule, for the prompts still running; for tests and probes.
+    on_token(prompt_index, id): streaming; called with every id as soon as it is sampled (the
+    final stop id included), in order, on this thread, so a consumer can work while the next step
+    runs. stop_requested(prompt_index): asked between steps for every running prompt; True ends
+    that prompt there (its result has ``cancelled`` set), the others go on. Neither changes the ids.
     """
     config = getattr(model, "config", None)
-    _check_args(
+    check_generation_args(
         prompts,
         intensity=intensity,
         temperature=temperature,
@@ -280,8 +298,8 @@ def generate(
         max_new_tokens=max_new_tokens,
         vocab_size=getattr(config, "vocab_size", None),
     )
-    device = _model_device(model)
-    seeds = _seeds(seed, len(prompts))
+    device = model_device(model)
+    seeds = resolve_seeds(seed, len(prompts))
     generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     guided = intensity != 1.0
     budgets = [max_length - len(p.cond) for p in prompts]
@@ -289,9 +307,9 @@ def generate(
         budgets = [min(b, max_new_tokens) for b in budgets]
 
     rows = [p.cond for p in prompts] + ([p.uncond for p in prompts] if guided else [])
-    ids, mask = _left_pad(rows, device)
-    window = _windows([p.cond for p in prompts], device)
-    forward = _Forward(model)
+    ids, mask = left_pad(rows, device)
+    window = repetition_windows([p.cond for p in prompts], device)
+    forward = LastLogits(model)
     cache = DynamicCache()
     start = time.perf_counter()
     logits = forward(ids, mask, cache)  # (R, V)
@@ -300,6 +318,7 @@ def generate(
     active = list(range(len(prompts)))  # prompt index of each running conditional row
     generated: list[list[int]] = [[] for _ in prompts]
     stopped = [False] * len(prompts)
+    cancelled = [False] * len(prompts)
     step = 0
     while True:
         n = len(active)
@@ -314,9 +333,15 @@ def generate(
         for r, token in enumerate(next_ids.tolist()):
             i = active[r]
             generated[i].append(token)
+            if on_token is not None:
+                on_token(i, token)
             stopped[i] = token in STOP_IDS
-            if not stopped[i] and len(generated[i]) < budgets[i]:
-                keep.append(r)
+            if stopped[i] or len(generated[i]) >= budgets[i]:
+                continue
+            if stop_requested is not None and stop_requested(i):
+                cancelled[i] = True
+                continue
+            keep.append(r)
         if not keep:
             break
         window = torch.cat([window[:, 1:], next_ids[:, None]], dim=1)
@@ -346,8 +371,8 @@ def generate(
         intensity,
     )
     return [
-        GenerationResult(token_ids=np.asarray(g, dtype=np.int64), codes=postprocess(g), stopped=s, seed=sd)
-        for g, s, sd in zip(generated, stopped, seeds, strict=True)
+        GenerationResult(token_ids=np.asarray(g, dtype=np.int64), codes=postprocess(g), stopped=s, seed=sd, cancelled=c)
+        for g, s, sd, c in zip(generated, stopped, seeds, cancelled, strict=True)
     ]
 
 

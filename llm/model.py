@@ -4,7 +4,7 @@ A pre-norm decoder-only transformer: RMSNorm, grouped-query attention without bi
 rotary embeddings, SwiGLU MLP, and an untied ``lm_head``. Position enters only through a
 square-root ALiBi bias, ``bias[h, i, j] = -slope_h * sqrt(i - j)`` for ``j <= i``.
 
-Differences from the reference remote code (same function, model-spec §3.1):
+Differences from the reference remote code (same function, docs/model.md §3.1):
 - ``attention_mask`` is honoured, so left-padded batches work (the reference ignores it);
 - the bias is built once per forward for the query rows actually computed (``q x k``), shared by
   every layer, instead of a full ``(heads, T, T)`` tensor per layer per step;
@@ -93,7 +93,8 @@ def project(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(rows, x.shape[-1])
         out = torch.stack([F.linear(row, linear.weight, linear.bias) for row in flat])
         return out.view(*x.shape[:-1], out.shape[-1])
-    return linear(x)
+    y: torch.Tensor = linear(x)
+    return y
 
 
 class Step1RMSNorm(nn.Module):
@@ -171,7 +172,8 @@ class Step1DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, bias: torch.Tensor, cache: Cache | None) -> torch.Tensor:
         """x : (B, q, hidden) -> (B, q, hidden)."""
         x = x + self.self_attn(self.input_layernorm(x), bias, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        out: torch.Tensor = x + self.mlp(self.post_attention_layernorm(x))
+        return out
 
 
 class Step1PreTrainedModel(PreTrainedModel):
@@ -226,6 +228,7 @@ class Step1Model(Step1PreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise InvalidInputError("pass exactly one of input_ids or inputs_embeds", param="input_ids")
         if inputs_embeds is None:
+            assert input_ids is not None  # exactly one of the two, checked above
             if input_ids.ndim != 2:
                 raise InvalidInputError(f"input_ids must be (batch, seq), got {tuple(input_ids.shape)}")
             inputs_embeds = self.embed_tokens(input_ids)

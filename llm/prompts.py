@@ -2,7 +2,7 @@
 
 The reference never renders a chat string: it concatenates special ids and several separate
 ``tokenizer.encode`` calls, each of which prepends BOS (1) and SentencePiece's dummy-prefix ``▁``.
-We reproduce that piecewise encoding exactly (model-spec §3.3, §5.2)::
+We reproduce that piecewise encoding exactly (docs/model.md §3.3, §5)::
 
     edit:  [1] + [4] + enc("system\\n" + EDIT_SYSTEM_PROMPT) + [3]
            + [4] + enc("human\\n") + enc(INSTR + "\\n" + AUDIO.strip() + "\\n") + [3]

@@ -100,14 +100,14 @@ class StepTextTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids``; control ids (BOS, turn markers) decode to nothing, audio ids to ``<audio_N>``."""
-        return self.sp.decode([int(i) for i in ids])
+        return str(self.sp.decode([int(i) for i in ids]))
 
     def id_to_piece(self, token_id: int) -> str:
-        return self.sp.id_to_piece(int(token_id))
+        return str(self.sp.id_to_piece(int(token_id)))
 
     def pieces(self, text: str) -> list[str]:
         """The SentencePiece pieces of ``text`` (without BOS), for logs and tests."""
-        return self.sp.encode(text, out_type=str)
+        return list(self.sp.encode(text, out_type=str))
 
 
 def load_text_tokenizer(editx_dir: Path) -> StepTextTokenizer:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import threading
 import time
 from pathlib import Path
@@ -158,6 +159,57 @@ def test_service_full_queue_is_busy_at_once_and_cancel_frees_the_place() -> None
     asyncio.run(main())
 
 
+def test_retry_after_comes_from_measured_job_times() -> None:
+    """Retry-After = the queue ahead x the measured job time / workers; no built-in guess."""
+    job_s = 0.3
+
+    async def main() -> None:
+        service = InferenceService(queue_size=4)
+        service.start()
+        gate = threading.Event()
+        try:
+            assert service.job_seconds() == 0.0  # nothing measured yet
+            for _ in range(2):
+                await service.submit("clone", lambda: time.sleep(job_s))
+            assert job_s <= service.job_seconds() < job_s + 0.2
+            holders = [asyncio.ensure_future(service.submit("clone", gate.wait))]
+            while service.running == 0:
+                await asyncio.sleep(0.01)
+            holders += [asyncio.ensure_future(service.submit("clone", gate.wait)) for _ in range(4)]
+            await asyncio.sleep(0.05)
+            with pytest.raises(BusyError) as busy:
+                service.refuse_if_full()
+            drain = 5 * job_s  # one running and four waiting, one worker
+            assert drain <= busy.value.retry_after < drain + 1.0, busy.value.retry_after
+            gate.set()
+            await asyncio.gather(*holders)
+        finally:
+            gate.set()
+            service.stop()
+
+    asyncio.run(main())
+
+
+def test_retry_after_before_any_job_finished_uses_the_running_job() -> None:
+    async def main() -> None:
+        service = InferenceService(queue_size=1)
+        service.start()
+        gate = threading.Event()
+        try:
+            running = asyncio.ensure_future(service.submit("clone", gate.wait))
+            while service.running == 0:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.3)
+            assert 0.3 <= service.job_seconds() < 1.0  # a measured lower bound, not a guess
+            gate.set()
+            await running
+        finally:
+            gate.set()
+            service.stop()
+
+    asyncio.run(main())
+
+
 def test_service_workers_run_jobs_side_by_side() -> None:
     async def main() -> None:
         service = InferenceService(queue_size=4, workers=2)
@@ -225,6 +277,67 @@ def test_failed_preparation_writes_nothing(tmp_path: Path) -> None:
     with pytest.raises(InvalidInputError):
         store.register("v", _clip(), "text", prepare=refuse)
     assert store.names() == [] and list(tmp_path.iterdir()) == []
+
+
+def test_voices_of_the_old_two_file_layout_are_converted(tmp_path: Path) -> None:
+    old = tmp_path / "narrator"
+    old.mkdir()
+    clip = _clip(0.4, 22050)
+    sf.write(old / "audio.wav", clip.samples.T, clip.sample_rate, subtype="FLOAT")
+    (old / "voice.json").write_text(json.dumps({"transcript": "Old words.", "sample_rate": 22050, "created": 7}))
+    store = VoiceStore(tmp_path)
+    voice = store.get("narrator")
+    assert (voice.transcript, voice.created, voice.audio.sample_rate) == ("Old words.", 7, 22050)
+    np.testing.assert_array_equal(voice.audio.samples, clip.samples)
+    assert not old.exists() and store.names() == ["narrator"]
+
+
+def test_a_damaged_voice_file_is_absent_not_an_error(tmp_path: Path) -> None:
+    store = VoiceStore(tmp_path)
+    store.register("good", _clip(), "fine")
+    (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(NotFoundError, match="damaged"):
+        store.get("broken")
+    assert [v.name for v in store.voices()] == ["good"]
+    store.delete("broken")  # an operator can still remove it
+    assert store.names() == ["good"]
+
+
+def test_readers_see_whole_voices_while_one_is_replaced(tmp_path: Path) -> None:
+    """Each reader gets one registration whole (transcript and clip belong together), never an error."""
+    store = VoiceStore(tmp_path)
+    lengths = {"short": 0.3, "long": 0.5}
+    store.register("v", _clip(lengths["short"]), "short")
+    stop = time.monotonic() + 1.0
+    problems: list[str] = []
+
+    def write() -> None:
+        i = 0
+        while time.monotonic() < stop:
+            text = ("short", "long")[i % 2]
+            store.register("v", _clip(lengths[text]), text)
+            store.register("gone", _clip(), "x")
+            store.delete("gone")
+            i += 1
+
+    def read() -> None:
+        while time.monotonic() < stop:
+            try:
+                voice = store.get("v")
+                if voice.seconds != lengths[voice.transcript]:
+                    problems.append(f"mixed: {voice.transcript} with {voice.seconds} s")
+                if "v" not in [v.name for v in store.voices()]:
+                    problems.append("listing lost v")
+            except Exception as exc:
+                problems.append(repr(exc))
+
+    threads = [threading.Thread(target=write)] + [threading.Thread(target=read) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert problems == [], problems[:5]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
 
 
 # --- URL guard ------------------------------------------------------------------------------

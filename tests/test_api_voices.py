@@ -12,6 +12,7 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -38,6 +39,7 @@ def demo_settings(cache_dir: Path, **overrides: object) -> Settings:
         "api_key": KEY,
         "enable_auto_transcribe": False,
         "queue_size": 1,
+        "inference_workers": 1,  # one runs, one waits, the rest are refused
         **overrides,
     }
     return Settings(**values)  # type: ignore[arg-type]
@@ -97,7 +99,8 @@ def test_api_key_guards_everything_but_healthz(server: LiveServer) -> None:
             r = anon.request(method, path, json={"input": "x"})
             assert r.status_code == 401, (path, r.text)
             assert r.json()["error"]["type"] == "authentication_error"
-        assert anon.get("/docs").status_code == 404
+        assert anon.get("/docs").status_code == 401  # without the key nothing says which paths exist
+        assert anon.get("/docs", headers=AUTH).status_code == 404  # the browser UIs are off with a key
         assert anon.get("/openapi.json", headers=AUTH).json()["paths"]["/v1/audio/speech"]
         wrong = anon.get("/v1/models", headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
@@ -241,3 +244,84 @@ def test_a_bundle_that_cannot_load_is_a_503_with_the_reason(tmp_path: Path) -> N
         speech = c.post("/v1/audio/speech", json={"input": "x", "voice": "alloy"})
         assert speech.status_code == 503 and speech.json()["error"]["code"] == "model_load_failed"
         assert c.get("/healthz").json() == {"status": "ok"}
+
+
+RACE_SECONDS = 4.0  # how long the register/get/list/delete loop runs
+
+
+def test_reads_during_re_registration_and_deletes_never_fail(server: LiveServer, http: httpx.Client) -> None:
+    """Readers see the old voice or the new one, never a 404 or a 5xx; a listing survives deletes.
+
+    One thread re-registers ``steady`` over and over (two versions: each transcript belongs to
+    one clip length), one registers and deletes ``flicker``, two read ``steady`` and list.
+    Registrations may be refused with 429 (queue size 1); nothing else may go wrong.
+    """
+    clips = {
+        f"version {i}": wav_bytes((0.3 * np.sin(np.arange(n) / (5 + i))).astype(np.float32), 16000)
+        for i, n in enumerate((8000, 12000))
+    }
+    seconds = {"version 0": 0.5, "version 1": 0.75}
+    problems: list[str] = []
+    stop = time.monotonic() + RACE_SECONDS
+
+    def call(c: httpx.Client, what: str, allowed: tuple[int, ...], method: str, path: str, **kw: Any) -> Any:
+        try:
+            r = c.request(method, path, **kw)
+        except httpx.TransportError as exc:  # the server dropped the connection: an unhandled error
+            problems.append(f"{what}: {exc!r}")
+            return None
+        if r.status_code not in allowed:
+            problems.append(f"{what}: {r.status_code} {r.text[:200]}")
+            return None
+        return r
+
+    def register(c: httpx.Client, name: str, text: str) -> Any:
+        files = {"file": ("v.wav", clips[text])}
+        return call(
+            c,
+            f"register {name}",
+            (201, 429),
+            "POST",
+            "/v1/voices",
+            data={"name": name, "transcript": text},
+            files=files,
+        )
+
+    def re_register() -> int:
+        done = 0
+        with httpx.Client(base_url=server.url, timeout=120, headers=AUTH) as c:
+            while time.monotonic() < stop:
+                r = register(c, "steady", f"version {done % 2}")
+                done += r is not None and r.status_code == 201
+        return done
+
+    def flicker() -> int:
+        done = 0
+        with httpx.Client(base_url=server.url, timeout=120, headers=AUTH) as c:
+            while time.monotonic() < stop:
+                register(c, "flicker", "version 0")
+                r = call(c, "delete flicker", (200, 404), "DELETE", "/v1/voices/flicker")
+                done += r is not None and r.status_code == 200
+        return done
+
+    def read() -> int:
+        done = 0
+        with httpx.Client(base_url=server.url, timeout=120, headers=AUTH) as c:
+            while time.monotonic() < stop:
+                r = call(c, "get steady", (200,), "GET", "/v1/voices/steady")
+                if r is not None and r.json()["seconds"] != seconds.get(r.json()["transcript"]):
+                    problems.append(f"get steady: mixed versions {r.json()}")
+                listing = call(c, "list", (200,), "GET", "/v1/voices")
+                if listing is not None and "steady" not in [v["id"] for v in listing.json()["data"]]:
+                    problems.append("list: steady missing")
+                done += 1
+        return done
+
+    assert register(http, "steady", "version 0").status_code == 201
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        jobs = [pool.submit(re_register), pool.submit(flicker), pool.submit(read), pool.submit(read)]
+        counts = [j.result() for j in jobs]
+    assert problems == [], sorted({p[:60] for p in problems})
+    assert counts[0] >= 5 and counts[1] >= 2 and min(counts[2:]) >= 5, counts  # the loop really raced
+    assert http.get("/v1/voices/steady").status_code == 200
+    assert http.delete("/v1/voices/steady").status_code == 200

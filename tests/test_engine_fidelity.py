@@ -4,7 +4,7 @@ Runs the engine on the reference-fixture bundle (official layout, tiny random we
 Step1 text tokenizer) and checks that what the engine builds from the fixture's input file equals
 what the upstream ``tts.py`` built: the exact clone / emotion / paralinguistic prompt ids
 (tokens from wav2token, the speaker id from the raw decoded wav, the instruction texts) and the
-prompt mel and speaker embedding within the fixture README's tolerances (§6).
+prompt mel and speaker embedding within the fixture tolerances (docs/model.md §8).
 """
 
 from __future__ import annotations

@@ -18,14 +18,12 @@ from vocoder.dit import BlockCache, CausalConvBlock
 from vocoder.encoder import RelPositionalEncoding, RelPositionMultiHeadedAttention
 from vocoder.flow import cosine_time_grid, reshape_mixed_codes
 
-OFFICIAL_FLOW_KEYS = Path(__file__).resolve().parents[2] / "shared" / "docs" / "checkpoint-keys" / "flow_keys.tsv"
-OFFICIAL_FLOW_KEY_COUNT = 605  # checkpoint-keys.md §0
+OFFICIAL_FLOW_KEYS = Path(__file__).resolve().parent / "data" / "checkpoint-keys" / "flow_keys.tsv"
+OFFICIAL_FLOW_KEY_COUNT = 605  # docs/model.md §1.4
 OFFICIAL_FLOW_PARAMS = 153_754_096
 
 
 def _official_flow_shapes() -> dict[str, str]:
-    if not OFFICIAL_FLOW_KEYS.is_file():
-        pytest.skip("../shared/docs/checkpoint-keys is absent")
     rows = [line.split("\t") for line in OFFICIAL_FLOW_KEYS.read_text().splitlines()[1:] if line.strip()]
     return {key: shape for key, shape, _dtype in rows}
 
@@ -62,8 +60,6 @@ def test_full_size_flow_reproduces_every_official_key_and_shape(tmp_path: Path) 
 
 def test_full_size_yaml_gives_the_official_hift_keys_and_shapes(tmp_path: Path) -> None:
     official_path = OFFICIAL_FLOW_KEYS.with_name("hift_keys.tsv")
-    if not official_path.is_file():
-        pytest.skip("../shared/docs/checkpoint-keys is absent")
     rows = [line.split("\t") for line in official_path.read_text().splitlines()[1:] if line.strip()]
     _, _, hift = _build(tmp_path, "full", meta=True)
     assert {k: str(list(v.shape)) for k, v in hift.state_dict().items()} == {k: s for k, s, _ in rows}
@@ -106,7 +102,7 @@ def test_flow_loader_names_missing_unexpected_and_misshaped_keys(tmp_path: Path)
         load_flow_state_dict(flow, tmp_path / "absent.pt")
 
 
-# --- the reshape rule (model-spec §4.3) ------------------------------------------------------
+# --- the reshape rule (docs/model.md §4.3) ---------------------------------------------------
 
 
 def test_reshape_full_groups() -> None:

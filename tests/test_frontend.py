@@ -1,7 +1,7 @@
 """Prompt frontend: 24 kHz log-mel, Kaldi fbank + CAM++ embedding, the campplus stand-in, caching.
 
-Fixture parity (skipped without ../shared) is checked stage by stage (from the reference's
-resampled audio) and end to end from the prepared prompt wav, with README §6's tolerances.
+Fixture parity (skipped without the reference fixtures) is checked stage by stage (from the reference's
+resampled audio) and end to end from the prepared prompt wav, with the tolerances of docs/model.md §8.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from audio import AudioError, resample
 from bundles.campplus_stub import write_campplus_onnx
 from errors import ModelLoadError
 from tests.conftest import load_reference
-from token_cache import TokenCache, content_key
 from vocoder.frontend import (
     DEFAULT_MEL_CONF,
     MelConfig,
     SpeakerEncoder,
     campplus_features,
+    frontend_fingerprint,
     kaldi_fbank,
     log_mel,
     prompt_features,
@@ -158,38 +158,21 @@ def test_speaker_encoder_load_errors(tmp_path: Path) -> None:
         SpeakerEncoder(tmp_path / "bad.onnx")
 
 
-# ---- prompt features in the token cache ------------------------------------------------------
+# ---- prompt features and their fingerprint ---------------------------------------------------
 
 
-def test_cache_hit_returns_the_arrays_of_the_miss(encoder: SpeakerEncoder, stub_onnx: Path, tmp_path: Path) -> None:
-    cache = TokenCache(tmp_path / "cache", max_bytes=50_000_000, fingerprint="tok-v1")
+def test_prompt_features_and_what_decides_them(encoder: SpeakerEncoder, stub_onnx: Path, tmp_path: Path) -> None:
     wav = synthetic_prompt(1.2, 22050)
-    key = content_key(wav, 22050)
-    tokens = {"vq02": np.arange(6, dtype=np.int64), "vq06": np.arange(9, dtype=np.int64)}
-    cache.put(key, tokens)
-
-    miss = prompt_features(wav, 22050, encoder, cache=cache, key=key)
-    stored = cache.get(key)
-    assert stored is not None
-    assert set(stored) >= {"vq02", "vq06", "prompt_mel", "spk_emb"}
-    np.testing.assert_array_equal(stored["vq02"], tokens["vq02"])
-
-    hits_before = cache.stats().hits
-    hit = prompt_features(wav, 22050, encoder, cache=cache, key=key)
-    assert cache.stats().hits == hits_before + 1
-    assert torch.equal(hit.prompt_mel, miss.prompt_mel)
-    assert torch.equal(hit.spk_emb, miss.spk_emb)
-    assert torch.equal(miss.prompt_mel, prompt_mel(wav, 22050))
-    assert torch.equal(miss.spk_emb, encoder.embed(wav, 22050))
-
-    # a different speaker model must not be served the other model's embedding
+    features = prompt_features(wav, 22050, encoder)
+    assert torch.equal(features.prompt_mel, prompt_mel(wav, 22050))
+    assert torch.equal(features.spk_emb, encoder.embed(wav, 22050))
+    # cached features from another speaker model or mel config must not be served: both are fingerprinted
+    fp = frontend_fingerprint(encoder)
+    assert fp == frontend_fingerprint(SpeakerEncoder(stub_onnx))
     other = SpeakerEncoder(write_campplus_onnx(tmp_path / "other.onnx", seed=3))
-    recomputed = prompt_features(wav, 22050, other, cache=cache, key=key)
-    assert torch.equal(recomputed.spk_emb, other.embed(wav, 22050))
-    assert not torch.equal(recomputed.spk_emb, miss.spk_emb)
-
-    uncached = prompt_features(wav, 22050, encoder)
-    assert torch.equal(uncached.spk_emb, miss.spk_emb)
+    assert frontend_fingerprint(other) != fp
+    assert not torch.equal(prompt_features(wav, 22050, other).spk_emb, features.spk_emb)
+    assert frontend_fingerprint(encoder, MelConfig(fmax=7600)) != fp
 
 
 # ---- fixture parity ---------------------------------------------------------------------------

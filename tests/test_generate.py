@@ -367,3 +367,38 @@ def test_generate_audio_ids_returns_codes(model, pairs):
     x, y = X - AUDIO_ID_OFFSET, Y - AUDIO_ID_OFFSET
     assert codes.dtype == np.int64 and codes.tolist() == [x, x, y, x, y]
     assert isinstance(generate(biased, [pairs[2]], max_new_tokens=1)[0], GenerationResult)
+
+
+# ---- streaming and stopping between steps ------------------------------------------------------
+
+
+def test_on_token_streams_exactly_the_result_ids_in_order(model, pairs):
+    seen: dict[int, list[int]] = {0: [], 1: [], 2: []}
+    results = generate(
+        model, pairs, seed=[4, 5, 6], intensity=1.5, max_new_tokens=12, on_token=lambda i, t: seen[i].append(t)
+    )
+    plain = generate(model, pairs, seed=[4, 5, 6], intensity=1.5, max_new_tokens=12)
+    for i, (got, ref) in enumerate(zip(results, plain, strict=True)):
+        assert seen[i] == got.token_ids.tolist() == ref.token_ids.tolist()  # streaming changes nothing
+        assert not got.cancelled
+
+
+def test_stop_requested_ends_one_prompt_between_steps_and_leaves_the_others_alone(model, pairs):
+    counts = [0, 0, 0]
+
+    def on_token(i: int, _token: int) -> None:
+        counts[i] += 1
+
+    results = generate(
+        model,
+        pairs,
+        seed=[7, 8, 9],
+        max_new_tokens=16,
+        on_token=on_token,
+        stop_requested=lambda i: i == 1 and counts[1] >= 5,
+    )
+    full = generate(model, pairs, seed=[7, 8, 9], max_new_tokens=16)
+    assert results[1].cancelled and not results[1].stopped
+    assert results[1].token_ids.tolist() == full[1].token_ids.tolist()[:5]  # no id sampled after the stop
+    for i in (0, 2):
+        assert results[i].token_ids.tolist() == full[i].token_ids.tolist() and not results[i].cancelled

@@ -1,4 +1,4 @@
-"""HiFT against the reference fixtures, stage by stage (README §4.5, §5 item 3, §6).
+"""HiFT against the reference fixtures, stage by stage (docs/model.md §4.5, §8).
 
 Each stage is fed the reference's output of the previous one: mel -> f0, f0 + recorded draws ->
 source, (mel, source) -> waveform; then the whole generator with the recorded draws, and with

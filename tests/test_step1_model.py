@@ -29,7 +29,7 @@ from llm.config import Step1Config
 from llm.model import Step1ForCausalLM, alibi_slopes, project, sqrt_alibi_bias
 from tests.conftest import REPO_ROOT
 
-FULL_KEYS_TSV = REPO_ROOT.parent / "shared" / "docs" / "checkpoint-keys" / "step1_full_keys.tsv"
+FULL_KEYS_TSV = REPO_ROOT / "tests" / "data" / "checkpoint-keys" / "step1_full_keys.tsv"
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def _pattern(key: str) -> str:
 
 
 def _naive_logits(model: Step1ForCausalLM, ids: torch.Tensor) -> torch.Tensor:
-    """Textbook Step1 written straight from model-spec §3.1, for one unpadded batch without cache:
+    """Textbook Step1 written straight from docs/model.md §3.1, for one unpadded batch without cache:
     K/V repeated per head, a full (H, T, T) bias, explicit softmax."""
     cfg = model.config
     H, G, D = cfg.num_attention_heads, cfg.num_attention_groups, cfg.head_dim
@@ -114,11 +114,9 @@ def test_key_names_and_full_size_shapes_match_the_official_checkpoint(tiny_dir: 
         full = Step1ForCausalLM(Step1Config(**llm_config_dict("full")))
     full_shapes = {k: tuple(v.shape) for k, v in full.state_dict().items()}
     assert full_shapes == llm_weight_shapes(llm_config_dict("full"))
-    assert sum(math.prod(s) for s in full_shapes.values()) == 3_529_706_496  # checkpoint-keys.md
+    assert sum(math.prod(s) for s in full_shapes.values()) == 3_529_706_496  # docs/model.md §1.3
     with safe_open(str(tiny_dir / WEIGHTS_NAME), "pt") as f:
         tiny_patterns = {_pattern(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
-    if not FULL_KEYS_TSV.is_file():
-        pytest.skip("../shared/docs/checkpoint-keys is absent")
     rows = [line.split("\t") for line in FULL_KEYS_TSV.read_text().splitlines()[1:] if line.strip()]
     official = {key: tuple(json.loads(shape)) for key, shape, _dtype in rows}
     assert list(full_shapes) == list(official)  # same keys, same order
@@ -145,7 +143,7 @@ def test_config_rejects_shapes_attention_cannot_split() -> None:
 
 
 def test_alibi_slopes_for_48_heads_follow_the_reference_rule() -> None:
-    # model-spec §3.1: 32 slopes (2^(-8/32))^k, k = 1..32, then 16 slopes (2^(-4/32))^k, k = 1, 3, ..., 31
+    # docs/model.md §3.1: 32 slopes (2^(-8/32))^k, k = 1..32, then 16 slopes (2^(-4/32))^k, k = 1, 3, ..., 31
     expected = [(2 ** (-8 / 32)) ** k for k in range(1, 33)] + [(2 ** (-4 / 32)) ** k for k in range(1, 32, 2)]
     assert alibi_slopes(48) == pytest.approx(expected, rel=1e-12)
     assert alibi_slopes(6) == pytest.approx([2**-2, 2**-4, 2**-6, 2**-8, 2**-1, 2**-3], rel=1e-12)

@@ -1,4 +1,4 @@
-"""The wav2token disk cache: persistence, fingerprints, damage, concurrency, LRU budget, stats.
+"""The prompt cache: persistence, fingerprints, damage, concurrency, killed writers, LRU budget, stats.
 
 Everything runs through the real TokenCache on a temp directory, with real subprocesses where
 a "restart" or "another server process" is meant.
@@ -9,10 +9,12 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +26,11 @@ from token_cache import TokenCache, content_key, fingerprint_of
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FP = "fingerprint-a"
 HAMMER_ROUNDS = 200  # get-or-put rounds per process in the concurrency test
-MERGE_KEYS = 150  # keys both processes merge into at the same time
+RACE_KEYS = 150  # keys both processes put at the same time
 
 
 def _arrays(seed: int) -> dict[str, np.ndarray]:
-    """Deterministic tokens-like payload for ``seed`` (what the tokenizer stores)."""
+    """Deterministic tokens-like payload for ``seed``."""
     rng = np.random.default_rng(seed)
     return {
         "vq02": rng.integers(0, 1024, size=50, dtype=np.int64),
@@ -37,7 +39,7 @@ def _arrays(seed: int) -> dict[str, np.ndarray]:
 
 
 def _vocoder_arrays(seed: int) -> dict[str, np.ndarray]:
-    """What the vocoder adds later under the same key: a 2-D float mel and a speaker embedding."""
+    """The rest of a prompt record: a 2-D float mel and a speaker embedding."""
     rng = np.random.default_rng(10_000 + seed)
     return {
         "prompt_mel": rng.standard_normal((1, 40, 80)).astype(np.float32),
@@ -143,23 +145,20 @@ def test_fingerprint_of_large_file_hashes_edges_and_identity(tmp_path: Path, mon
     assert fingerprint_of([big]) != fp_tail
 
 
-# --------------------------------------------------------------------------- round trip + merge
+# --------------------------------------------------------------------------- round trip
 
 
-def test_round_trip_named_arrays_and_merge(tmp_path: Path) -> None:
+def test_round_trip_one_record_replaced_whole(tmp_path: Path) -> None:
     cache = TokenCache(tmp_path, 10**7, FP)
     key = _key(1)
     assert cache.get(key) is None
-    tokens = _arrays(1)
-    cache.put(key, tokens, compute_seconds=2.0)
-    _assert_same(cache.get(key), tokens)
-    extra = _vocoder_arrays(1)
-    cache.put(key, extra, compute_seconds=0.5)  # the vocoder adds its arrays to the same key
-    _assert_same(cache.get(key), tokens | extra)
-    _assert_same(cache.get(key, names=("vq02", "vq06")), tokens | extra)
+    record = _arrays(1) | _vocoder_arrays(1)
+    cache.put(key, record, compute_seconds=2.0)
+    _assert_same(cache.get(key), record)
+    _assert_same(cache.get(key, names=("vq02", "prompt_mel")), record)
     replaced = {"vq02": np.arange(7, dtype=np.int64)}
-    cache.put(key, replaced, compute_seconds=1.0)  # new names win, others are kept
-    _assert_same(cache.get(key), tokens | extra | replaced)
+    cache.put(key, replaced, compute_seconds=1.0)  # a put replaces the record: nothing is merged
+    _assert_same(cache.get(key), replaced)
     assert cache.stats().entries == 1
     # stored compactly as a binary npz, not JSON
     payload = next((tmp_path / "wav2token").glob("*/*.npz")).read_bytes()
@@ -454,16 +453,16 @@ def test_stats_count_and_time_saved_adds_up(tmp_path: Path) -> None:
     for _ in range(3):
         cache.get(_key(1))
     cache.get(_key(2))
-    cache.put(_key(2), _vocoder_arrays(2), compute_seconds=0.75)
-    cache.get(_key(2), names=("vq02", "vq06"))  # only the tokens' cost was saved
-    cache.get(_key(2), names=("prompt_mel",))  # only the vocoder's
-    cache.get(_key(2))  # both
+    cache.put(_key(2), _arrays(2) | _vocoder_arrays(2), compute_seconds=0.75)  # recomputed: its cost now
+    cache.get(_key(2), names=("vq02", "prompt_mel"))
+    cache.get(_key(2), names=("missing",))  # a record without a wanted array is a miss
+    cache.get(_key(2))
     s = cache.stats()
-    assert (s.hits, s.misses, s.entries) == (7, 2, 2)
+    assert (s.hits, s.misses, s.entries) == (6, 3, 2)
     assert s.bytes == sum(_payload_files(tmp_path).values())
-    assert s.time_saved_s == pytest.approx(3 * 1.5 + 0.25 + 0.25 + 0.75 + 1.0)
+    assert s.time_saved_s == pytest.approx(3 * 1.5 + 0.25 + 2 * 0.75)
     d = s.as_dict()
-    assert d["hit_ratio"] == pytest.approx(7 / 9, abs=1e-6)
+    assert d["hit_ratio"] == pytest.approx(6 / 9, abs=1e-6)
     assert d["max_bytes"] == 10**7
     assert set(d) == {"hits", "misses", "entries", "bytes", "max_bytes", "time_saved_s", "hit_ratio"}
 
@@ -471,25 +470,37 @@ def test_stats_count_and_time_saved_adds_up(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- concurrency
 
 
+def _record(i: int, writer: int) -> dict[str, np.ndarray]:
+    """Key ``i``'s record as process ``writer`` computes it (the writer is marked in it)."""
+    return _arrays(i) | {"writer": np.full(3, writer)}
+
+
+def _check_record(i: int, got: dict[str, np.ndarray]) -> str | None:
+    """None when ``got`` is one writer's whole record of key ``i``, else what is wrong."""
+    if sorted(got) != ["vq02", "vq06", "writer"]:
+        return f"key {i}: arrays {sorted(got)}"
+    writer = int(got["writer"][0])
+    want = _record(i, writer)
+    if writer not in (0, 1) or any(not np.array_equal(got[n], want[n]) or got[n].dtype != want[n].dtype for n in want):
+        return f"key {i}: a torn or wrong record"
+    return None
+
+
 def _hammer(cache_dir: str, max_bytes: int, worker: int, errors, start) -> None:
-    """One server process: get-or-put on shared and own keys, merging its own array names."""
+    """One server process: get-or-put on shared and own keys."""
     cache = TokenCache(Path(cache_dir), max_bytes, FP)
     start.wait(timeout=60)  # both processes hammer at the same time
     rng = np.random.default_rng(worker)
-    mine = f"w{worker}"
     try:
         for _ in range(HAMMER_ROUNDS):
             shared = int(rng.integers(0, 6))
             own = 100 + worker * 100 + int(rng.integers(0, 6))
             for i in (shared, own):
                 got = cache.get(_key(i))
-                want = _arrays(i) | {f"w{w}": np.full(3, i * 10 + w) for w in (0, 1)}
-                if got is not None:  # any subset of the arrays ever written, each exactly right
-                    for name, a in got.items():
-                        if name not in want or not np.array_equal(a, want[name]) or a.dtype != want[name].dtype:
-                            errors.put(f"key {i}: wrong {name}")
-                if got is None or mine not in got:
-                    cache.put(_key(i), _arrays(i) | {mine: want[mine]}, compute_seconds=0.01)
+                if got is not None and (problem := _check_record(i, got)):
+                    errors.put(problem)
+                if got is None or rng.random() < 0.3:  # also overwrite records the other process wrote
+                    cache.put(_key(i), _record(i, worker), compute_seconds=0.01)
     except Exception as exc:  # report to the parent rather than dying silently
         errors.put(f"worker {worker}: {exc!r}")
 
@@ -512,32 +523,33 @@ def test_two_processes_hammering_leave_a_consistent_cache(tmp_path: Path, max_by
     _assert_consistent(tmp_path)
     cache = TokenCache(tmp_path, max_bytes, FP)
     assert cache.stats().bytes <= max_bytes
-    if max_bytes == 10**8:  # nothing evicted: both processes' merged arrays survive on shared keys
+    if max_bytes == 10**8:  # nothing evicted: every shared key holds one writer's whole record
         for i in range(6):
-            want = _arrays(i) | {f"w{w}": np.full(3, i * 10 + w) for w in (0, 1)}
-            _assert_same(cache.get(_key(i)), want)
+            got = cache.get(_key(i))
+            assert got is not None and _check_record(i, got) is None
 
 
-def _merge_race(cache_dir: str, worker: int, start) -> None:
-    """Put this worker's own array name once onto each shared key, in step with the other worker."""
+def _put_race(cache_dir: str, worker: int, start) -> None:
+    """Put this worker's record of each shared key, in step with the other worker."""
     cache = TokenCache(Path(cache_dir), 10**8, FP)
     start.wait(timeout=60)
-    for i in range(MERGE_KEYS):
-        cache.put(_key(i), {f"w{worker}": np.full(4, i * 10 + worker)}, compute_seconds=0.01)
+    for i in range(RACE_KEYS):
+        cache.put(_key(i), _record(i, worker), compute_seconds=0.01)
 
 
-def test_concurrent_merges_from_two_processes_are_never_lost(tmp_path: Path) -> None:
+def test_concurrent_puts_from_two_processes_leave_one_whole_record(tmp_path: Path) -> None:
     ctx = mp.get_context("spawn")
     start = ctx.Barrier(2)
-    procs = [ctx.Process(target=_merge_race, args=(str(tmp_path), w, start)) for w in (0, 1)]
+    procs = [ctx.Process(target=_put_race, args=(str(tmp_path), w, start)) for w in (0, 1)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(timeout=120)
         assert p.exitcode == 0
     cache = TokenCache(tmp_path, 10**8, FP)
-    for i in range(MERGE_KEYS):
-        _assert_same(cache.get(_key(i)), {f"w{w}": np.full(4, i * 10 + w) for w in (0, 1)})
+    for i in range(RACE_KEYS):
+        got = cache.get(_key(i))
+        assert got is not None and _check_record(i, got) is None
     _assert_consistent(tmp_path)
 
 
@@ -588,3 +600,66 @@ def test_processes_opening_a_fresh_cache_at_once_all_succeed(tmp_path: Path) -> 
     while not errors.empty():
         problems.append(errors.get())
     assert problems == []
+
+
+# --------------------------------------------------------------------------- killed writers
+
+KILLED_WRITERS = 4  # writers killed with SIGKILL in the middle of a payload write
+
+
+def _write_big_entries(cache_dir: str, seed: int, started) -> None:
+    """A server process writing large payloads without pause (until it is killed)."""
+    cache = TokenCache(Path(cache_dir), 10**9, FP)
+    noise = np.random.default_rng(seed).integers(0, 255, 4 * 1024**2, dtype=np.uint8)  # incompressible
+    started.set()
+    i = 0
+    while True:
+        cache.put(_key(10_000 + 100 * seed + i % 20), {"noise": np.roll(noise, i)}, compute_seconds=0.01)
+        i += 1
+
+
+def _temp_files(cache_dir: Path) -> list[Path]:
+    """Temp files anywhere under the cache (whatever directory a writer puts them in)."""
+    return list((cache_dir / token_cache.NAMESPACE).rglob(f"*{token_cache.TEMP_SUFFIX}"))
+
+
+def test_temp_files_of_killed_writers_are_removed_by_the_next_put(tmp_path: Path) -> None:
+    """kill -9 during a write leaves a temp file; the next put anywhere removes it, whatever its age."""
+    ctx = mp.get_context("spawn")
+    survivor = TokenCache(tmp_path, 10**9, FP)
+    left_behind = []
+    for round_ in range(KILLED_WRITERS):
+        for _attempt in range(5):  # a kill can land just after the rename: then that writer left nothing
+            started = ctx.Event()
+            writer = ctx.Process(target=_write_big_entries, args=(str(tmp_path), round_, started))
+            writer.start()
+            assert started.wait(timeout=120)
+            deadline = time.monotonic() + 60
+            while not _temp_files(tmp_path):  # wait until it is inside a write, then kill it there
+                assert time.monotonic() < deadline and writer.is_alive()
+            os.kill(writer.pid, signal.SIGKILL)
+            writer.join(timeout=30)
+            if _temp_files(tmp_path):
+                break
+        left_behind.append(sum(p.stat().st_size for p in _temp_files(tmp_path)))
+        if round_ < KILLED_WRITERS - 1:
+            survivor.put(_key(round_), _arrays(round_))  # any put cleans up after the dead
+        else:
+            survivor.close()
+            TokenCache(tmp_path, 10**9, FP)  # ... and so does a start-up, at once
+        assert _temp_files(tmp_path) == [], f"round {round_}"
+    assert min(left_behind) > 0  # every kill really left a temp file behind
+    _assert_consistent(tmp_path)
+
+
+def test_a_live_writers_temp_file_is_never_taken(tmp_path: Path) -> None:
+    """Another cache object (here in the same process, as in another one) leaves a live writer's temp alone."""
+    writer = TokenCache(tmp_path, 10**7, FP)
+    in_flight = writer._write_temp(_key(1), b"half written")  # a put of ``writer`` in progress
+    other = TokenCache(tmp_path, 10**7, FP)
+    other.put(_key(2), _arrays(2))
+    assert in_flight.exists()
+    writer.close()  # its lock is released, so its leftovers go
+    other.put(_key(3), _arrays(3))
+    assert not in_flight.exists()
+    _assert_consistent(tmp_path)

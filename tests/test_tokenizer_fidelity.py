@@ -2,7 +2,7 @@
 
 Stage by stage, each stage fed with the reference's input to it: prompt -> 16 kHz preprocessed
 audio -> (vq02 LFR features -> encoder output -> codes; vq06 log-mel -> codes) -> interleave.
-Tokens must match exactly; floats within the fixture README's suggested tolerances.
+Tokens must match exactly; floats within the tolerances of docs/model.md §8.
 """
 
 from __future__ import annotations

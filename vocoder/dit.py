@@ -1,7 +1,7 @@
 """The flow-matching estimator: a DiT with adaLN-Zero blocks (attention, causal conv, MLP branches).
 
 Parameter names reproduce the official ``flow.pt`` keys under ``decoder.estimator.``
-(checkpoint-keys.md §2). The velocity field is evaluated on (x, mu, speaker, prompt condition)
+(docs/model.md §4.4). The velocity field is evaluated on (x, mu, speaker, prompt condition)
 stacked on channels; the time enters through a sinusoidal embedding that modulates every block.
 
 For streaming, the modules take an explicit :class:`DiTCache` (left context of the causal
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -126,9 +127,10 @@ class CausalConvBlock(nn.Module):
         Equivalent to running ``self.block`` (transposes around channel-first convs), but stays in
         (B, T, C) layout throughout.
         """
-        h, conv1 = self.block[1].forward_time_major(x, None if cache is None else cache.conv1)
+        first, last = cast(CausalConv1d, self.block[1]), cast(CausalConv1d, self.block[6])
+        h, conv1 = first.forward_time_major(x, None if cache is None else cache.conv1)
         h = self.block[4](self.block[3](h))
-        h, conv2 = self.block[6].forward_time_major(h, None if cache is None else cache.conv2)
+        h, conv2 = last.forward_time_major(h, None if cache is None else cache.conv2)
         if cache is not None:
             cache.conv1, cache.conv2 = conv1, conv2
         return h
@@ -166,7 +168,8 @@ class Attention(nn.Module):
                 v = torch.cat([v, cache.value], dim=2)
             cache.key, cache.value = k, v
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, d)
-        return self.proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+        projected: torch.Tensor = self.proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+        return projected
 
 
 class MLP(nn.Module):
@@ -178,7 +181,8 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(hidden_features, in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        out: torch.Tensor = self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return out
 
 
 class DiTBlock(nn.Module):
@@ -220,7 +224,8 @@ class TimestepEmbedder(nn.Module):
         half = self.frequency_embedding_size // 2
         freqs = torch.exp(-math.log(TIME_MAX_PERIOD) * torch.arange(half, dtype=torch.float32) / half).to(t)
         args = (t * TIME_SCALE)[:, None] * freqs[None]
-        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+        out: torch.Tensor = self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+        return out
 
 
 class FinalLayer(nn.Module):
@@ -234,7 +239,8 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        out: torch.Tensor = self.linear(modulate(self.norm_final(x), shift, scale))
+        return out
 
 
 class DiT(nn.Module):
@@ -283,4 +289,5 @@ class DiT(nn.Module):
         attn_mask = None if bool(valid.all()) else valid.unsqueeze(1)  # (B, 1, 1, T)
         for i, block in enumerate(self.blocks):
             h = block(h, c, attn_mask, None if cache is None else cache.blocks[i])
-        return self.final_layer(h, c).transpose(1, 2)
+        out: torch.Tensor = self.final_layer(h, c)
+        return out.transpose(1, 2)

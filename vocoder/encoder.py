@@ -1,7 +1,7 @@
 """The flow's token encoder: dual-codebook embedding and the upsampling conformer (25 Hz -> 50 Hz).
 
 Parameter names reproduce the official ``flow.pt`` keys under ``input_embedding.`` and ``encoder.``
-(see checkpoint-keys.md §2). The conformer is ESPnet's: relative-position self-attention
+(see docs/model.md §4.4). The conformer is ESPnet's: relative-position self-attention
 ("rel_selfattn" with ``pos_bias_u``/``pos_bias_v``/``linear_pos`` and the relative shift) over the
 "rel_pos_espnet" sinusoidal table, pre-norm blocks without macaron FFN or convolution module.
 Every module is stateless: the whole-utterance path is ``forward``; the streaming path
@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -118,7 +119,8 @@ class LinearInput(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, T, idim) -> (B, T, odim) scaled, pos_emb (1, 2T-1, odim)."""
-        return self.pos_enc(self.out(x))
+        scaled_and_pos: tuple[torch.Tensor, torch.Tensor] = self.pos_enc(self.out(x))
+        return scaled_and_pos
 
 
 class RelPositionMultiHeadedAttention(nn.Module):
@@ -214,7 +216,8 @@ class RelPositionMultiHeadedAttention(nn.Module):
                 attn = torch.softmax(scores, dim=-1)
             outs.append(torch.matmul(attn, v))
         out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
-        return self.linear_out(out.transpose(1, 2).reshape(b, t, self.h * self.d_k))
+        projected: torch.Tensor = self.linear_out(out.transpose(1, 2).reshape(b, t, self.h * self.d_k))
+        return projected
 
 
 class PositionwiseFeedForward(nn.Module):
@@ -227,7 +230,8 @@ class PositionwiseFeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, T, D) -> (B, T, D)."""
-        return self.w_2(F.silu(self.w_1(x)))
+        out: torch.Tensor = self.w_2(F.silu(self.w_1(x)))
+        return out
 
 
 class ConformerEncoderLayer(nn.Module):
@@ -243,7 +247,8 @@ class ConformerEncoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, pos_emb: torch.Tensor) -> torch.Tensor:
         """x: (B, T, D) -> (B, T, D)."""
         x = x + self.self_attn(self.norm_mha(x), mask, pos_emb)
-        return x + self.feed_forward(self.norm_ff(x))
+        out: torch.Tensor = x + self.feed_forward(self.norm_ff(x))
+        return out
 
     def forward_chunk(
         self, x: torch.Tensor, pos_emb: torch.Tensor, key_cache: torch.Tensor | None, value_cache: torch.Tensor | None
@@ -267,7 +272,8 @@ class PreLookaheadLayer(nn.Module):
         """x: (B, T, C) -> (B, T, C)."""
         h = F.pad(x.transpose(1, 2), (0, self.pre_lookahead_len))
         h = F.pad(F.leaky_relu(self.conv1(h)), (self.conv2.kernel_size[0] - 1, 0))
-        return self.conv2(h).transpose(1, 2) + x
+        out: torch.Tensor = self.conv2(h)
+        return out.transpose(1, 2) + x
 
     def forward_chunk(self, x: torch.Tensor, cache: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Streaming: x (B, T, C) ends with ``pre_lookahead_len`` look-ahead frames, which only feed conv1.
@@ -401,7 +407,7 @@ class UpsampleConformerEncoderV2(nn.Module):
         pos_emb = rel_pos_table(self.embed.pos_enc.d_model, offset + xs.size(1)).to(device=xs.device, dtype=xs.dtype)
         keys: list[torch.Tensor] = []
         values: list[torch.Tensor] = []
-        for i, layer in enumerate(self.encoders):
+        for i, layer in enumerate(cast("list[ConformerEncoderLayer]", self.encoders)):
             past_k, past_v = (cache.keys[i], cache.values[i]) if cache.keys else (None, None)
             xs, k, v = layer.forward_chunk(xs, pos_emb, past_k, past_v)
             keys.append(k)
@@ -412,10 +418,11 @@ class UpsampleConformerEncoderV2(nn.Module):
         pos_emb = rel_pos_table(self.up_embed.pos_enc.d_model, up_offset + xs.size(1)).to(
             device=xs.device, dtype=xs.dtype
         )
-        for i, layer in enumerate(self.up_encoders, start=n_first):
+        for i, layer in enumerate(cast("list[ConformerEncoderLayer]", self.up_encoders), start=n_first):
             past_k, past_v = (cache.keys[i], cache.values[i]) if cache.keys else (None, None)
             xs, k, v = layer.forward_chunk(xs, pos_emb, past_k, past_v)
             keys.append(k)
             values.append(v)
         cache.keys, cache.values = keys, values
-        return self.after_norm(xs)
+        out: torch.Tensor = self.after_norm(xs)
+        return out

@@ -164,7 +164,8 @@ class CausalMaskedDiffWithXvec(nn.Module):
 
     def speaker_condition(self, embedding: torch.Tensor) -> torch.Tensor:
         """(1, spk_embed_dim) CAM++ embedding -> (1, 80) ODE speaker condition (L2-normalised, projected)."""
-        return self.spk_embed_affine_layer(F.normalize(embedding, dim=1))
+        condition: torch.Tensor = self.spk_embed_affine_layer(F.normalize(embedding, dim=1))
+        return condition
 
     @torch.inference_mode()
     def inference(
@@ -191,7 +192,7 @@ class CausalMaskedDiffWithXvec(nn.Module):
         n_prompt = prompt_feat.size(1)
         cond = torch.zeros_like(mu)
         cond[:, :n_prompt] = prompt_feat
-        mel = self.decoder(
+        mel: torch.Tensor = self.decoder(
             mu.transpose(1, 2).contiguous(),
             mask.to(mu.dtype),
             spks=spks,
@@ -228,7 +229,7 @@ class CausalMaskedDiffWithXvec(nn.Module):
         if not cache.estimator:
             cache.estimator = [DiTCache.empty(self.decoder.estimator.depth) for _ in range(n_timesteps)]
         cond = torch.zeros_like(mu) if cond is None else cond
-        return self.decoder(
+        mel: torch.Tensor = self.decoder(
             mu.transpose(1, 2).contiguous(),
             torch.ones(1, 1, mu.size(1), dtype=mu.dtype, device=mu.device),
             spks=spks,
@@ -237,3 +238,4 @@ class CausalMaskedDiffWithXvec(nn.Module):
             n_timesteps=n_timesteps,
             caches=cache.estimator,
         )
+        return mel

@@ -14,8 +14,8 @@ the reference's ``CosyVoiceFrontEnd`` does:
 The Kaldi fbank is our own torch implementation of the algorithm torchaudio's
 ``compliance.kaldi.fbank`` uses (torchaudio does not load beside our torch).
 
-Both features can be stored in the token cache entry of the same audio
-(:func:`prompt_features`) so a repeated voice skips every prompt computation.
+The engine caches both with the prompt's tokens in one record (``engine/tts.py``);
+:func:`frontend_fingerprint` names what decides them, for that record's fingerprint.
 """
 
 from __future__ import annotations
@@ -23,12 +23,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import librosa
 import numpy as np
@@ -37,9 +36,6 @@ import torch.nn.functional as F
 
 from audio import TOKENIZER_SR, VOCODER_SR, AudioError, resample
 from errors import ModelLoadError
-
-if TYPE_CHECKING:
-    from token_cache import TokenCache
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +52,6 @@ FBANK_PREEMPH = 0.97
 FBANK_POVEY_POWER = 0.85  # Povey window = Hann(periodic=False) ** 0.85
 FBANK_LOW_HZ = 20.0
 FBANK_LOG_EPS = float(torch.finfo(torch.float32).eps)  # energy floor before the log
-
-CACHE_MEL, CACHE_SPK, CACHE_FP = "prompt_mel", "spk_emb", "prompt_feat_fp"
 
 
 @dataclass(frozen=True)
@@ -225,46 +219,16 @@ class PromptFeatures:
     spk_emb: torch.Tensor  # (1, 192) float32
 
 
-def _feature_fingerprint(encoder: SpeakerEncoder, mel_conf: MelConfig) -> np.ndarray:
-    text = encoder.fingerprint + repr(_mel_tuple(mel_conf))
-    return np.frombuffer(hashlib.sha256(text.encode()).digest(), dtype=np.uint8).copy()
+def frontend_fingerprint(encoder: SpeakerEncoder, mel_conf: MelConfig = DEFAULT_MEL_CONF) -> str:
+    """sha256 hex of what decides the prompt features: ``campplus.onnx`` and the mel config."""
+    return hashlib.sha256(f"{encoder.fingerprint}\0{_mel_tuple(mel_conf)!r}".encode()).hexdigest()
 
 
 def prompt_features(
     wav: np.ndarray | torch.Tensor,
     sample_rate: int,
     speaker_encoder: SpeakerEncoder,
-    *,
-    cache: TokenCache | None = None,
-    key: str | None = None,
     mel_conf: MelConfig = DEFAULT_MEL_CONF,
 ) -> PromptFeatures:
-    """Prompt mel + speaker embedding of a prepared prompt, from the token cache when present.
-
-    ``key`` is the content key of the same audio (``token_cache.content_key``); the arrays are
-    stored as ``"prompt_mel"``/``"spk_emb"`` beside the tokens of that entry, with
-    ``"prompt_feat_fp"`` (hash of ``campplus.onnx`` and ``mel_conf``) so that features made
-    by another speaker model or mel config are recomputed rather than reused.
-    """
-    fingerprint = _feature_fingerprint(speaker_encoder, mel_conf)
-    if cache is not None and key is not None:
-        entry = cache.get(key, names=(CACHE_MEL, CACHE_SPK, CACHE_FP))
-        if entry is not None and np.array_equal(entry[CACHE_FP], fingerprint):
-            logger.debug("prompt features from cache hash=%s", key[:8])
-            return PromptFeatures(
-                torch.from_numpy(np.asarray(entry[CACHE_MEL], dtype=np.float32)),
-                torch.from_numpy(np.asarray(entry[CACHE_SPK], dtype=np.float32)),
-            )
-    start = time.perf_counter()
-    features = PromptFeatures(prompt_mel(wav, sample_rate, mel_conf), speaker_encoder.embed(wav, sample_rate))
-    if cache is not None and key is not None:
-        cache.put(
-            key,
-            {
-                CACHE_MEL: features.prompt_mel.cpu().numpy(),
-                CACHE_SPK: features.spk_emb.cpu().numpy(),
-                CACHE_FP: fingerprint,
-            },
-            compute_seconds=time.perf_counter() - start,
-        )
-    return features
+    """Prompt mel + speaker embedding of a prepared prompt ``(1, n)`` at ``sample_rate``."""
+    return PromptFeatures(prompt_mel(wav, sample_rate, mel_conf), speaker_encoder.embed(wav, sample_rate))

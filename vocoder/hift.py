@@ -152,6 +152,8 @@ class SineGen2(nn.Module):
     (×scale in value), which keeps the fp32 phase sum short.
     """
 
+    harmonics: torch.Tensor  # buffer (1, 1, H+1): 1..H+1
+
     def __init__(
         self,
         samp_rate: int,
@@ -237,11 +239,14 @@ class SourceModuleHnNSF2(nn.Module):
         the waveform, so it is not computed.
         """
         sine_wavs, _ = self.l_sin_gen(f0, draws.rand_ini, draws.sine_noise)
-        return self.l_tanh(self.l_linear(sine_wavs))
+        merged: torch.Tensor = self.l_tanh(self.l_linear(sine_wavs))
+        return merged
 
 
 class HiFTGenerator(nn.Module):
     """HiFTNet generator (NSF + iSTFTNet); keyword arguments are the yaml ``hift:`` keys."""
+
+    stft_window: torch.Tensor  # buffer (n_fft,): periodic Hann
 
     def __init__(
         self,
@@ -348,7 +353,8 @@ class HiFTGenerator(nn.Module):
     def predict_f0(self, speech_feat: torch.Tensor) -> torch.Tensor:
         """speech_feat : (B, 80, T) log-mel -> f0 (B, T) in Hz, one value per mel frame."""
         self._check_mel(speech_feat)
-        return self.f0_predictor(speech_feat)
+        f0: torch.Tensor = self.f0_predictor(speech_feat)
+        return f0
 
     def source_from_f0(
         self, f0: torch.Tensor, *, generator: torch.Generator | None = None, draws: HiftDraws | None = None
@@ -369,7 +375,8 @@ class HiFTGenerator(nn.Module):
                 f"{tuple(draws.rand_ini.shape)} and {tuple(draws.sine_noise.shape)}"
             )
         f0_up = self.f0_upsamp(f0[:, None]).transpose(1, 2)  # (B, L, 1), nearest
-        return self.m_source(f0_up, draws).transpose(1, 2)
+        source: torch.Tensor = self.m_source(f0_up, draws)
+        return source.transpose(1, 2)
 
     def decode(self, speech_feat: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         """speech_feat : (B, 80, T), source : (B, 1, T·480) -> waveform (B, T·480) in ±audio_limit."""

@@ -1,6 +1,6 @@
 """Non-streaming token2wav: mixed LLM audio codes + prompt features -> 24 kHz waveform.
 
-Follows the reference's ``token2wav_nonstream`` (model-spec §4.6):
+Follows the reference's ``token2wav_nonstream`` (docs/model.md §4.6):
 
 1. the target and prompt codes are reshaped into dual-codebook frames (``reshape_mixed_codes``);
 2. the prompt mel, computed on the untrimmed prompt, is resized with nearest-neighbour
@@ -10,7 +10,7 @@ Follows the reference's ``token2wav_nonstream`` (model-spec §4.6):
 4. HiFT turns the target mel into 480 samples per mel frame.
 
 Upstream ``tts.py`` hands the prompt mel and speaker embedding over in bf16; that rounding changes
-the output audibly (fixture README §4.5), so it is reproduced here by default.
+the output audibly (docs/model.md §4.6), so it is reproduced here by default.
 
 Randomness is explicit: the ODE start noise and the HiFT source draws come from one CPU
 ``torch.Generator`` seeded per call (so a seed gives the same audio on any device), or are injected
@@ -279,10 +279,9 @@ class Token2Wav:
         )
         flow_done = time.perf_counter()
         draws = HiftDraws(
-            *(
-                None if d is None else d.to(device)
-                for d in (hift_draws.rand_ini, hift_draws.sine_noise, hift_draws.source_noise)
-            )
+            hift_draws.rand_ini.to(device),
+            hift_draws.sine_noise.to(device),
+            None if hift_draws.source_noise is None else hift_draws.source_noise.to(device),
         )
         speech = self.hift.inference(target_mel, draws=draws)
         end = time.perf_counter()

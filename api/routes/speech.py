@@ -11,32 +11,45 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import Annotated, Any, TypeVar
 from urllib.parse import quote
 
 import numpy as np
-from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from api.audio_io import CONTENT_TYPES, StreamingAudioWriter, encode_audio, sse_delta, sse_done
+from api.admission import queues_a_job
+from api.audio_io import CONTENT_TYPES, AudioFormat, StreamingAudioWriter, encode_audio, sse_delta, sse_done
 from api.errors import ERROR_RESPONSES, status_of
-from api.inputs import read_upload
 from api.schemas import IterationAudio, IterationsResponse, SpeechRequest
 from api.speech_requests import SpeechJob, api_param, build_request
-from api.state import AppState, Engine, ReadyEngine, State, require_api_key
-from engine.types import CloneRequest, SynthesisResult
-from errors import InvalidInputError, StepAudioError
+from api.state import AppState, Engine, ReadyEngine, State
+from engine.types import CancelToken, CloneRequest, StreamInfo, SynthesisResult
+from errors import InvalidInputError, RequestCancelledError, StepAudioError
 
-router = APIRouter(tags=["speech"], dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
+router = APIRouter(tags=["speech"], responses=ERROR_RESPONSES)  # the API key and body limits: api.admission
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 STREAM_CHUNK_SECONDS = 0.5
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
 _AUDIO_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"content": {ct: {} for ct in sorted(set(CONTENT_TYPES.values()))}, "description": "The audio."}
+    200: {
+        "description": "The audio in `response_format` (whole, or chunked with `stream_format: audio`); "
+        "`stream_format: sse` sends `speech.audio.delta` / `speech.audio.done` events; "
+        "`step_audio.return_iterations` answers JSON with every edit iteration.",
+        "model": IterationsResponse,  # application/json
+        "content": {
+            **{ct: _BINARY for ct in sorted(set(CONTENT_TYPES.values()))},
+            "text/event-stream": {"schema": {"type": "string", "description": "Server-sent events."}},
+        },
+    }
 }
 
 
@@ -45,12 +58,14 @@ class ClientGoneError(Exception):
 
 
 @router.post("/v1/audio/speech", response_class=Response, responses=_AUDIO_RESPONSES)
+@queues_a_job
 async def create_speech(body: SpeechRequest, request: Request, state: State, engine: ReadyEngine) -> Response:
     """OpenAI's speech endpoint: clone (default) or edit, audio given as base64, URL or voice."""
     return await synthesize(request, state, engine, body, {})
 
 
 @router.post("/v1/audio/speech/upload", response_class=Response, responses=_AUDIO_RESPONSES)
+@queues_a_job
 async def create_speech_upload(
     *,
     request: Request,
@@ -67,9 +82,8 @@ async def create_speech_upload(
         if any(e.get("type") == "json_invalid" for e in exc.errors()):
             raise InvalidInputError("payload is not valid JSON", param="payload") from exc
         raise
-    limit = state.settings.max_upload_bytes
-    uploads = {
-        name: await read_upload(f, max_bytes=limit, param=f"{name}_file")
+    uploads = {  # each file's size was bounded while the body streamed in (api.admission)
+        name: await f.read()
         for name, f in (("prompt_audio", prompt_audio_file), ("input_audio", input_audio_file))
         if f is not None
     }
@@ -104,11 +118,61 @@ async def _synthesize(
     mode = opts.mode
     fmt = body.response_format or state.settings.default_response_format
     job = await build_request(state, engine, body, uploads)
+    if body.stream_format is not None and not opts.return_iterations:
+        return await _stream_response(
+            request, state, engine, job, mode=mode, fmt=fmt, sse=body.stream_format == "sse", t0=t0
+        )
     try:
         result, timing = await _run_until_disconnect(request, _submit(state, engine, mode, job))
     except InvalidInputError as exc:
         exc.param = api_param(exc.param)
         raise
+    _record_run(state, mode, result, timing)
+    iterations = result.iterations or [result.audio]
+    headers = _headers(
+        mode,
+        job,
+        StreamInfo(result.seed, result.intensity, result.sample_rate, len(iterations), result.transcript),
+    )
+    headers["X-Step-Audio-Audio-Tokens"] = str(result.n_audio_tokens)
+    if opts.return_iterations:
+        return await _iterations_response(
+            state=state, mode=mode, fmt=fmt, result=result, iterations=iterations, headers=headers, t0=t0
+        )
+    if body.stream_format is None:
+        data = await run_in_threadpool(encode_audio, result.audio, fmt, result.sample_rate)
+        m = state.metrics
+        m.ttfb.labels(mode).observe(time.perf_counter() - t0)
+        m.ttfa.labels(mode, "whole").observe(time.perf_counter() - t0)
+        m.latency.labels(mode).observe(time.perf_counter() - t0)
+        m.requests.labels(mode, "200").inc()
+        return Response(data, media_type=CONTENT_TYPES[fmt], headers=headers)
+    # a request that asked for a stream but ran whole (return_iterations): sliced as it is
+    sse = body.stream_format == "sse"
+    return StreamingResponse(
+        _stream_whole(state, mode, fmt, result, t0, sse=sse),
+        media_type="text/event-stream" if sse else CONTENT_TYPES[fmt],
+        headers=headers,
+    )
+
+
+def _headers(mode: str, job: SpeechJob, info: StreamInfo) -> dict[str, str]:
+    headers = {
+        "X-Step-Audio-Mode": mode,
+        "X-Step-Audio-Variant": job.request.variant,
+        "X-Step-Audio-Seed": str(info.seed),
+        "X-Step-Audio-Intensity": f"{info.intensity:g}",
+        "X-Step-Audio-Iterations": str(info.iterations),
+        "X-Step-Audio-Sample-Rate": str(info.sample_rate),
+    }
+    if job.edits_report is not None:
+        headers["X-Step-Audio-Edits"] = job.edits_report
+    if info.transcript is not None:
+        headers["X-Step-Audio-Transcript"] = quote(info.transcript, safe=" ,.!?'")
+    return headers
+
+
+def _record_run(state: AppState, mode: str, result: SynthesisResult, timing: Any) -> None:
     audio_s = len(result.audio) / result.sample_rate
     m = state.metrics
     m.queue_wait.labels(mode).observe(timing.queue_wait_s)
@@ -119,45 +183,19 @@ async def _synthesize(
         if n > 0:
             m.cache_lookups.labels(mode, key).inc(n)
 
-    iterations = result.iterations or [result.audio]
-    headers = {
-        "X-Step-Audio-Mode": mode,
-        "X-Step-Audio-Variant": job.request.variant,
-        "X-Step-Audio-Seed": str(result.seed),
-        "X-Step-Audio-Intensity": f"{result.intensity:g}",
-        "X-Step-Audio-Iterations": str(len(iterations)),
-        "X-Step-Audio-Audio-Tokens": str(result.n_audio_tokens),
-        "X-Step-Audio-Sample-Rate": str(result.sample_rate),
-    }
-    if job.edits_report is not None:
-        headers["X-Step-Audio-Edits"] = job.edits_report
-    if result.transcript is not None:
-        headers["X-Step-Audio-Transcript"] = quote(result.transcript, safe=" ,.!?'")
-    if opts.return_iterations:
-        return await _iterations_response(
-            state=state, mode=mode, fmt=fmt, result=result, iterations=iterations, headers=headers, t0=t0
-        )
-    if body.stream_format is None:
-        data = await run_in_threadpool(encode_audio, result.audio, fmt, result.sample_rate)
-        m.ttfb.labels(mode).observe(time.perf_counter() - t0)
-        m.latency.labels(mode).observe(time.perf_counter() - t0)
-        m.requests.labels(mode, "200").inc()
-        return Response(data, media_type=CONTENT_TYPES[fmt], headers=headers)
-    sse = body.stream_format == "sse"
-    return StreamingResponse(
-        _stream(state, mode, fmt, result, t0, sse=sse),
-        media_type="text/event-stream" if sse else CONTENT_TYPES[fmt],
-        headers=headers,
-    )
 
-
-async def _submit(state: AppState, engine: Engine, mode: str, job: SpeechJob) -> tuple[SynthesisResult, Any]:
+async def _submit(
+    state: AppState, engine: Engine, mode: str, job: SpeechJob, *, sink: _LoopSink | None = None
+) -> tuple[SynthesisResult, Any]:
     request = job.request
+    cancel = CancelToken()  # set by the service when this request's client goes away
 
     def run() -> SynthesisResult:
-        return engine.clone(request) if isinstance(request, CloneRequest) else engine.edit(request)
+        if isinstance(request, CloneRequest):
+            return engine.clone(request, sink=sink, cancel=cancel)
+        return engine.edit(request, sink=sink, cancel=cancel)
 
-    return await state.service.submit(mode, run, request=request)
+    return await state.service.submit(mode, run, request=request, cancel=cancel)
 
 
 async def _run_until_disconnect(request: Request, work: Awaitable[T]) -> T:
@@ -182,10 +220,155 @@ async def _run_until_disconnect(request: Request, work: Awaitable[T]) -> T:
     raise ClientGoneError
 
 
-async def _stream(
-    state: AppState, mode: str, fmt: str, result: SynthesisResult, t0: float, *, sse: bool
+class _LoopSink:
+    """The engine's ``AudioSink`` for one response: hands events to the event loop's queue."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.started: asyncio.Future[StreamInfo] = self._loop.create_future()
+        self.events: asyncio.Queue[np.ndarray] = asyncio.Queue()
+
+    def start(self, info: StreamInfo) -> None:
+        self._loop.call_soon_threadsafe(self._started, info)
+
+    def _started(self, info: StreamInfo) -> None:
+        if not self.started.done():
+            self.started.set_result(info)
+
+    def put(self, piece: np.ndarray) -> None:
+        self._loop.call_soon_threadsafe(self.events.put_nowait, piece)
+
+
+async def _stream_response(
+    request: Request,
+    state: AppState,
+    engine: Engine,
+    job: SpeechJob,
+    *,
+    mode: str,
+    fmt: AudioFormat,
+    sse: bool,
+    t0: float,
+) -> Response:
+    """Real streaming: audio leaves as the streaming vocoder makes it, while the LLM generates.
+
+    The response starts (status and headers) only once the engine has accepted the request and
+    is about to make audio, so every input error is still a proper 4xx; a failure after that
+    ends the stream early (logged).
+    """
+    sink = _LoopSink()
+    work = asyncio.ensure_future(_submit(state, engine, mode, job, sink=sink))
+    first = sink.started
+
+    async def started() -> None:
+        pending: list[asyncio.Future[Any]] = [work, first]
+        await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+
+    try:
+        await _run_until_disconnect(request, started())
+    except BaseException:
+        work.cancel()  # the service sets the job's cancel event: the engine stops within a step
+        first.cancel()
+        raise
+    if not first.done():  # the job ended before any stream began: an error, or nothing to stream
+        first.cancel()
+        try:
+            result, timing = work.result()
+        except InvalidInputError as exc:
+            exc.param = api_param(exc.param)
+            raise
+        _record_run(state, mode, result, timing)
+        headers = _headers(
+            mode,
+            job,
+            StreamInfo(result.seed, result.intensity, result.sample_rate, len(result.iterations), result.transcript),
+        )
+        return StreamingResponse(
+            _stream_whole(state, mode, fmt, result, t0, sse=sse),
+            media_type="text/event-stream" if sse else CONTENT_TYPES[fmt],
+            headers=headers,
+        )
+    info = first.result()
+    return StreamingResponse(
+        _stream_pieces(state, mode, fmt, info=info, sink=sink, work=work, t0=t0, sse=sse),
+        media_type="text/event-stream" if sse else CONTENT_TYPES[fmt],
+        headers=_headers(mode, job, info),
+    )
+
+
+async def _stream_pieces(
+    state: AppState,
+    mode: str,
+    fmt: AudioFormat,
+    *,
+    info: StreamInfo,
+    sink: _LoopSink,
+    work: asyncio.Future[tuple[SynthesisResult, Any]],
+    t0: float,
+    sse: bool,
 ) -> AsyncIterator[bytes]:
-    """Chunked audio or SSE events; the encoder runs in a thread chunk by chunk."""
+    """Encode and send each piece as it arrives; a client that leaves cancels the work."""
+    m = state.metrics
+    writer = StreamingAudioWriter(fmt, info.sample_rate, streaming=True)
+    first = True
+
+    def mark_first() -> None:
+        nonlocal first
+        if first:
+            first = False
+            m.ttfb.labels(mode).observe(time.perf_counter() - t0)
+            m.ttfa.labels(mode, "streamed").observe(time.perf_counter() - t0)
+
+    try:
+        ended = False
+        while not ended:
+            pieces: list[np.ndarray] = []
+            if work.done():
+                ended = True  # every piece was queued before the job's result: take the rest
+            else:
+                get = asyncio.ensure_future(sink.events.get())
+                either: list[asyncio.Future[Any]] = [get, work]
+                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+                if get.done():
+                    pieces.append(get.result())
+                else:
+                    get.cancel()
+            while not sink.events.empty():
+                pieces.append(sink.events.get_nowait())
+            for piece in pieces:
+                data = await run_in_threadpool(writer.write, piece)
+                if data:
+                    mark_first()
+                    yield sse_delta(data) if sse else data
+        try:
+            result, timing = work.result()
+        except (StepAudioError, RequestCancelledError) as exc:
+            logger.warning("a %s stream ended early: %s", mode, exc)
+            m.requests.labels(mode, str(status_of(exc)) if isinstance(exc, StepAudioError) else "499").inc()
+            return
+        _record_run(state, mode, result, timing)
+        generated = result.timings.get("generated_ids", 0.0)
+        if generated > 0 and "first_audio_ids" in result.timings:
+            m.stream_start.labels(mode).observe(result.timings["first_audio_ids"] / generated)
+        data = await run_in_threadpool(writer.finish)
+        if data:
+            mark_first()
+            yield sse_delta(data) if sse else data
+        if sse:
+            n = result.n_audio_tokens
+            yield sse_done({"input_tokens": 0, "output_tokens": n, "total_tokens": n})
+        m.latency.labels(mode).observe(time.perf_counter() - t0)
+        m.requests.labels(mode, "200").inc()
+    finally:
+        if not work.done():  # the client went away mid-stream
+            work.cancel()
+            m.requests.labels(mode, "499").inc()
+
+
+async def _stream_whole(
+    state: AppState, mode: str, fmt: AudioFormat, result: SynthesisResult, t0: float, *, sse: bool
+) -> AsyncIterator[bytes]:
+    """A finished result sent as chunked audio or SSE events; the encoder runs in a thread."""
     m = state.metrics
     writer = StreamingAudioWriter(fmt, result.sample_rate, streaming=True, total_samples=len(result.audio))
     step = max(1, int(STREAM_CHUNK_SECONDS * result.sample_rate))
@@ -196,12 +379,14 @@ async def _stream(
         if data:
             if first:
                 m.ttfb.labels(mode).observe(time.perf_counter() - t0)
+                m.ttfa.labels(mode, "whole").observe(time.perf_counter() - t0)
                 first = False
             yield sse_delta(data) if sse else data
     data = await run_in_threadpool(writer.finish)
     if data:
         if first:
             m.ttfb.labels(mode).observe(time.perf_counter() - t0)
+            m.ttfa.labels(mode, "whole").observe(time.perf_counter() - t0)
         yield sse_delta(data) if sse else data
     if sse:
         n = result.n_audio_tokens
@@ -214,7 +399,7 @@ async def _iterations_response(
     *,
     state: AppState,
     mode: str,
-    fmt: str,
+    fmt: AudioFormat,
     result: SynthesisResult,
     iterations: list[np.ndarray],
     headers: dict[str, str],
@@ -222,7 +407,7 @@ async def _iterations_response(
 ) -> JSONResponse:
     encoded = [await run_in_threadpool(encode_audio, it, fmt, result.sample_rate) for it in iterations]
     body = IterationsResponse(
-        format=fmt,  # type: ignore[arg-type]
+        format=fmt,
         sample_rate=result.sample_rate,
         seed=result.seed,
         intensity=result.intensity,

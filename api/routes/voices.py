@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi import APIRouter, File, Form, UploadFile
 from starlette.concurrency import run_in_threadpool
 
+from api.admission import queues_a_job
 from api.errors import ERROR_RESPONSES
-from api.inputs import decode_audio_bytes, read_upload
+from api.inputs import decode_audio_bytes
 from api.schemas import VoiceCard, VoiceList
-from api.state import ReadyEngine, State, require_api_key
+from api.state import AppState, Engine, ReadyEngine, State
 from engine.voices import DEFAULT_VOICE_NAME, OPENAI_VOICES, Voice, validate_voice_name
 from errors import InvalidInputError, NotFoundError
 
-router = APIRouter(
-    prefix="/v1/voices", tags=["voices"], dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES
-)
+router = APIRouter(prefix="/v1/voices", tags=["voices"], responses=ERROR_RESPONSES)  # the API key: api.admission
 
 
 def _card(voice: Voice, aliases: list[str] | None = None) -> VoiceCard:
@@ -34,8 +35,9 @@ def _card(voice: Voice, aliases: list[str] | None = None) -> VoiceCard:
 @router.get("")
 async def list_voices(state: State) -> VoiceList:
     store = state.voices
-    names = await run_in_threadpool(store.names)
-    cards = [_card(v) for v in await run_in_threadpool(lambda: [store.get(n) for n in names])]
+    voices = await run_in_threadpool(store.voices)
+    names = [v.name for v in voices]
+    cards = [_card(v) for v in voices]
     if store.default_voice is not None:
         free = [a for a in OPENAI_VOICES if a not in names]
         cards.append(_card(store.default_voice, aliases=free))
@@ -43,6 +45,7 @@ async def list_voices(state: State) -> VoiceList:
 
 
 @router.post("", status_code=201)
+@queues_a_job
 async def register_voice(
     state: State,
     engine: ReadyEngine,
@@ -53,6 +56,12 @@ async def register_voice(
     ] = None,
 ) -> VoiceCard:
     """Store a voice; its clip is tokenized once now, so later requests hit the cache."""
+    data = await file.read()  # its size was bounded while the body streamed in (api.admission)
+    return _card(await add_voice(state, engine, name, data, transcript))
+
+
+async def add_voice(state: AppState, engine: Engine, name: str, data: bytes, transcript: str | None) -> Voice:
+    """The one registration path (HTTP and web UI): checks, decode, transcription, tokenizing in the queue."""
     validate_voice_name(name)
     if name == DEFAULT_VOICE_NAME:
         raise InvalidInputError(f"{name!r} is reserved for the built-in voice", param="name")
@@ -63,29 +72,39 @@ async def register_voice(
             "a voice needs the transcript of its clip (or a server started with --enable-auto-transcribe)",
             param="transcript",
         )
-    data = await read_upload(file, max_bytes=state.settings.max_upload_bytes, param="file")
     audio = await decode_audio_bytes(data, settings=state.settings, param="file")
 
     def register() -> Voice:
-        heard = text or transcriber.transcribe(audio.samples, audio.sample_rate).strip()
+        heard = text
+        if not heard and transcriber is not None:
+            heard = transcriber.transcribe(audio.samples, audio.sample_rate).strip()
         if not heard:
             raise InvalidInputError("no speech was recognised in the clip; give its transcript", param="transcript")
         return state.voices.register(name, audio, heard, prepare=engine.prepare_voice)
 
     voice, _ = await state.service.submit("voice", register)
-    return _card(voice)
+    return voice
 
 
 @router.get("/{voice_id}")
 async def get_voice(state: State, voice_id: str) -> VoiceCard:
-    try:
+    with _by_id():
         voice = await run_in_threadpool(state.voices.resolve, voice_id)
-    except InvalidInputError as exc:  # a lookup by id: absent is 404, not a bad request
-        raise NotFoundError(str(exc)) from exc
     return _card(voice)
 
 
 @router.delete("/{voice_id}")
 async def delete_voice(state: State, voice_id: str) -> dict[str, object]:
-    await run_in_threadpool(state.voices.delete, voice_id)
+    with _by_id():
+        await run_in_threadpool(state.voices.delete, voice_id)
     return {"id": voice_id, "object": "voice", "deleted": True}
+
+
+@contextmanager
+def _by_id() -> Iterator[None]:
+    """A voice addressed by its id in the path: an id that names no voice (unknown or not even a
+    valid name) is 404, the same for GET and DELETE, not a bad request."""
+    try:
+        yield
+    except InvalidInputError as exc:
+        raise NotFoundError(str(exc)) from exc

@@ -1,0 +1,143 @@
+"""Time to first audio and total time of a clone, streamed vs whole, through the real HTTP server.
+
+    .venv/bin/python -m bench.bench_streaming [--size mid] [--seconds 10] [--prompt-seconds 3]
+        [--repeats 3] [--threads 2] [--root DIR]
+
+Not a test. One server (``api.loopback``: the production app under uvicorn) on the ``mid`` bundle on CPU
+(``full`` in bf16 on CUDA when a GPU is present); the generation is capped at the ids of
+``--seconds`` of audio (random weights rarely stop by themselves). Each repeat sends the same
+clone (same seed, a ``--prompt-seconds`` Piper prompt, cached after the warm-up) twice:
+
+* whole: no ``stream_format``: the client gets the audio after the whole generation and vocoding;
+* streamed: ``stream_format: "audio"`` (pcm): the streaming vocoder runs while the LLM generates.
+
+Time to first audio = the first response byte of audio; total = the last byte. Targets, in the
+same run: streamed first audio <= 25% of the whole request, streamed total <= 1.3x whole; on a
+GPU first audio <= 300 ms. Prints a table and writes ``bench/out/streaming.json`` (git-ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import logging
+import math
+import statistics
+import time
+from functools import partial
+from pathlib import Path
+
+import httpx
+import soundfile as sf
+import torch
+
+from api.loopback import LOOPBACK, LoopbackServer
+from bench.bench_wav2token import SENTENCES, piper_speech
+from bundles import write_bundle
+from engine.tts import build_engine
+from settings import Settings
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+OUT_DIR = REPO_ROOT / "bench" / "out"
+IDS_PER_SECOND = 5 / 0.12  # five mixed codes per 120 ms group
+TARGET_FIRST_AUDIO_SHARE = 0.25
+TARGET_STREAM_OVERHEAD = 1.3
+TARGET_GPU_FIRST_AUDIO_S = 0.3
+
+
+def _request(client: httpx.Client, body: dict, *, stream: bool) -> dict[str, float]:
+    """One request; seconds to the first and the last audio byte, and the bytes received."""
+    payload = {**body, "stream_format": "audio"} if stream else body
+    t0 = time.perf_counter()
+    first = None
+    size = 0
+    with client.stream("POST", "/v1/audio/speech", json=payload) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"{r.status_code}: {r.read().decode()}")
+        for chunk in r.iter_bytes():
+            if chunk and first is None:
+                first = time.perf_counter() - t0
+            size += len(chunk)
+    total = time.perf_counter() - t0
+    return {"first_audio_s": first if first is not None else total, "total_s": total, "bytes": size}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", default=None, help="bundle size (default: mid on CPU, full on CUDA)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="audio to generate per request")
+    parser.add_argument("--prompt-seconds", type=float, default=3.0)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--root", type=Path, default=OUT_DIR / "bundles")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    cuda = torch.cuda.is_available()
+    size = args.size or ("full" if cuda else "mid")
+    bundle = write_bundle(args.root / f"{size}-no-eos", size=size, seed=0, eos=False)  # exactly --seconds
+    settings = Settings(
+        api_host=LOOPBACK,
+        model_path=bundle,
+        cache_dir=args.root / f"cache-{size}",
+        device="cuda" if cuda else "cpu",
+        torch_dtype="bfloat16" if cuda else "float32",
+    )
+    wav, sr = piper_speech(args.prompt_seconds)
+    buf = io.BytesIO()
+    sf.write(buf, wav[0], sr, format="WAV")
+    max_ids = math.ceil(args.seconds * IDS_PER_SECOND / 5) * 5
+    body = {
+        "input": " ".join(SENTENCES[:2]),
+        "response_format": "pcm",
+        "step_audio": {
+            "prompt_text": SENTENCES[0],
+            "prompt_audio_base64": base64.b64encode(buf.getvalue()).decode(),
+            "seed": 1234,
+        },
+    }
+    runs: dict[str, list[dict[str, float]]] = {"whole": [], "streamed": []}
+    server = LoopbackServer(
+        settings, engine_factory=partial(build_engine, max_new_tokens=max_ids), ready_timeout_s=1800
+    )
+    with server, httpx.Client(base_url=server.url, timeout=3600) as c:
+        _request(c, body, stream=False)  # warm-up: prompt tokens cached, lazy inits done
+        for _ in range(args.repeats):
+            runs["whole"].append(_request(c, body, stream=False))
+            runs["streamed"].append(_request(c, body, stream=True))
+    med = {k: {m: statistics.median(r[m] for r in v) for m in ("first_audio_s", "total_s")} for k, v in runs.items()}
+    audio_s = statistics.median(r["bytes"] for r in runs["whole"]) / 2 / 24000
+    share = med["streamed"]["first_audio_s"] / med["whole"]["total_s"]
+    overhead = med["streamed"]["total_s"] / med["whole"]["total_s"]
+    result = {
+        "size": size,
+        "device": "cuda" if cuda else "cpu",
+        "threads": args.threads,
+        "audio_seconds": audio_s,
+        "max_new_tokens": max_ids,
+        "runs": runs,
+        "median": med,
+        "first_audio_share": share,
+        "stream_total_ratio": overhead,
+        "targets_met": {
+            "first_audio_share": share <= TARGET_FIRST_AUDIO_SHARE,
+            "stream_total_ratio": overhead <= TARGET_STREAM_OVERHEAD,
+            **({"gpu_first_audio": med["streamed"]["first_audio_s"] <= TARGET_GPU_FIRST_AUDIO_S} if cuda else {}),
+        },
+    }
+    print(f"\n{size} bundle on {'CUDA' if cuda else 'CPU'}, {audio_s:.1f} s of audio, median of {args.repeats}")
+    print(f"{'':10} {'first audio':>12} {'total':>10}")
+    for k in ("whole", "streamed"):
+        print(f"{k:10} {med[k]['first_audio_s']:>11.2f}s {med[k]['total_s']:>9.2f}s")
+    print(f"first audio (streamed) / whole request = {share:.1%} (target <= {TARGET_FIRST_AUDIO_SHARE:.0%})")
+    print(f"streamed total / whole request = {overhead:.2f}x (target <= {TARGET_STREAM_OVERHEAD}x)")
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    (OUT_DIR / "streaming.json").write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,400 @@
+"""Continuous batching on the tiny bundle's Step1: joining mid-flight changes no request's ids.
+
+Arrivals are staggered deterministically: a request is submitted from another one's ``on_ids``
+callback at a chosen id, so it joins the running batch at the next step boundary whatever the
+machine's speed.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from engine.scheduler import GenerationHandle, Scheduler, StepStats
+from errors import InvalidInputError
+from llm.batching import GROWTH_BLOCK, RowKVCache, kv_bytes_per_token, peak_kv_bytes
+from llm.generate import GenerationResult, generate
+from llm.prompts import PromptPair, build_clone_prompt, build_edit_prompt
+from llm.text_tokenizer import load_text_tokenizer
+from model_files import EDITX_DIR
+from model_loader import load_llm
+
+TIMEOUT_S = 120
+
+
+@pytest.fixture(scope="module")
+def model(tiny_bundle: Path) -> torch.nn.Module:
+    return load_llm(tiny_bundle / EDITX_DIR, "base", torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture(scope="module")
+def pairs(tiny_bundle: Path) -> list[PromptPair]:
+    """A clone and two edits of different lengths, from the bundle's tokenizer."""
+    tok = load_text_tokenizer(tiny_bundle / EDITX_DIR)
+    rng = np.random.default_rng(0)
+
+    def audio(n_groups: int) -> str:
+        codes = [c for _ in range(n_groups) for c in (*rng.integers(0, 1024, 2), *(1024 + rng.integers(0, 4096, 3)))]
+        return "".join(f"<audio_{c}>" for c in codes)
+
+    return [
+        build_clone_prompt(
+            tok,
+            speaker="clone_0123456789abcdef",
+            prompt_text="hello world, this is a test.",
+            audio_token_str=audio(6),
+            target_text="Good morning.",
+        ),
+        build_edit_prompt(tok, mode="emotion", edit_info="happy", audio_text="hello world", audio_token_str=audio(3)),
+        build_edit_prompt(tok, mode="denoise", audio_token_str=audio(12)),
+    ]
+
+
+class Recorder:
+    """A SchedulerObserver keeping every step and admission."""
+
+    def __init__(self) -> None:
+        self.steps: list[StepStats] = []
+        self.waits: list[float] = []
+
+    def on_admit(self, variant: str, queue_wait_s: float) -> None:
+        self.waits.append(queue_wait_s)
+
+    def on_step(self, variant: str, stats: StepStats) -> None:
+        self.steps.append(stats)
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+def sched(model: torch.nn.Module, recorder: Recorder) -> Iterator[Scheduler]:
+    s = Scheduler(model, max_batch_rows=16, observer=recorder)
+    yield s
+    s.close()
+
+
+# Four requests: guided and unguided, argmax and sampled, different prompts and lengths.
+CASES: list[dict[str, Any]] = [
+    {"prompt": 0, "seed": 1, "intensity": 1.0, "max_new_tokens": 40},
+    {"prompt": 1, "seed": 2, "intensity": 2.0, "max_new_tokens": 25},
+    {"prompt": 2, "seed": 3, "intensity": 1.0, "max_new_tokens": 48},
+    {"prompt": 0, "seed": 4, "intensity": 0.5, "max_new_tokens": 30},
+]
+JOIN_AT = {1: (0, 5), 2: (0, 9), 3: (1, 4)}  # request k is submitted when request i has its n-th id
+
+
+def _run_staggered(
+    sched: Scheduler,
+    pairs: list[PromptPair],
+    do_sample: bool,
+    cancel_at: tuple[int, int, int] | None = None,
+) -> tuple[list[GenerationResult], list[list[int]], list[GenerationHandle]]:
+    """Run CASES with staggered arrivals; ``cancel_at`` = (victim, watcher, n): cancel victim at watcher's n-th id."""
+    streamed: list[list[int]] = [[] for _ in CASES]
+    handles: dict[int, GenerationHandle] = {}
+
+    def callback(k: int) -> Callable[[list[int]], None]:
+        def on_ids(ids: list[int]) -> None:
+            streamed[k].extend(ids)
+            for later, (earlier, n) in JOIN_AT.items():
+                if earlier == k and len(streamed[k]) == n:
+                    handles[later] = submit(later)
+            if cancel_at is not None and cancel_at[1] == k and len(streamed[k]) == cancel_at[2]:
+                handles[cancel_at[0]].cancel()
+
+        return on_ids
+
+    def submit(k: int) -> GenerationHandle:
+        case = CASES[k]
+        return sched.submit(
+            pairs[case["prompt"]],
+            seed=case["seed"],
+            intensity=case["intensity"],
+            max_new_tokens=case["max_new_tokens"],
+            do_sample=do_sample,
+            on_ids=callback(k),
+        )
+
+    handles[0] = submit(0)
+    handles[0].result(TIMEOUT_S)
+    handles[1].result(TIMEOUT_S)  # the others were submitted by these two's callbacks by now
+    results = [handles[k].result(TIMEOUT_S) for k in range(len(CASES))]
+    return results, streamed, [handles[k] for k in range(len(CASES))]
+
+
+def _alone(model: torch.nn.Module, pairs: list[PromptPair], k: int, do_sample: bool) -> GenerationResult:
+    case = CASES[k]
+    return generate(
+        model,
+        [pairs[case["prompt"]]],
+        seed=case["seed"],
+        intensity=case["intensity"],
+        max_new_tokens=case["max_new_tokens"],
+        do_sample=do_sample,
+    )[0]
+
+
+def _assert_really_batched(recorder: Recorder) -> None:
+    sizes = [s.requests for s in recorder.steps]
+    assert max(sizes) == len(CASES)  # all four ran in one step at some point
+    assert sizes[0] == 1 and len(set(sizes)) >= 3  # they joined one by one and left at different steps
+
+
+def test_greedy_output_is_the_same_alone_or_joining_mid_flight(model, pairs, sched, recorder):
+    results, streamed, handles = _run_staggered(sched, pairs, do_sample=False)
+    _assert_really_batched(recorder)
+    for k, got in enumerate(results):
+        alone = _alone(model, pairs, k, do_sample=False)
+        assert got.token_ids.tolist() == alone.token_ids.tolist(), k
+        assert np.array_equal(got.codes, alone.codes) and got.stopped == alone.stopped
+        assert streamed[k] == got.token_ids.tolist()  # the stream is exactly the result, in order
+        assert handles[k].steps_run == len(got.token_ids) and not got.cancelled
+    assert len({tuple(r.token_ids.tolist()) for r in results}) == len(CASES)  # the requests really differ
+
+
+def test_seeded_sampling_agrees_with_alone_up_to_float_noise(model, pairs, sched, recorder):
+    results, streamed, _ = _run_staggered(sched, pairs, do_sample=True)
+    _assert_really_batched(recorder)
+    agree = total = 0
+    for k, got in enumerate(results):
+        alone = _alone(model, pairs, k, do_sample=True).token_ids.tolist()
+        mine = got.token_ids.tolist()
+        assert got.seed == CASES[k]["seed"] and streamed[k] == mine
+        total += max(len(alone), len(mine))
+        agree += sum(a == b for a, b in zip(alone, mine, strict=False))
+    assert agree / total >= 0.95, f"token agreement {agree}/{total}"
+
+
+def test_a_cancelled_request_stops_within_one_step_and_the_others_are_unaffected(model, pairs, sched, recorder):
+    victim, watcher, at = 2, 0, 20  # request 2 joined at request 0's 9th id; cancelled at its 20th
+    results, streamed, handles = _run_staggered(sched, pairs, do_sample=False, cancel_at=(victim, watcher, at))
+    cancelled = results[victim]
+    full = _alone(model, pairs, victim, do_sample=False).token_ids.tolist()
+    assert cancelled.cancelled and not cancelled.stopped
+    # request 2 joined 9 steps after request 0 started: 11 ids when cancelled, at most one more after
+    assert 11 <= len(cancelled.token_ids) <= 12 < len(full)
+    assert cancelled.token_ids.tolist() == full[: len(cancelled.token_ids)]
+    assert handles[victim].steps_run == len(cancelled.token_ids) == len(streamed[victim])
+    for k, got in enumerate(results):
+        if k != victim:
+            assert got.token_ids.tolist() == _alone(model, pairs, k, do_sample=False).token_ids.tolist(), k
+
+
+def test_cancelling_a_waiting_request_removes_it_from_the_queue(model, pairs):
+    sched = Scheduler(model, max_batch_rows=2)
+    try:
+        gate = threading.Event()
+        first = sched.submit(
+            pairs[1], intensity=2.0, max_new_tokens=30, do_sample=False, on_ids=lambda _ids: gate.wait(TIMEOUT_S)
+        )
+        waiting = sched.submit(pairs[0], max_new_tokens=30)  # no room beside a guided request (2 rows)
+        waiting.cancel()
+        gate.set()
+        assert waiting.result(TIMEOUT_S).cancelled and waiting.steps_run == 0
+        alone = generate(model, [pairs[1]], intensity=2.0, max_new_tokens=30, do_sample=False)[0]
+        assert first.result(TIMEOUT_S).token_ids.tolist() == alone.token_ids.tolist()  # not disturbed
+    finally:
+        sched.close()
+
+
+def test_batch_rows_limit_and_fifo_admission(model, pairs, recorder):
+    sched = Scheduler(model, max_batch_rows=3, observer=recorder)
+    first_step: dict[int, int] = {}
+
+    def note_first(k: int) -> Callable[[list[int]], None]:
+        return lambda _ids: first_step.setdefault(k, len(recorder.steps))
+
+    try:
+        gate = threading.Event()
+
+        def hold(ids: list[int]) -> None:
+            note_first(0)(ids)
+            gate.wait(TIMEOUT_S)  # keeps the loop in step 1 until every request is queued
+
+        handles = [sched.submit(pairs[0], seed=0, max_new_tokens=8, on_ids=hold)]
+        # 1 (2 rows) runs long beside 0; when 0 leaves, one row is free: 2 (2 rows) must wait for it,
+        # and 3 (1 row, would fit) must not skip ahead of 2
+        guided = {1: True, 2: True, 3: False, 4: True, 5: False}
+        handles += [
+            sched.submit(
+                pairs[k % 3],
+                seed=k,
+                intensity=2.0 if guided[k] else 1.0,
+                max_new_tokens=30 if k == 1 else 8,
+                on_ids=note_first(k),
+            )
+            for k in range(1, 6)
+        ]
+        gate.set()
+        for h in handles:
+            h.result(TIMEOUT_S)
+    finally:
+        sched.close()
+    assert max(s.rows for s in recorder.steps) == 3 and len(recorder.waits) == 6
+    order = [first_step[k] for k in range(6)]
+    assert order == sorted(order)  # admitted in arrival order, none overtaken
+
+
+def test_kv_budget_queues_requests_yet_every_one_runs(model, pairs, recorder):
+    per_token = kv_bytes_per_token(model)
+    budget = per_token * (len(pairs[2].cond) + 20 + GROWTH_BLOCK)  # room for one unguided request at a time
+    sched = Scheduler(model, max_batch_rows=16, kv_budget_bytes=budget, observer=recorder)
+    try:
+        handles = [sched.submit(pairs[k], seed=k, max_new_tokens=20) for k in range(3)]
+        handles.append(sched.submit(pairs[1], seed=9, intensity=2.0, max_new_tokens=20))  # alone it exceeds the budget
+        results = [h.result(TIMEOUT_S) for h in handles]
+    finally:
+        sched.close()
+    assert max(s.requests for s in recorder.steps) == 1  # one at a time
+    assert all(len(r.token_ids) == 20 for r in results)
+
+
+def test_kv_memory_stays_within_the_planned_peak_and_shrinks_when_the_long_row_leaves(model, pairs, recorder):
+    sched = Scheduler(model, max_batch_rows=16, observer=recorder)
+    seen: list[tuple[int, int]] = []  # (cache bytes, running requests) at every step boundary
+    try:
+        short = sched.submit(
+            pairs[1], seed=0, max_new_tokens=40, on_ids=lambda _i: seen.append((sched.kv_cache_bytes(), sched.running))
+        )
+        long = sched.submit(pairs[2], seed=1, max_new_tokens=5)
+        short.result(TIMEOUT_S), long.result(TIMEOUT_S)
+    finally:
+        sched.close()
+    plan = [(1, len(pairs[1].cond), 40), (1, len(pairs[2].cond), 5)]
+    assert max(b for b, _ in seen) <= peak_kv_bytes(plan, kv_bytes_per_token(model))
+    widths = [s.width for s in recorder.steps]
+    long_gone = [s for s in recorder.steps if s.requests == 1][-1]
+    assert long_gone.width < len(pairs[2].cond)  # the long prompt's columns were cut when it left
+    assert max(widths) >= len(pairs[2].cond)
+
+
+def test_row_cache_join_and_leave_keep_each_row_right_aligned() -> None:
+    cache = RowKVCache(n_layers=1, n_rows=1)
+    k = torch.arange(6, dtype=torch.float32).view(1, 1, 6, 1) + 1
+    cache.update(k, k, 0)
+    cache.lengths = [6]
+    other = RowKVCache(n_layers=1, n_rows=2)
+    k2 = torch.full((2, 1, 9, 1), 7.0)
+    other.update(k2, k2, 0)
+    other.lengths = [9, 4]
+    cache.join(other)
+    assert cache.width == 9 and cache.lengths == [6, 9, 4]
+    assert cache.mask(1).tolist() == [[0, 0, 0, 1, 1, 1, 1, 1, 1, 1], [1] * 10, [0] * 5 + [1] * 5]
+    keys, _ = cache.update(torch.full((3, 1, 1, 1), 9.0), torch.zeros(3, 1, 1, 1), 0)
+    assert keys[0, 0, 3:, 0].tolist() == [1, 2, 3, 4, 5, 6, 9] and cache.lengths == [7, 10, 5]
+    cache.leave([2, 0])  # the long row leaves: its columns go
+    assert cache.width == 7 and cache.lengths == [5, 7]
+    assert cache.keys[0][1, 0, :7, 0].tolist() == [1, 2, 3, 4, 5, 6, 9]
+    assert cache.keys[0][0, 0, :7, 0].tolist() == [7, 7, 7, 7, 7, 7, 9]  # 2 padding columns (masked), then 5 real
+    assert cache.keys[0][:, :, 7:].abs().sum() == 0  # spare columns are zeros
+
+
+def test_peak_plan_covers_each_departure() -> None:
+    # two 1-row requests: lengths 100 and 10, 5 and 50 steps left
+    block = GROWTH_BLOCK
+    assert peak_kv_bytes([(1, 100, 5), (1, 10, 50)], 1) == max(2 * (100 + 5 + block), 10 + 50 + block)
+    assert peak_kv_bytes([], 1) == 0
+
+
+def test_bad_arguments_raise_at_submit(model, pairs, sched):
+    with pytest.raises(InvalidInputError):
+        sched.submit(pairs[0], intensity=9.0)
+    with pytest.raises(InvalidInputError):
+        sched.submit(pairs[0], max_new_tokens=0)
+    with pytest.raises(InvalidInputError):
+        sched.submit(PromptPair(cond=[], uncond=[1]))
+
+
+def test_a_failing_callback_fails_only_its_request(model, pairs, sched):
+    def boom(_ids: list[int]) -> None:
+        raise RuntimeError("consumer gone")
+
+    bad = sched.submit(pairs[0], seed=1, max_new_tokens=10, on_ids=boom)
+    good = sched.submit(pairs[1], seed=2, max_new_tokens=10, do_sample=False)
+    with pytest.raises(RuntimeError, match="consumer gone"):
+        bad.result(TIMEOUT_S)
+    alone = generate(model, [pairs[1]], seed=2, max_new_tokens=10, do_sample=False)[0]
+    assert good.result(TIMEOUT_S).token_ids.tolist() == alone.token_ids.tolist()
+    assert bad.steps_run == 1
+
+
+def test_prometheus_metrics_see_shared_steps(model, pairs):
+    from api.metrics import Metrics
+
+    metrics = Metrics(lambda: {})
+    sched = Scheduler(model, max_batch_rows=16, observer=metrics, variant="base")
+    try:
+        gate = threading.Event()
+        first = sched.submit(pairs[0], seed=0, max_new_tokens=10, on_ids=lambda _ids: gate.wait(TIMEOUT_S))
+        second = sched.submit(pairs[1], seed=1, max_new_tokens=10)
+        gate.set()
+        tokens = len(first.result(TIMEOUT_S).token_ids) + len(second.result(TIMEOUT_S).token_ids)
+    finally:
+        sched.close()
+    value = metrics.registry.get_sample_value
+    assert value("step_audio_llm_tokens_total", {"variant": "base"}) == tokens
+    assert value("step_audio_llm_queue_wait_seconds_count", {"variant": "base"}) == 2
+    steps = value("step_audio_llm_batch_size_count", {"variant": "base"})
+    assert steps < tokens  # the two requests shared decode steps
+    assert value("step_audio_llm_batch_size_bucket", {"variant": "base", "le": "1.0"}) < steps
+    assert value("step_audio_llm_decode_seconds_total", {"variant": "base"}) > 0
+
+
+def test_ids_iterator_on_another_thread_yields_the_result_in_order(model, pairs, sched):
+    pulled: list[int] = []
+    handle = sched.submit(pairs[1], seed=5, intensity=1.5, max_new_tokens=30)
+    consumer = threading.Thread(target=lambda: pulled.extend(handle.ids(TIMEOUT_S)))
+    consumer.start()
+    result = handle.result(TIMEOUT_S)
+    consumer.join(TIMEOUT_S)
+    assert pulled == result.token_ids.tolist() and len(pulled) > 5
+    assert list(handle.ids(TIMEOUT_S)) == pulled  # after the end it replays and stops
+
+
+def test_max_length_counts_the_prompt_and_is_honoured_per_request(model, pairs, sched):
+    short = sched.submit(pairs[0], seed=1, max_length=len(pairs[0].cond) + 7)
+    capped = sched.submit(pairs[1], seed=2, max_new_tokens=11, intensity=2.0)
+    assert len(short.result(TIMEOUT_S).token_ids) <= 7 and len(capped.result(TIMEOUT_S).token_ids) <= 11
+    alone = generate(model, [pairs[0]], seed=1, max_length=len(pairs[0].cond) + 7)[0]
+    assert short.result().token_ids.tolist() == alone.token_ids.tolist()
+
+
+def test_close_ends_waiting_and_running_requests(model, pairs):
+    from errors import NotReadyError
+
+    sched = Scheduler(model, max_batch_rows=2)
+    gate = threading.Event()
+    running = sched.submit(pairs[0], max_new_tokens=50, on_ids=lambda _ids: gate.wait(TIMEOUT_S))
+    waiting = sched.submit(pairs[1], intensity=2.0, max_new_tokens=50)
+    closer = threading.Thread(target=sched.close)
+    closer.start()
+    gate.set()
+    closer.join(TIMEOUT_S)
+    for handle in (running, waiting):
+        with pytest.raises(NotReadyError):
+            handle.result(TIMEOUT_S)
+    with pytest.raises(NotReadyError):
+        sched.submit(pairs[0])
+
+
+def test_kv_bytes_of_the_official_model_match_the_documented_default() -> None:
+    from llm.config import Step1Config
+    from llm.model import Step1ForCausalLM
+    from settings import Settings
+
+    with torch.device("meta"):
+        full = Step1ForCausalLM(Step1Config()).to(torch.bfloat16)
+    per_token = kv_bytes_per_token(full)
+    assert per_token == 32 * 2**10  # 2 x 32 layers x 4 groups x 64 x 2 bytes
+    budget = Settings.model_fields["llm_kv_cache_mib"].default * 2**20
+    rows = Settings.model_fields["llm_max_batch_rows"].default
+    assert rows * 8192 * per_token <= budget  # the default rows fit at the longest length (before block slack)
