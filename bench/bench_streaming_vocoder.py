@@ -26,6 +26,7 @@ import logging
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,6 +42,18 @@ TARGET_GROUPS = 84  # 252 token frames -> 504 mel frames = 10.08 s
 FEED = 5  # codes per call: one LLM group
 
 
+@dataclass(frozen=True)
+class StreamTimings:
+    """Seconds (wall and process CPU) from opening a session to its first piece and to its end."""
+
+    first_piece_s: float
+    first_piece_cpu_s: float
+    stream_total_s: float
+    stream_total_cpu_s: float
+    chunk_s: list[float]  # wall seconds between consecutive chunks (the first includes the setup)
+    samples: int
+
+
 def stream_timings(
     t2w: Token2Wav,
     codes: np.ndarray,
@@ -49,7 +62,7 @@ def stream_timings(
     seed: int = 0,
     feed: int = FEED,
     synchronize: bool = False,
-) -> dict[str, object]:
+) -> StreamTimings:
     """Stream ``codes`` through a session in ``feed``-code calls; wall/CPU seconds to the first piece and in total."""
     import torch
 
@@ -82,14 +95,15 @@ def stream_timings(
         samples += sum(p.size for p in pieces)
         if first_s is None:
             first_s, first_cpu_s = now - t0, time.process_time() - cpu0
-    return {
-        "first_piece_s": first_s,
-        "first_piece_cpu_s": first_cpu_s,
-        "stream_total_s": now - t0,
-        "stream_total_cpu_s": time.process_time() - cpu0,
-        "chunk_s": [round(s, 3) for s in chunk_s],
-        "samples": samples,
-    }
+    assert first_s is not None and first_cpu_s is not None
+    return StreamTimings(
+        first_piece_s=first_s,
+        first_piece_cpu_s=first_cpu_s,
+        stream_total_s=now - t0,
+        stream_total_cpu_s=time.process_time() - cpu0,
+        chunk_s=[round(s, 3) for s in chunk_s],
+        samples=samples,
+    )
 
 
 def run(vocoder_dir: Path, device: str, threads: int, repeats: int) -> dict[str, object]:
@@ -127,14 +141,14 @@ def run(vocoder_dir: Path, device: str, threads: int, repeats: int) -> dict[str,
         streams.append(stream_timings(t2w, codes, prompt, synchronize=cuda))
     med = statistics.median
     whole_s, whole_cpu = med(w[0] for w in wholes), med(w[1] for w in wholes)
-    first_s, total_s = med(s["first_piece_s"] for s in streams), med(s["stream_total_s"] for s in streams)
-    first_cpu = med(s["first_piece_cpu_s"] for s in streams)
-    total_cpu = med(s["stream_total_cpu_s"] for s in streams)
+    first_s, total_s = med(s.first_piece_s for s in streams), med(s.stream_total_s for s in streams)
+    first_cpu = med(s.first_piece_cpu_s for s in streams)
+    total_cpu = med(s.stream_total_cpu_s for s in streams)
     return {
         "device": device if not cuda else torch.cuda.get_device_name(),
         "threads": threads,
         "repeats": repeats,
-        "audio_s": streams[0]["samples"] / t2w.sample_rate,
+        "audio_s": streams[0].samples / t2w.sample_rate,
         "whole_s": round(whole_s, 3),
         "first_piece_s": round(first_s, 3),
         "stream_total_s": round(total_s, 3),
@@ -143,7 +157,7 @@ def run(vocoder_dir: Path, device: str, threads: int, repeats: int) -> dict[str,
         "whole_cpu_s": round(whole_cpu, 3),
         "first_piece_cpu_s": round(first_cpu, 3),
         "stream_total_cpu_s": round(total_cpu, 3),
-        "chunk_s": streams[len(streams) // 2]["chunk_s"],
+        "chunk_s": streams[len(streams) // 2].chunk_s,
     }
 
 
