@@ -40,6 +40,7 @@ test: lint typecheck
 bench: $(STAMP)
 	$(BIN)/python -m bench.bench_wav2token
 	$(BIN)/python -m bench.bench_token2wav
+	$(BIN)/python -m bench.bench_streaming_vocoder
 	$(BIN)/python -m bench.bench_llm
 	$(BIN)/python -m bench.bench_scheduler
 

@@ -76,7 +76,7 @@ def _steps(client: httpx.Client) -> tuple[float, float]:
     return (float(count.group(1)), float(alone.group(1))) if count and alone else (0.0, 0.0)
 
 
-def _level(url: str, bodies: list[dict], clients: int) -> dict[str, object]:
+def _level(url: str, bodies: list[dict], clients: int) -> dict[str, float]:
     """The ``bodies`` sent by ``clients`` concurrent clients; each sends its next when answered."""
     queue = list(bodies)
     results: list[dict[str, float]] = []
@@ -102,8 +102,8 @@ def _level(url: str, bodies: list[dict], clients: int) -> dict[str, object]:
     audio_s = sum(r["bytes"] for r in results) / PCM_BYTES_PER_SECOND
     steps = steps1 - steps0
     return {
-        "clients": clients,
-        "requests": len(results),
+        "clients": float(clients),
+        "requests": float(len(results)),
         "wall_s": wall,
         "audio_s": audio_s,
         "throughput": audio_s / wall,
@@ -173,15 +173,15 @@ def main() -> None:
         f"{'first p99':>10} {'shared steps':>13}"
     )
     for r in rows:
-        gain = float(r["throughput"]) / float(serial["throughput"])
+        gain = r["throughput"] / serial["throughput"]
         print(
             f"{r['clients']:>7} {r['throughput']:>10.3f} {gain:>8.2f}x {r['latency_p50_s']:>7.2f} "
             f"{r['latency_p99_s']:>7.2f} {r['first_audio_p50_s']:>10.2f} {r['first_audio_p99_s']:>10.2f} "
             f"{r['shared_step_share']:>12.0%}"
         )
     top = rows[-1]
-    gain = float(top["throughput"]) / float(serial["throughput"])
-    p99 = float(top["latency_p99_s"]) / float(serial["latency_p99_s"])
+    gain = top["throughput"] / serial["throughput"]
+    p99 = top["latency_p99_s"] / serial["latency_p99_s"]
     print(
         f"{top['clients']} clients: {gain:.2f}x the serial throughput (target >= {TARGET_THROUGHPUT_GAIN}x), "
         f"p99 latency {p99:.2f}x the serial p99 (target <= {TARGET_P99_RATIO}x)"

@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -46,8 +46,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from audio_codes import CODES_PER_GROUP, FRAMES_PER_GROUP
 from errors import InvalidInputError
-from vocoder.flow import GROUP, FlowStreamCache, reshape_mixed_codes
+from vocoder.flow import FlowStreamCache, reshape_mixed_codes
 from vocoder.hift import HiftDraws, HiFTGenerator, draw_hift_noise
 from vocoder.token2wav import ArrayLike, float_tensor, validate_codes
 
@@ -58,12 +59,12 @@ logger = logging.getLogger(__name__)
 
 CHUNK_TOKEN_FRAMES = (15, 24, 48)  # the reference's chunk schedule (0.6 s, 0.96 s, 1.92 s); the last repeats
 MEL_CACHE_FRAMES = 8  # mel frames HiFT re-reads from the previous chunk; also the fade length / 480
-LEFT_CONTEXT_FRAMES = 96  # generated mel frames the DiT keeps attending to (2 s at 48 frames per second)
+LEFT_CONTEXT_FRAMES = 96  # generated mel frames the DiT keeps attending to (1.92 s, the largest chunk)
 
 
 def codes_per_token_frames(frames: int) -> int:
     """Mixed codes that make ``frames`` dual-codebook frames (3 frames per 5-code group)."""
-    return frames // 3 * GROUP
+    return frames // FRAMES_PER_GROUP * CODES_PER_GROUP
 
 
 def fade_window(overlap: int) -> torch.Tensor:
@@ -179,10 +180,9 @@ class HiftStream:
         draws, seed = self._draws(n_samples)
         speech_raw, source = self.hift.inference_with_source(mel_in, draws=draws, cache_source=state.source)
         speech = speech_raw
-        if state.speech is not None:
+        if state.speech is not None:  # from chunk 1 on, mel_in (>= 8 cached + 1 frames) outlasts the fade
             speech = speech_raw.clone()
-            n = min(self.overlap, speech.size(1))
-            speech[:, :n] = crossfade(speech_raw[:, :n], state.speech[:, state.speech.size(1) - n :], self.window)
+            speech[:, : self.overlap] = crossfade(speech_raw[:, : self.overlap], state.speech, self.window)
         state.mel = mel_in[:, :, max(mel_in.size(2) - self.mel_cache_frames, 0) :]
         state.source = source[:, :, max(source.size(2) - self.overlap, 0) :]
         state.speech = speech[:, max(speech.size(1) - self.overlap, 0) :]
@@ -244,8 +244,11 @@ class Token2WavStream:
         chunk_token_frames: Sequence[int] = CHUNK_TOKEN_FRAMES,
         record: bool = False,
     ) -> None:
-        if not chunk_token_frames or any(f <= 0 or f % 3 for f in chunk_token_frames):
-            raise ValueError("chunk sizes must be positive multiples of 3 token frames")
+        up = t2w.mel_frames_per_token_frame
+        if not chunk_token_frames or any(
+            f <= 0 or f % FRAMES_PER_GROUP or up * f < MEL_CACHE_FRAMES for f in chunk_token_frames
+        ):
+            raise ValueError(f"chunk sizes must be multiples of 3 token frames making >= {MEL_CACHE_FRAMES} mel frames")
         self.t2w = t2w
         self.flow = t2w.flow
         self.device = t2w.device
@@ -257,7 +260,6 @@ class Token2WavStream:
         self.hift_seed = self.seed + 1 if hift_seed is None else int(hift_seed)
         prompt, prompt_feat, embedding = t2w.prepare_prompt(prompt_codes, prompt_mel, spk_emb)
         n_prompt = prompt_feat.size(1)
-        up = t2w.mel_frames_per_token_frame
         # the furthest any chunk's noise window can reach: the cache never holds more than
         # prompt + left context at a chunk's start, and a chunk spans at most its frames + look-ahead
         needed = n_prompt + LEFT_CONTEXT_FRAMES + up * (max(self.chunk_token_frames) + self.lookahead_frames)
@@ -293,7 +295,11 @@ class Token2WavStream:
         self.codes_received += len(new)
         if state.cache is None and len(state.buffer) < self.lookahead_codes:
             return []
-        return self._guarded(self._advance, state)
+        try:
+            return self._advance(state)
+        except BaseException:  # a failed chunk leaves the caches half-updated: nothing may continue from them
+            self.close()
+            raise
 
     def finish(self) -> list[np.ndarray]:
         """Synthesise everything still buffered as the last chunk, release the state, return its audio."""
@@ -301,11 +307,10 @@ class Token2WavStream:
         try:
             if not state.buffer:
                 return []  # nothing ever arrived: no audio
-            pieces = self._guarded(self._advance, state)
-            if state.cache is None:
+            if state.cache is None:  # fewer codes than one look-ahead group: it is the padded partial group
                 self._setup(state)
-            pieces.append(self._chunk(state, list(state.buffer), last=True))
-            return [p for p in pieces if p.size]
+            piece = self._chunk(state, list(state.buffer), last=True)
+            return [piece] if piece.size else []
         finally:
             self.finished = True
             self.close()
@@ -321,6 +326,10 @@ class Token2WavStream:
     def closed(self) -> bool:
         return self._flow is None
 
+    @property
+    def sample_rate(self) -> int:
+        return self.t2w.sample_rate
+
     def __enter__(self) -> Token2WavStream:
         return self
 
@@ -335,14 +344,6 @@ class Token2WavStream:
         if self._flow is None:
             raise RuntimeError("this vocoder stream is finished or closed")
         return self._flow
-
-    def _guarded(self, step: Callable[[_FlowState], list[np.ndarray]], state: _FlowState) -> list[np.ndarray]:
-        """Run a synthesis step; on any error the session is closed, so nothing is left half-done."""
-        try:
-            return step(state)
-        except BaseException:
-            self.close()
-            raise
 
     def _chunk_codes(self, state: _FlowState) -> int:
         frames = self.chunk_token_frames[min(state.chunk, len(self.chunk_token_frames) - 1)]
