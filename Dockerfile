@@ -8,9 +8,10 @@ ARG CUDA_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu22.04
 FROM ${CUDA_IMAGE}
 
 ARG DEBIAN_FRONTEND=noninteractive
+# ffmpeg: the web UI's live playback (Gradio's streaming player encodes the pieces with the ffmpeg program)
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3.11 python3.11-venv libsndfile1 curl ca-certificates \
+    && apt-get install -y --no-install-recommends python3.11 python3.11-venv libsndfile1 ffmpeg curl ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 
 ENV VIRTUAL_ENV=/opt/venv \

@@ -8,6 +8,11 @@ API puts in its error envelope, shown in the page instead of a traceback. Gradio
 not a second gate: inference events have no Gradio concurrency limit, so the service's bounded
 queue alone decides (a full queue is the API's 429 message).
 
+Live playback: a clone (and an edit's last iteration) streams from the engine through the same
+``AudioSink`` path as the API's streamed responses (``api.speech_jobs``) into Gradio's streaming
+audio output, which plays while the LLM still generates; the complete result then fills the
+Output player. A page that leaves cancels the request, as a gone HTTP client does.
+
 Offline by construction: analytics off before Gradio is imported, the default theme's fonts are
 shipped with Gradio, no server-side rendering (no Node), no run history. Files: Gradio serves
 only its own upload/cache directories (no ``allowed_paths``), and the URL form of its file route
@@ -22,6 +27,7 @@ import os
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read by Gradio at import and at launch: never phone home
 
 import asyncio
+import contextlib
 import functools
 import hmac
 import logging
@@ -31,7 +37,7 @@ import threading
 import time
 import typing
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +60,7 @@ from api.logs import RecentLogHandler
 from api.routes.system import cache_stats, clear_cache
 from api.routes.voices import add_voice, list_voices
 from api.schemas import MODEL_ID, SpeechRequest
+from api.speech_jobs import LoopSink, record_answered, record_run, submit_job
 from api.speech_requests import build_request
 from api.state import AppState, Engine
 from engine import chains
@@ -85,13 +92,28 @@ _STATUS_TITLES = {
 }
 
 
+@dataclass(frozen=True)
+class _Spoken:
+    """A finished request: the engine request, its result, its queue wait and run seconds."""
+
+    job: CloneRequest | EditRequest
+    result: SynthesisResult
+    wait_s: float
+    run_s: float
+
+
 @dataclass
 class _Ui:
-    """What the event handlers share: the app state, the log ring, a private output folder."""
+    """What the event handlers share: the app state, the log ring, a private output folder.
+
+    ``live``: whether results also play while they are generated. Gradio's streaming player
+    encodes the pieces with the ``ffmpeg`` program; without it the page plays complete results.
+    """
 
     state: AppState
     logs: RecentLogHandler
     out_dir: Path
+    live: bool = False
 
     # --- plumbing ---------------------------------------------------------------------
     def engine(self) -> Engine:
@@ -114,35 +136,54 @@ class _Ui:
 
     async def speak(
         self, body: dict[str, Any], uploads: dict[str, bytes], progress: gr.Progress
-    ) -> tuple[CloneRequest | EditRequest, SynthesisResult, float, float]:
-        """Validate like the API, queue in the service, report the wait; (job, result, wait s, run s)."""
+    ) -> AsyncGenerator[bytes | _Spoken, None]:
+        """Validate like the API, queue in the service, report the wait, stream, count in ``/metrics``.
+
+        Yields WAV chunks of the audio as the engine makes it (when ``live``), then the finished
+        run. A page that goes away cancels or closes this generator: that cancels the job, which
+        leaves the queue or, running, has its cancel token set, as for a gone HTTP client.
+        """
         engine = self.engine()
         request = SpeechRequest.model_validate(body)
-        job = (await build_request(self.state, engine, request, uploads)).request
-        started = threading.Event()
-
-        def run() -> SynthesisResult:
-            started.set()
-            return engine.clone(job) if isinstance(job, CloneRequest) else engine.edit(job)
-
-        service = self.state.service
-        task = asyncio.ensure_future(service.submit(request.step_audio.mode, run, request=job))
+        mode = request.step_audio.mode
+        metrics = self.state.metrics
         t0 = time.perf_counter()
+        started = threading.Event()
         try:
-            await asyncio.sleep(0)  # let the task enqueue the job, so the count below includes it
-            while not task.done():
-                waited = time.perf_counter() - t0
-                if started.is_set():
-                    progress((round(waited), None), desc="running", unit="s")
-                else:
-                    ahead = max(service.queued - 1 + service.running, 0)
-                    progress(0.0, desc=f"waiting in the server queue: {ahead} request(s) ahead")
-                await asyncio.wait({task}, timeout=PROGRESS_POLL_S)
-        except asyncio.CancelledError:  # the page went away: leave the queue like a gone HTTP client
-            task.cancel()
+            speech_job = await build_request(self.state, engine, request, uploads)
+            sink = LoopSink() if self.live else None
+            work = asyncio.ensure_future(
+                submit_job(self.state, engine, mode, speech_job, sink=sink, on_start=started.set)
+            )
+            service = self.state.service
+            try:
+                await asyncio.sleep(0)  # let the task enqueue the job, so the count below includes it
+                watch: list[asyncio.Future[Any]] = [work] if sink is None else [work, sink.started]
+                while not any(f.done() for f in watch):
+                    waited = time.perf_counter() - t0
+                    if started.is_set():
+                        progress((round(waited), None), desc="running", unit="s")
+                    else:
+                        ahead = max(service.queued - 1 + service.running, 0)
+                        progress(0.0, desc=f"waiting in the server queue: {ahead} request(s) ahead")
+                    await asyncio.wait(watch, timeout=PROGRESS_POLL_S, return_when=asyncio.FIRST_COMPLETED)
+                if sink is not None and sink.started.done():
+                    sample_rate = sink.started.result().sample_rate
+                    async for pieces in sink.pieces(work):
+                        yield await run_in_threadpool(encode_audio, np.concatenate(pieces), "wav", sample_rate)
+            except BaseException:  # the page went away (cancelled or closed): stop the job like the API does
+                work.cancel()
+                raise
+            result, timing = work.result()
+        except StepAudioError as exc:
+            metrics.requests.labels(mode, str(status_of(exc))).inc()
             raise
-        result, timing = task.result()
-        return job, result, timing.queue_wait_s, timing.run_s
+        except (asyncio.CancelledError, GeneratorExit):
+            metrics.requests.labels(mode, "499").inc()
+            raise
+        record_run(self.state, mode, result, timing)
+        record_answered(self.state, mode, t0)
+        yield _Spoken(speech_job.request, result, timing.queue_wait_s, timing.run_s)
 
     async def transcribe_clip(self, path: str | None) -> str:
         """Whisper on an uploaded clip, through the queue (the same model the API uses)."""
@@ -200,6 +241,23 @@ def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _guarded_stream(fn: Callable[..., AsyncGenerator[Any, None]]) -> Callable[..., AsyncGenerator[Any, None]]:
+    """``_guarded`` for an async generator handler; closing it closes ``fn``'s generator at once."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> AsyncGenerator[Any, None]:
+        try:
+            async with contextlib.aclosing(fn(*args, **kwargs)) as updates:
+                async for update in updates:
+                    yield update
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as exc:
+            raise user_error(exc) from None
+
+    return wrapper
+
+
 def _seed(value: str | None) -> str | None:
     """Empty means random; anything else goes to the request model, which checks it like the API does."""
     return (value or "").strip() or None
@@ -219,6 +277,24 @@ def _summary(result: SynthesisResult, wait_s: float, run_s: float, *, variant: s
     if result.transcript is not None:
         parts.append(f"**transcript** {result.transcript}")
     return " · ".join(parts)
+
+
+def _live_player(ui: _Ui, elem_id: str, *, label: str = "Live playback") -> gr.Audio:
+    """The player that plays a result while it is generated (Gradio's streaming output, HLS in the page).
+
+    Gradio wants ``microphone`` among a streaming Audio's sources; as an output it never records.
+    The finished audio, in the chosen format, is the Output player's (with its download button).
+    """
+    return gr.Audio(
+        label=label,
+        sources=["microphone"],
+        streaming=True,
+        autoplay=True,
+        interactive=False,
+        buttons=[],
+        visible=ui.live,
+        elem_id=elem_id,
+    )
 
 
 def build_blocks(ui: _Ui) -> gr.Blocks:
@@ -271,6 +347,7 @@ def build_blocks(ui: _Ui) -> gr.Blocks:
                         c_seed = gr.Textbox(label="Seed (empty: random)", elem_id="clone-seed")
                         c_format = gr.Dropdown(UI_FORMATS, value="wav", label="Format", elem_id="clone-format")
                     c_run = gr.Button("Generate", variant="primary", elem_id="clone-run")
+                    c_live = _live_player(ui, "clone-live")
                     c_out = gr.Audio(
                         label="Output", type="filepath", interactive=False, buttons=["download"], elem_id="clone-out"
                     )
@@ -306,6 +383,7 @@ def build_blocks(ui: _Ui) -> gr.Blocks:
                         e_seed = gr.Textbox(label="Seed (empty: random)", elem_id="edit-seed")
                         e_format = gr.Dropdown(UI_FORMATS, value="wav", label="Format", elem_id="edit-format")
                     e_run = gr.Button("Edit", variant="primary", elem_id="edit-run")
+                    e_live = _live_player(ui, "edit-live", label="Live playback of the last iteration")
                     e_outs = [
                         gr.Audio(
                             label=f"Iteration {i + 1}",
@@ -433,8 +511,8 @@ def build_blocks(ui: _Ui) -> gr.Blocks:
             seed: str | None,
             fmt: str,
             progress: gr.Progress = gr.Progress(),  # noqa: B008  # Gradio's documented idiom
-        ) -> tuple[str, str, str]:
-            """Clone: the clip (or the voice) speaks the text."""
+        ) -> AsyncGenerator[tuple[Any, ...], None]:
+            """Clone: the clip (or the voice) speaks the text; it plays while it is made when ``live``."""
             uploads = {"prompt_audio": data} if (data := ui.read_clip(clip, "prompt_audio_file")) else {}
             body = {
                 "model": MODEL_ID,
@@ -449,9 +527,15 @@ def build_blocks(ui: _Ui) -> gr.Blocks:
                     "seed": _seed(seed),
                 },
             }
-            job, result, wait_s, run_s = await ui.speak(body, uploads, progress)
-            path = await run_in_threadpool(ui.write_audio, result.audio, result.sample_rate, fmt, "clone")
-            return path, _summary(result, wait_s, run_s, variant=job.variant), path
+            # aclosing: when the page leaves, closing this handler closes the request at once (``_Ui.speak``)
+            async with contextlib.aclosing(ui.speak(body, uploads, progress)) as steps:
+                async for step in steps:
+                    if not isinstance(step, _Spoken):
+                        yield step, gr.skip(), gr.skip(), gr.skip()
+                        continue
+                    result = step.result
+                    path = await run_in_threadpool(ui.write_audio, result.audio, result.sample_rate, fmt, "clone")
+                    yield gr.skip(), path, _summary(result, step.wait_s, step.run_s, variant=step.job.variant), path
 
         async def edit(  # noqa: PLR0917
             audio: str | None,
@@ -465,8 +549,11 @@ def build_blocks(ui: _Ui) -> gr.Blocks:
             seed: str | None,
             fmt: str,
             progress: gr.Progress = gr.Progress(),  # noqa: B008
-        ) -> tuple[Any, ...]:
-            """Edit: every iteration's audio is shown and downloadable; the last one is the result."""
+        ) -> AsyncGenerator[tuple[Any, ...], None]:
+            """Edit: every iteration's audio is shown and downloadable; the last one is the result.
+
+            Only the last iteration plays while it is made: the earlier ones are its input.
+            """
             data = ui.read_clip(audio, "input_audio_file")
             body = {
                 "model": MODEL_ID,
@@ -482,18 +569,29 @@ def build_blocks(ui: _Ui) -> gr.Blocks:
                     "seed": _seed(seed),
                 },
             }
-            job, result, wait_s, run_s = await ui.speak(body, {"input_audio": data} if data else {}, progress)
-            iterations = result.iterations or [result.audio]
-            paths = [
-                await run_in_threadpool(ui.write_audio, it, result.sample_rate, fmt, f"{mode}-iter{i + 1}")
-                for i, it in enumerate(iterations)
-            ]
-            outs = [
-                gr.update(value=paths[i], visible=True) if i < len(paths) else gr.update(value=None, visible=False)
-                for i in range(max_iter)
-            ]
-            summary = f"**iterations** {len(paths)} · " + _summary(result, wait_s, run_s, variant=job.variant)
-            return (*outs, summary, paths[-1])
+            skip_all = [gr.skip()] * (max_iter + 2)
+            speaking = ui.speak(body, {"input_audio": data} if data else {}, progress)
+            async with contextlib.aclosing(speaking) as steps:
+                async for step in steps:
+                    if not isinstance(step, _Spoken):
+                        yield (step, *skip_all)
+                        continue
+                    result = step.result
+                    iterations = result.iterations or [result.audio]
+                    paths = [
+                        await run_in_threadpool(ui.write_audio, it, result.sample_rate, fmt, f"{mode}-iter{i + 1}")
+                        for i, it in enumerate(iterations)
+                    ]
+                    outs = [
+                        gr.update(value=paths[i], visible=True)
+                        if i < len(paths)
+                        else gr.update(value=None, visible=False)
+                        for i in range(max_iter)
+                    ]
+                    summary = f"**iterations** {len(paths)} · " + _summary(
+                        result, step.wait_s, step.run_s, variant=step.job.variant
+                    )
+                    yield (gr.skip(), *outs, summary, paths[-1])
 
         async def use_last(last: str | None) -> str:
             if not last:
@@ -548,16 +646,16 @@ def build_blocks(ui: _Ui) -> gr.Blocks:
             concurrency_limit=None,
         )
         c_run.click(
-            _guarded(clone),
+            _guarded_stream(clone),
             inputs=[c_clip, c_voice, c_transcript, c_text, c_variant, c_intensity, c_seed, c_format],
-            outputs=[c_out, c_info, last_output],
+            outputs=[c_live, c_out, c_info, last_output],
             api_name="clone",
             concurrency_limit=None,
         ).success(_guarded(cache_view), outputs=cache_outputs, show_progress="hidden", concurrency_limit=None)
         e_run.click(
-            _guarded(edit),
+            _guarded_stream(edit),
             inputs=[e_audio, e_mode, e_info, e_tagged, e_transcript, e_iter, e_variant, e_intensity, e_seed, e_format],
-            outputs=[*e_outs, e_result, last_output],
+            outputs=[e_live, *e_outs, e_result, last_output],
             api_name="edit",
             concurrency_limit=None,
         ).success(_guarded(cache_view), outputs=cache_outputs, show_progress="hidden", concurrency_limit=None)
@@ -615,7 +713,10 @@ def mount_ui(app: FastAPI, state: AppState) -> tuple[frozenset[str], tuple[str, 
     settings = state.settings
     logs = RecentLogHandler()
     out_dir = Path(tempfile.mkdtemp(prefix="step-audio-ui-"))
-    blocks = build_blocks(_Ui(state=state, logs=logs, out_dir=out_dir))
+    live = shutil.which("ffmpeg") is not None
+    if not live:
+        logger.info("web UI: no ffmpeg program on PATH, so results play once complete (no live playback)")
+    blocks = build_blocks(_Ui(state=state, logs=logs, out_dir=out_dir, live=live))
     key = settings.api_key.get_secret_value() if settings.api_key else None
 
     def check_key(_user: str, password: str) -> bool:

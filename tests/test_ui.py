@@ -104,7 +104,7 @@ def test_a_ui_request_waits_behind_api_requests_in_the_one_queue(server: LiveSer
     assert finished == ["api", "ui"]  # first in, first out across both front ends
     response = results["api"]
     assert isinstance(response, httpx.Response) and response.status_code == 200
-    audio_path, summary = results["ui"]  # type: ignore[misc]
+    _, audio_path, summary = results["ui"]  # type: ignore[misc]  # (live player, output, summary)
     samples, sample_rate = sf.read(audio_path)
     assert sample_rate == 24000 and len(samples) > 0
     assert "**seed** 2" in summary

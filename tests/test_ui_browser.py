@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -85,6 +87,25 @@ def test_clone_with_the_default_voice_gives_playable_audio(page: Any) -> None:
     wait_text(page, "#clone-info", "audio tokens")
     info = page.inner_text("#clone-info")
     assert "variant base" in info and "intensity 1" in info
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="Gradio's streaming player needs ffmpeg")
+def test_the_clone_played_live_in_the_page(page: Any) -> None:
+    """The live player got the stream and played it (autoplay), as long as the complete output.
+
+    That it arrives before the generation ends is shown server-side in ``test_ui_streaming``.
+    """
+    out = wait_playable(page, "#clone-out")
+    deadline = time.monotonic() + 60
+    played: list[list[float]] = []
+    while time.monotonic() < deadline:
+        played = page.locator("#clone-live audio").evaluate_all(
+            "as => as.filter(a => a.src && a.currentTime > 0).map(a => [a.currentTime, a.duration])"
+        )
+        if played and abs(played[0][1] - out) <= 0.2:  # AAC padding
+            break
+        time.sleep(0.25)
+    assert played and played[0][0] > 0 and abs(played[0][1] - out) <= 0.2, (played, out)
 
 
 def test_emotion_edit_with_two_iterations_shows_both(page: Any) -> None:

@@ -27,9 +27,10 @@ from api.admission import queues_a_job
 from api.audio_io import CONTENT_TYPES, AudioFormat, StreamingAudioWriter, encode_audio, sse_delta, sse_done
 from api.errors import ERROR_RESPONSES, status_of
 from api.schemas import IterationAudio, IterationsResponse, SpeechRequest
+from api.speech_jobs import LoopSink, record_answered, record_run, submit_job
 from api.speech_requests import SpeechJob, api_param, build_request
 from api.state import AppState, Engine, ReadyEngine, State
-from engine.types import CancelToken, CloneRequest, StreamInfo, SynthesisResult
+from engine.types import StreamInfo, SynthesisResult
 from errors import InvalidInputError, RequestCancelledError, StepAudioError
 
 router = APIRouter(tags=["speech"], responses=ERROR_RESPONSES)  # the API key and body limits: api.admission
@@ -123,11 +124,11 @@ async def _synthesize(
             request, state, engine, job, mode=mode, fmt=fmt, sse=body.stream_format == "sse", t0=t0
         )
     try:
-        result, timing = await _run_until_disconnect(request, _submit(state, engine, mode, job))
+        result, timing = await _run_until_disconnect(request, submit_job(state, engine, mode, job))
     except InvalidInputError as exc:
         exc.param = api_param(exc.param)
         raise
-    _record_run(state, mode, result, timing)
+    record_run(state, mode, result, timing)
     iterations = result.iterations or [result.audio]
     headers = _headers(
         mode,
@@ -144,8 +145,7 @@ async def _synthesize(
         m = state.metrics
         m.ttfb.labels(mode).observe(time.perf_counter() - t0)
         m.ttfa.labels(mode, "whole").observe(time.perf_counter() - t0)
-        m.latency.labels(mode).observe(time.perf_counter() - t0)
-        m.requests.labels(mode, "200").inc()
+        record_answered(state, mode, t0)
         return Response(data, media_type=CONTENT_TYPES[fmt], headers=headers)
     # a request that asked for a stream but ran whole (return_iterations): sliced as it is
     sse = body.stream_format == "sse"
@@ -172,32 +172,6 @@ def _headers(mode: str, job: SpeechJob, info: StreamInfo) -> dict[str, str]:
     return headers
 
 
-def _record_run(state: AppState, mode: str, result: SynthesisResult, timing: Any) -> None:
-    audio_s = len(result.audio) / result.sample_rate
-    m = state.metrics
-    m.queue_wait.labels(mode).observe(timing.queue_wait_s)
-    if audio_s > 0:
-        m.rtf.labels(mode).observe(timing.run_s / audio_s)
-    m.audio_seconds.labels(mode).inc(audio_s)
-    for key, n in (("hit", result.cache_hits), ("miss", result.cache_misses)):
-        if n > 0:
-            m.cache_lookups.labels(mode, key).inc(n)
-
-
-async def _submit(
-    state: AppState, engine: Engine, mode: str, job: SpeechJob, *, sink: _LoopSink | None = None
-) -> tuple[SynthesisResult, Any]:
-    request = job.request
-    cancel = CancelToken()  # set by the service when this request's client goes away
-
-    def run() -> SynthesisResult:
-        if isinstance(request, CloneRequest):
-            return engine.clone(request, sink=sink, cancel=cancel)
-        return engine.edit(request, sink=sink, cancel=cancel)
-
-    return await state.service.submit(mode, run, request=request, cancel=cancel)
-
-
 async def _run_until_disconnect(request: Request, work: Awaitable[T]) -> T:
     """Await ``work``; if the client disconnects first, cancel it (a queued job leaves the queue)."""
     task = asyncio.ensure_future(work)
@@ -220,25 +194,6 @@ async def _run_until_disconnect(request: Request, work: Awaitable[T]) -> T:
     raise ClientGoneError
 
 
-class _LoopSink:
-    """The engine's ``AudioSink`` for one response: hands events to the event loop's queue."""
-
-    def __init__(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self.started: asyncio.Future[StreamInfo] = self._loop.create_future()
-        self.events: asyncio.Queue[np.ndarray] = asyncio.Queue()
-
-    def start(self, info: StreamInfo) -> None:
-        self._loop.call_soon_threadsafe(self._started, info)
-
-    def _started(self, info: StreamInfo) -> None:
-        if not self.started.done():
-            self.started.set_result(info)
-
-    def put(self, piece: np.ndarray) -> None:
-        self._loop.call_soon_threadsafe(self.events.put_nowait, piece)
-
-
 async def _stream_response(
     request: Request,
     state: AppState,
@@ -256,8 +211,8 @@ async def _stream_response(
     is about to make audio, so every input error is still a proper 4xx; a failure after that
     ends the stream early (logged).
     """
-    sink = _LoopSink()
-    work = asyncio.ensure_future(_submit(state, engine, mode, job, sink=sink))
+    sink = LoopSink()
+    work = asyncio.ensure_future(submit_job(state, engine, mode, job, sink=sink))
     first = sink.started
 
     async def started() -> None:
@@ -277,7 +232,7 @@ async def _stream_response(
         except InvalidInputError as exc:
             exc.param = api_param(exc.param)
             raise
-        _record_run(state, mode, result, timing)
+        record_run(state, mode, result, timing)
         headers = _headers(
             mode,
             job,
@@ -302,7 +257,7 @@ async def _stream_pieces(
     fmt: AudioFormat,
     *,
     info: StreamInfo,
-    sink: _LoopSink,
+    sink: LoopSink,
     work: asyncio.Future[tuple[SynthesisResult, Any]],
     t0: float,
     sse: bool,
@@ -320,21 +275,7 @@ async def _stream_pieces(
             m.ttfa.labels(mode, "streamed").observe(time.perf_counter() - t0)
 
     try:
-        ended = False
-        while not ended:
-            pieces: list[np.ndarray] = []
-            if work.done():
-                ended = True  # every piece was queued before the job's result: take the rest
-            else:
-                get = asyncio.ensure_future(sink.events.get())
-                either: list[asyncio.Future[Any]] = [get, work]
-                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-                if get.done():
-                    pieces.append(get.result())
-                else:
-                    get.cancel()
-            while not sink.events.empty():
-                pieces.append(sink.events.get_nowait())
+        async for pieces in sink.pieces(work):
             for piece in pieces:
                 data = await run_in_threadpool(writer.write, piece)
                 if data:
@@ -346,7 +287,7 @@ async def _stream_pieces(
             logger.warning("a %s stream ended early: %s", mode, exc)
             m.requests.labels(mode, str(status_of(exc)) if isinstance(exc, StepAudioError) else "499").inc()
             return
-        _record_run(state, mode, result, timing)
+        record_run(state, mode, result, timing)
         generated = result.timings.get("generated_ids", 0.0)
         if generated > 0 and "first_audio_ids" in result.timings:
             m.stream_start.labels(mode).observe(result.timings["first_audio_ids"] / generated)
@@ -357,8 +298,7 @@ async def _stream_pieces(
         if sse:
             n = result.n_audio_tokens
             yield sse_done({"input_tokens": 0, "output_tokens": n, "total_tokens": n})
-        m.latency.labels(mode).observe(time.perf_counter() - t0)
-        m.requests.labels(mode, "200").inc()
+        record_answered(state, mode, t0)
     finally:
         if not work.done():  # the client went away mid-stream
             work.cancel()
@@ -391,8 +331,7 @@ async def _stream_whole(
     if sse:
         n = result.n_audio_tokens
         yield sse_done({"input_tokens": 0, "output_tokens": n, "total_tokens": n})
-    m.latency.labels(mode).observe(time.perf_counter() - t0)
-    m.requests.labels(mode, "200").inc()
+    record_answered(state, mode, t0)
 
 
 async def _iterations_response(
@@ -428,6 +367,5 @@ async def _iterations_response(
     )
     m = state.metrics
     m.ttfb.labels(mode).observe(time.perf_counter() - t0)
-    m.latency.labels(mode).observe(time.perf_counter() - t0)
-    m.requests.labels(mode, "200").inc()
+    record_answered(state, mode, t0)
     return JSONResponse(body.model_dump(), headers=headers)

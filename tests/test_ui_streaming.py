@@ -1,0 +1,200 @@
+"""Live playback in the web UI: audio reaches the page while the engine still generates it.
+
+Driven through Gradio's own client protocol (the calls the page makes) against the real server
+on the tiny bundle. The evidence is server-side and does not depend on this machine's speed: on
+a bundle whose LLM never stops before its cap (``eos=False``), the page's player already has a
+segment of audio to fetch while the job is still running, and leaving the page then stops a
+generation that would otherwise have run to ``NEVER_ENDING`` ids (the generation's own log line
+says how many it sampled). Gradio's streaming player encodes with the ``ffmpeg`` program: these
+tests skip where it is missing (the page then plays complete results, which ``test_ui`` covers).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import av
+import httpx
+import pytest
+import soundfile as sf
+from fastapi.testclient import TestClient
+from gradio_client import Client, handle_file
+
+from api.app import create_app
+from bundles import write_bundle
+from settings import Settings
+from tests.api_live import LiveServer, test_settings
+
+REPO = Path(__file__).resolve().parents[1]
+VOICE_WAV = REPO / "engine" / "default_voice" / "voice.wav"
+TEXT = "A long streamed sentence."
+LONG = 150  # ids per generation: several streamed pieces
+NEVER_ENDING = 5000  # 2 min of audio: no generation here reaches it before its page leaves
+AAC_SLACK_S = 0.2  # the AAC encoder's priming and last-frame padding
+
+needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="Gradio's streaming player needs ffmpeg")
+
+
+def _client(server: LiveServer) -> Client:
+    # download_files=False: outputs keep their URLs on the server, so the test fetches what the page fetches
+    return Client(f"{server.url}/ui/", verbose=False, analytics_enabled=False, download_files=False)
+
+
+def _metric(url: str, name: str, **labels: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    total = 0.0
+    for line in text.splitlines():
+        match = re.match(rf"^{name}(?:{{([^}}]*)}})? (\S+)$", line)
+        if match and all(f'{k}="{v}"' in (match.group(1) or "") for k, v in labels.items()):
+            total += float(match.group(2))
+    return total
+
+
+def _decoded_seconds(data: bytes) -> float:
+    """Seconds of audio in an AAC (ADTS) stream, decoded with FFmpeg's library as a player would."""
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.audio[0]
+        samples = sum(frame.samples for frame in container.decode(stream))
+        return samples / stream.rate
+
+
+def _segments(playlist_url: str) -> list[tuple[float, str]]:
+    """The (seconds, URL) of each segment the page's player can fetch now."""
+    text = httpx.get(playlist_url, timeout=30).text
+    found = re.findall(r"#EXTINF:([\d.]+),\s*\n(\S+)", text)
+    base = playlist_url.rsplit("/", 1)[0]
+    return [(float(seconds), f"{base}/{name}") for seconds, name in found]
+
+
+def _live_url(update: Any) -> str:
+    assert isinstance(update, dict) and update.get("is_stream"), update
+    return str(update["url"])
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    settings = test_settings(tiny_bundle, tmp_path_factory.mktemp("ui-stream-cache"), enable_auto_transcribe=False)
+    with LiveServer(settings, max_new_tokens=LONG) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def endless(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """Every generation would run to NEVER_ENDING ids."""
+    bundle = write_bundle(tmp_path_factory.mktemp("ui-no-eos-bundle"), "tiny", eos=False)
+    settings = test_settings(bundle, tmp_path_factory.mktemp("ui-no-eos-cache"), enable_auto_transcribe=False)
+    with LiveServer(settings, max_new_tokens=NEVER_ENDING) as live:
+        yield live
+
+
+@needs_ffmpeg
+def test_a_clone_plays_while_generating_and_leaving_the_page_stops_it(
+    endless: LiveServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="engine.scheduler")
+    service = endless.app.state.step_audio.service
+    gone_before = _metric(endless.url, "step_audio_requests_total", mode="clone", status="499")
+    client = _client(endless)
+    try:
+        job = client.submit(None, "default", "", TEXT, "base", 1.0, "5", "wav", api_name="/clone")
+        deadline = time.monotonic() + 120
+        while not job.outputs() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert job.outputs(), "no live update arrived"
+        playlist = _live_url(job.outputs()[0][0])
+        segments: list[tuple[float, str]] = []
+        while not segments and time.monotonic() < deadline:
+            segments = _segments(playlist)
+        assert segments, "the live player has no audio to fetch"
+        # the page can fetch real audio now, and the job that makes it is still running
+        assert _decoded_seconds(httpx.get(segments[0][1], timeout=30).content) > 0
+        assert service.running == 1 and not job.done()
+        job.cancel()  # the page goes away (Gradio cancels the event, as when the tab closes)
+        while service.running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert service.running == 0
+    finally:
+        client.close()
+    lines = [m for rec in caplog.records if (m := rec.getMessage()).startswith("generated ")]
+    assert len(lines) == 1, lines
+    generated = int(re.match(r"generated (\d+) ids", lines[0]).group(1))  # type: ignore[union-attr]
+    assert generated < NEVER_ENDING and "cancelled" in lines[0], lines[0]
+    assert _metric(endless.url, "step_audio_requests_total", mode="clone", status="499") == gone_before + 1
+
+
+@needs_ffmpeg
+def test_a_streamed_clone_ends_with_the_whole_audio_downloadable_and_counted(server: LiveServer) -> None:
+    url = server.url
+    ok_before = _metric(url, "step_audio_requests_total", mode="clone", status="200")
+    latency_before = _metric(url, "step_audio_request_latency_seconds_count", mode="clone")
+    audio_before = _metric(url, "step_audio_audio_seconds_total", mode="clone")
+    client = _client(server)
+    try:
+        job = client.submit(None, "default", "", TEXT, "base", 1.0, "9", "wav", api_name="/clone")
+        live, out, summary = job.result(timeout=300)  # the page's State output is not the client's
+        updates = job.outputs()
+    finally:
+        client.close()
+    assert len(updates) > 2, "the audio arrived in several live pieces before the result"
+    assert all(_live_url(u[0]) == _live_url(updates[0][0]) for u in updates[:-1])  # one stream
+    assert isinstance(live, dict) and live.get("__type__") == "update"  # the result leaves the stream as it is
+    final = httpx.get(out["url"], timeout=30)
+    samples, sample_rate = sf.read(io.BytesIO(final.content))
+    seconds = len(samples) / sample_rate
+    assert sample_rate == 24000 and seconds > 0 and "**seed** 9" in summary
+    # the live stream carried all of it: the player's whole-stream file decodes to the same length
+    streamed = httpx.get(_live_url(updates[0][0]).replace("playlist.m3u8", "playlist-file"), timeout=30)
+    assert abs(_decoded_seconds(streamed.content) - seconds) <= AAC_SLACK_S
+    # the UI's request counts in the API's request series
+    assert _metric(url, "step_audio_requests_total", mode="clone", status="200") == ok_before + 1
+    assert _metric(url, "step_audio_request_latency_seconds_count", mode="clone") == latency_before + 1
+    assert _metric(url, "step_audio_audio_seconds_total", mode="clone") == pytest.approx(
+        audio_before + seconds, abs=1e-3
+    )
+
+
+@needs_ffmpeg
+def test_an_edit_streams_only_its_last_iteration(server: LiveServer) -> None:
+    client = _client(server)
+    try:
+        job = client.submit(
+            handle_file(str(VOICE_WAV)),
+            "denoise",  # no edit_info: the page fills those choices on load, which this client does not run
+            None,
+            "",
+            "",
+            2,
+            "base",
+            1.0,
+            "4",
+            "wav",
+            api_name="/edit",
+        )
+        result = job.result(timeout=300)
+        updates = job.outputs()
+    finally:
+        client.close()
+    first, last = result[1], result[2]
+    lengths = []
+    for out in (first["value"], last["value"]):
+        samples, sample_rate = sf.read(io.BytesIO(httpx.get(out["url"], timeout=30).content))
+        lengths.append(len(samples) / sample_rate)
+    streamed = httpx.get(_live_url(updates[0][0]).replace("playlist.m3u8", "playlist-file"), timeout=30)
+    seconds = _decoded_seconds(streamed.content)
+    assert abs(seconds - lengths[1]) <= AAC_SLACK_S, (seconds, lengths)
+    assert seconds < sum(lengths) - AAC_SLACK_S, (seconds, lengths)  # not the first iteration's audio too
+
+
+def test_without_ffmpeg_the_page_has_no_live_player(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no ffmpeg program anywhere on it
+    client = TestClient(create_app(Settings(cache_dir=tmp_path / "cache")))  # no lifespan: no models needed
+    components = client.get("/ui/config").json()["components"]
+    live = [c for c in components if c.get("props", {}).get("elem_id") in ("clone-live", "edit-live")]
+    assert len(live) == 2 and all(c["props"]["visible"] is False for c in live)
