@@ -569,7 +569,7 @@ class TokenCache:
                 _unlink(tmp)
         # Make the rename durable, outside the write lock: losing it in a crash only loses the
         # entry (the row's checksum no longer matches the file, which is a miss).
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
     def _write_temp(self, key: str, payload: bytes) -> Path:
         """Write ``payload`` durably to a temp file named after this writer's lock."""
@@ -878,7 +878,7 @@ def _unlink(path: Path) -> None:
         os.unlink(path)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     """Make a rename in ``directory`` durable (best effort where directories cannot be opened)."""
     try:
         fd = os.open(directory, os.O_RDONLY)

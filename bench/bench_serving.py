@@ -38,6 +38,7 @@ import soundfile as sf
 import torch
 
 from api.loopback import LOOPBACK, LoopbackServer
+from bench.bench_streaming import timed_request
 from bench.bench_wav2token import SENTENCES, piper_speech
 from bundles import write_bundle
 from engine.tts import build_engine
@@ -51,21 +52,6 @@ IDS_PER_SECOND = 5 / 0.12  # five mixed codes per 120 ms group
 PCM_BYTES_PER_SECOND = 2 * 24000
 TARGET_THROUGHPUT_GAIN = 3.0
 TARGET_P99_RATIO = 1.5
-
-
-def _one(client: httpx.Client, body: dict) -> dict[str, float]:
-    t0 = time.perf_counter()
-    first = None
-    size = 0
-    with client.stream("POST", "/v1/audio/speech", json=body) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"{r.status_code}: {r.read().decode()}")
-        for chunk in r.iter_bytes():
-            if chunk and first is None:
-                first = time.perf_counter() - t0
-            size += len(chunk)
-    total = time.perf_counter() - t0
-    return {"first_audio_s": first if first is not None else total, "latency_s": total, "bytes": size}
 
 
 def _steps(client: httpx.Client) -> tuple[float, float]:
@@ -88,7 +74,7 @@ def _level(url: str, bodies: list[dict], clients: int) -> dict[str, float]:
                     body = queue.pop(0)
                 except IndexError:
                     return
-                results.append(_one(c, body))
+                results.append(timed_request(c, body))
 
     with httpx.Client(base_url=url, timeout=60) as c:
         steps0, alone0 = _steps(c)
@@ -97,7 +83,7 @@ def _level(url: str, bodies: list[dict], clients: int) -> dict[str, float]:
             list(pool.map(client_loop, range(clients)))
         wall = time.perf_counter() - start
         steps1, alone1 = _steps(c)
-    latencies = sorted(r["latency_s"] for r in results)
+    latencies = sorted(r["total_s"] for r in results)
     firsts = sorted(r["first_audio_s"] for r in results)
     audio_s = sum(r["bytes"] for r in results) / PCM_BYTES_PER_SECOND
     steps = steps1 - steps0
@@ -159,7 +145,7 @@ def main() -> None:
     )
     with server:
         with httpx.Client(base_url=server.url, timeout=3600) as c:
-            _one(c, body(0))  # warm-up: the prompt's tokens are cached, lazy inits done
+            timed_request(c, body(0))  # warm-up: the prompt's tokens are cached, lazy inits done
         for clients in levels:
             rows.append(_level(server.url, [body(100 + i) for i in range(args.requests)], clients))
             logger.warning("level %d clients done: %s", clients, rows[-1])

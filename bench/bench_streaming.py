@@ -49,9 +49,8 @@ TARGET_STREAM_OVERHEAD = 1.3
 TARGET_GPU_FIRST_AUDIO_S = 0.3
 
 
-def _request(client: httpx.Client, body: dict, *, stream: bool) -> dict[str, float]:
-    """One request; seconds to the first and the last audio byte, and the bytes received."""
-    payload = {**body, "stream_format": "audio"} if stream else body
+def timed_request(client: httpx.Client, payload: dict) -> dict[str, float]:
+    """One speech request; seconds to the first and the last audio byte, and the bytes received."""
     t0 = time.perf_counter()
     first = None
     size = 0
@@ -64,6 +63,10 @@ def _request(client: httpx.Client, body: dict, *, stream: bool) -> dict[str, flo
             size += len(chunk)
     total = time.perf_counter() - t0
     return {"first_audio_s": first if first is not None else total, "total_s": total, "bytes": size}
+
+
+def _request(client: httpx.Client, body: dict, *, stream: bool) -> dict[str, float]:
+    return timed_request(client, {**body, "stream_format": "audio"} if stream else body)
 
 
 def main() -> None:

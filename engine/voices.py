@@ -41,6 +41,7 @@ import soundfile as sf
 
 from engine.types import AudioInput
 from errors import InvalidInputError, NotFoundError
+from token_cache import fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +213,7 @@ class VoiceStore:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
 
     def _tidy(self) -> None:
         """Convert voices of the old two-file layout and remove temporary files of dead writers."""
@@ -247,17 +248,3 @@ class VoiceStore:
             return
         shutil.rmtree(folder, ignore_errors=True)
         logger.info("converted voice %r to the one-file layout", name)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename in ``directory`` durable (best effort where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
