@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -85,3 +86,27 @@ def word_error_rate(reference: str, hypothesis: str) -> float:
         for j, h_word in enumerate(hyp, 1):
             prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r_word != h_word))
     return row[-1] / max(len(ref), 1)
+
+
+def example_prompt_pairs(tok: Any, long_groups: int) -> list[Any]:
+    """A clone and two edits of different lengths (the last has ``long_groups`` audio groups), real prompts
+    from ``tok`` over seeded random audio codes: the generation and scheduler tests' shared inputs."""
+    from llm.prompts import build_clone_prompt, build_edit_prompt
+
+    rng = np.random.default_rng(0)
+
+    def audio(n_groups: int) -> str:
+        codes = [c for _ in range(n_groups) for c in (*rng.integers(0, 1024, 2), *(1024 + rng.integers(0, 4096, 3)))]
+        return "".join(f"<audio_{c}>" for c in codes)
+
+    return [
+        build_clone_prompt(
+            tok,
+            speaker="clone_0123456789abcdef",
+            prompt_text="hello world, this is a test.",
+            audio_token_str=audio(6),
+            target_text="Good morning.",
+        ),
+        build_edit_prompt(tok, mode="emotion", edit_info="happy", audio_text="hello world", audio_token_str=audio(3)),
+        build_edit_prompt(tok, mode="denoise", audio_token_str=audio(long_groups)),
+    ]

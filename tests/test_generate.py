@@ -22,9 +22,9 @@ from llm.generate import (
     top_k_probs,
 )
 from llm.model import Step1ForCausalLM
-from llm.prompts import PromptPair, build_clone_prompt, build_edit_prompt
+from llm.prompts import PromptPair, build_clone_prompt
 from llm.text_tokenizer import AUDIO_ID_OFFSET, load_text_tokenizer
-from tests.conftest import load_reference
+from tests.conftest import example_prompt_pairs, load_reference
 
 X, Y = AUDIO_ID_OFFSET + 4464, AUDIO_ID_OFFSET + 464  # the biased model's favourite and runner-up
 
@@ -73,23 +73,7 @@ def pairs(tmp_path_factory) -> list[PromptPair]:
     d = tmp_path_factory.mktemp("editx")
     write_text_tokenizer(d)
     tok = load_text_tokenizer(d)
-    rng = np.random.default_rng(0)
-
-    def audio(n_groups: int) -> str:
-        codes = [c for _ in range(n_groups) for c in (*rng.integers(0, 1024, 2), *(1024 + rng.integers(0, 4096, 3)))]
-        return "".join(f"<audio_{c}>" for c in codes)
-
-    return [
-        build_clone_prompt(
-            tok,
-            speaker="clone_0123456789abcdef",
-            prompt_text="hello world, this is a test.",
-            audio_token_str=audio(6),
-            target_text="Good morning.",
-        ),
-        build_edit_prompt(tok, mode="emotion", edit_info="happy", audio_text="hello world", audio_token_str=audio(3)),
-        build_edit_prompt(tok, mode="denoise", audio_token_str=audio(9)),
-    ]
+    return example_prompt_pairs(tok, long_groups=9)
 
 
 def _forward_batch_sizes(model: torch.nn.Module) -> tuple[list[int], torch.utils.hooks.RemovableHandle]:

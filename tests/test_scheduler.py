@@ -20,10 +20,11 @@ from engine.scheduler import GenerationHandle, Scheduler, StepStats
 from errors import InvalidInputError
 from llm.batching import GROWTH_BLOCK, RowKVCache, kv_bytes_per_token, peak_kv_bytes
 from llm.generate import GenerationResult, generate
-from llm.prompts import PromptPair, build_clone_prompt, build_edit_prompt
+from llm.prompts import PromptPair
 from llm.text_tokenizer import load_text_tokenizer
 from model_files import EDITX_DIR
 from model_loader import load_llm
+from tests.conftest import example_prompt_pairs
 
 TIMEOUT_S = 120
 
@@ -37,23 +38,7 @@ def model(tiny_bundle: Path) -> torch.nn.Module:
 def pairs(tiny_bundle: Path) -> list[PromptPair]:
     """A clone and two edits of different lengths, from the bundle's tokenizer."""
     tok = load_text_tokenizer(tiny_bundle / EDITX_DIR)
-    rng = np.random.default_rng(0)
-
-    def audio(n_groups: int) -> str:
-        codes = [c for _ in range(n_groups) for c in (*rng.integers(0, 1024, 2), *(1024 + rng.integers(0, 4096, 3)))]
-        return "".join(f"<audio_{c}>" for c in codes)
-
-    return [
-        build_clone_prompt(
-            tok,
-            speaker="clone_0123456789abcdef",
-            prompt_text="hello world, this is a test.",
-            audio_token_str=audio(6),
-            target_text="Good morning.",
-        ),
-        build_edit_prompt(tok, mode="emotion", edit_info="happy", audio_text="hello world", audio_token_str=audio(3)),
-        build_edit_prompt(tok, mode="denoise", audio_token_str=audio(12)),
-    ]
+    return example_prompt_pairs(tok, long_groups=12)
 
 
 class Recorder:
