@@ -7,6 +7,7 @@ only the last edit iteration streams, and a cancelled request stops generating a
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -156,7 +157,12 @@ def test_cancel_mid_stream_stops_the_work(engine, voice) -> None:
 def test_cancel_before_generation_runs_no_step(engine, voice) -> None:
     cancel = CancelToken()
     cancel.set()
-    steps = engine.schedulers["base"].steps
+    scheduler = engine.schedulers["base"]
+    deadline = time.monotonic() + 60
+    while scheduler.running or scheduler.queued:  # a cancelled earlier request may still be leaving
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    steps = scheduler.steps
     with pytest.raises(RequestCancelledError):
         engine.clone(_clone_request(voice, seed=6), cancel=cancel)
-    assert engine.schedulers["base"].steps == steps  # it left the queue: no decode step ran for it
+    assert scheduler.steps == steps  # it left the queue: no decode step ran for it
