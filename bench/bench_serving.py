@@ -20,11 +20,8 @@ throughput, with p99 latency <= 1.5x the serial p99. Prints a table and writes
 from __future__ import annotations
 
 import argparse
-import base64
-import io
 import json
 import logging
-import math
 import re
 import statistics
 import time
@@ -34,21 +31,16 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import soundfile as sf
-import torch
 
-from api.loopback import LOOPBACK, LoopbackServer
-from bench.bench_streaming import timed_request
-from bench.bench_wav2token import SENTENCES, piper_speech
-from bundles import write_bundle
+from api.loopback import LoopbackServer
+from bench.bench_streaming import max_ids_for, prompt_wav_base64, server_setup, timed_request
+from bench.bench_wav2token import SENTENCES
 from engine.tts import build_engine
-from settings import Settings
 
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OUT_DIR = REPO_ROOT / "bench" / "out"
-IDS_PER_SECOND = 5 / 0.12  # five mixed codes per 120 ms group
 PCM_BYTES_PER_SECOND = 2 * 24000
 TARGET_THROUGHPUT_GAIN = 3.0
 TARGET_P99_RATIO = 1.5
@@ -113,25 +105,12 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=OUT_DIR / "bundles")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(args.threads)
-    cuda = torch.cuda.is_available()
-    size = args.size or ("full" if cuda else "mid")
     levels = [int(c) for c in args.clients.split(",")]
-    bundle = write_bundle(args.root / f"{size}-no-eos", size=size, seed=0, eos=False)
-    settings = Settings(
-        api_host=LOOPBACK,
-        model_path=bundle,
-        cache_dir=args.root / f"cache-{size}",
-        device="cuda" if cuda else "cpu",
-        torch_dtype="bfloat16" if cuda else "float32",
-        inference_workers=max(levels),
-        queue_size=max(levels) + args.requests,
+    size, cuda, settings = server_setup(
+        args.size, args.root, args.threads, inference_workers=max(levels), queue_size=max(levels) + args.requests
     )
-    wav, sr = piper_speech(3.0)
-    buf = io.BytesIO()
-    sf.write(buf, wav[0], sr, format="WAV")
-    prompt = base64.b64encode(buf.getvalue()).decode()
-    max_ids = math.ceil(args.seconds * IDS_PER_SECOND / 5) * 5
+    prompt = prompt_wav_base64(3.0)
+    max_ids = max_ids_for(args.seconds)
 
     def body(seed: int) -> dict:
         step = {"prompt_text": SENTENCES[0], "prompt_audio_base64": prompt, "seed": seed}
@@ -161,7 +140,7 @@ def main() -> None:
     for r in rows:
         gain = r["throughput"] / serial["throughput"]
         print(
-            f"{r['clients']:>7} {r['throughput']:>10.3f} {gain:>8.2f}x {r['latency_p50_s']:>7.2f} "
+            f"{int(r['clients']):>7} {r['throughput']:>10.3f} {gain:>8.2f}x {r['latency_p50_s']:>7.2f} "
             f"{r['latency_p99_s']:>7.2f} {r['first_audio_p50_s']:>10.2f} {r['first_audio_p99_s']:>10.2f} "
             f"{r['shared_step_share']:>12.0%}"
         )
@@ -169,7 +148,7 @@ def main() -> None:
     gain = top["throughput"] / serial["throughput"]
     p99 = top["latency_p99_s"] / serial["latency_p99_s"]
     print(
-        f"{top['clients']} clients: {gain:.2f}x the serial throughput (target >= {TARGET_THROUGHPUT_GAIN}x), "
+        f"{int(top['clients'])} clients: {gain:.2f}x the serial throughput (target >= {TARGET_THROUGHPUT_GAIN}x), "
         f"p99 latency {p99:.2f}x the serial p99 (target <= {TARGET_P99_RATIO}x)"
     )
     report.update(

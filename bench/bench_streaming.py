@@ -28,6 +28,7 @@ import statistics
 import time
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import httpx
 import soundfile as sf
@@ -65,6 +66,41 @@ def timed_request(client: httpx.Client, payload: dict) -> dict[str, float]:
     return {"first_audio_s": first if first is not None else total, "total_s": total, "bytes": size}
 
 
+def server_setup(size: str | None, root: Path, threads: int, **settings: Any) -> tuple[str, bool, Settings]:
+    """(bundle size, CUDA?, server settings) of a serving benchmark: ``size`` defaults to mid on CPU
+    and full (bf16) on CUDA; the bundle's LLM never stops before its cap, so a request generates
+    exactly the audio it is capped at."""
+    torch.set_num_threads(threads)
+    cuda = torch.cuda.is_available()
+    size = size or ("full" if cuda else "mid")
+    bundle = write_bundle(root / f"{size}-no-eos", size=size, seed=0, eos=False)
+    return (
+        size,
+        cuda,
+        Settings(
+            api_host=LOOPBACK,
+            model_path=bundle,
+            cache_dir=root / f"cache-{size}",
+            device="cuda" if cuda else "cpu",
+            torch_dtype="bfloat16" if cuda else "float32",
+            **settings,
+        ),
+    )
+
+
+def prompt_wav_base64(seconds: float) -> str:
+    """``seconds`` of Piper speech as a base64 WAV (the clone prompt of the serving benchmarks)."""
+    wav, sr = piper_speech(seconds)
+    buf = io.BytesIO()
+    sf.write(buf, wav[0], sr, format="WAV")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def max_ids_for(seconds: float) -> int:
+    """Generated ids (whole groups of 5) that make ``seconds`` of audio."""
+    return math.ceil(seconds * IDS_PER_SECOND / 5) * 5
+
+
 def _request(client: httpx.Client, body: dict, *, stream: bool) -> dict[str, float]:
     return timed_request(client, {**body, "stream_format": "audio"} if stream else body)
 
@@ -79,27 +115,15 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=OUT_DIR / "bundles")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(args.threads)
-    cuda = torch.cuda.is_available()
-    size = args.size or ("full" if cuda else "mid")
-    bundle = write_bundle(args.root / f"{size}-no-eos", size=size, seed=0, eos=False)  # exactly --seconds
-    settings = Settings(
-        api_host=LOOPBACK,
-        model_path=bundle,
-        cache_dir=args.root / f"cache-{size}",
-        device="cuda" if cuda else "cpu",
-        torch_dtype="bfloat16" if cuda else "float32",
-    )
-    wav, sr = piper_speech(args.prompt_seconds)
-    buf = io.BytesIO()
-    sf.write(buf, wav[0], sr, format="WAV")
-    max_ids = math.ceil(args.seconds * IDS_PER_SECOND / 5) * 5
+    size, cuda, settings = server_setup(args.size, args.root, args.threads)
+    prompt = prompt_wav_base64(args.prompt_seconds)
+    max_ids = max_ids_for(args.seconds)
     body = {
         "input": " ".join(SENTENCES[:2]),
         "response_format": "pcm",
         "step_audio": {
             "prompt_text": SENTENCES[0],
-            "prompt_audio_base64": base64.b64encode(buf.getvalue()).decode(),
+            "prompt_audio_base64": prompt,
             "seed": 1234,
         },
     }
