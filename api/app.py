@@ -26,7 +26,6 @@ from api.openapi import contract_openapi
 from api.routes import speech, system, voices
 from api.state import AppState, Engine
 from engine.service import InferenceService
-from engine.types import AudioInput
 from engine.voices import DEFAULT_VOICE_NAME, Voice, VoiceStore
 from settings import Settings
 
@@ -41,7 +40,7 @@ EngineFactory = Callable[[Settings], Engine]
 
 
 def create_app(settings: Settings, *, engine_factory: EngineFactory | None = None) -> FastAPI:
-    """A new app around ``settings``; ``engine_factory`` defaults to ``engine.tts.build_engine``."""
+    """A new app around ``settings``; ``engine_factory`` defaults to ``engine.build.build_engine``."""
     voices_dir = settings.voices_dir or settings.cache_dir / "voices"
     service = InferenceService(queue_size=settings.queue_size, workers=settings.inference_workers)
     state: AppState
@@ -83,9 +82,8 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory | None = Non
             yield
         finally:
             service.stop()
-            close = getattr(state.engine, "close", None)
-            if close is not None:  # the LLM decode loops
-                close()
+            if state.engine is not None:  # the LLM decode loops
+                state.engine.close()
 
     # with an API key the schema is served behind it (below) and the browser UIs are off
     hidden: dict[str, Any] = {"openapi_url": None, "docs_url": None, "redoc_url": None} if settings.api_key else {}
@@ -146,14 +144,12 @@ def _load_engine(state: AppState, factory: EngineFactory | None) -> None:
             settings = demo_settings(settings)
         state.loading_stage = "loading models"
         if factory is None:
-            from engine.tts import build_engine
+            from engine.build import build_engine
 
             factory = build_engine
         begin = time.perf_counter()
         engine = factory(settings)
-        observe = getattr(engine, "set_observer", None)
-        if observe is not None:  # batch size per decode step, LLM queue wait, tokens/s
-            observe(state.metrics)
+        engine.set_observer(state.metrics)  # batch size per decode step, LLM queue wait, tokens/s
         state.voices.default_voice = _default_voice(engine)
         state.engine = engine
         state.ready_at = time.time()
@@ -167,18 +163,12 @@ def _load_engine(state: AppState, factory: EngineFactory | None) -> None:
 
 
 def _default_voice(engine: Engine) -> Voice | None:
-    """The engine's shipped voice behind OpenAI's voice names (None when it has none)."""
-    get = getattr(engine, "default_voice", None)
-    if get is None:
-        logger.warning("the engine ships no default voice; OpenAI voice names will be refused")
-        return None
+    """The engine's shipped voice behind OpenAI's voice names (None when it cannot be read)."""
     try:
-        audio, transcript = get()
+        audio, transcript = engine.default_voice()
     except (OSError, ValueError) as exc:
         logger.warning("the default voice could not be read (%s); OpenAI voice names will be refused", exc)
         return None
-    if not isinstance(audio, AudioInput):
-        raise TypeError(f"default_voice() returned {type(audio).__name__}, expected AudioInput")
     return Voice(name=DEFAULT_VOICE_NAME, audio=audio, transcript=transcript, builtin=True)
 
 

@@ -24,7 +24,7 @@ START_TIMEOUT_S = 30.0
 class LoopbackServer:
     """``with LoopbackServer(settings) as server: server.url`` (ready: /readyz answered 200).
 
-    ``engine_factory`` goes to ``create_app`` (default: the real ``engine.tts.build_engine``).
+    ``engine_factory`` goes to ``create_app`` (default: the real ``engine.build.build_engine``).
     With ``wait_ready=False`` the block starts once the port is bound; ``until_ready`` waits.
     """
 

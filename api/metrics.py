@@ -15,7 +15,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from engine.scheduler import StepStats
+    from llm.decode import StepStats
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
 _RTF_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10)
@@ -93,7 +93,7 @@ class Metrics:
             registry=r,
         )
         r.register(_LiveCollector(live))
-        # Continuous batching (engine.scheduler calls on_admit / on_step on its loop thread).
+        # Continuous batching (llm.decode calls on_admit / on_step on its loop thread).
         self.llm_batch_size = Histogram(
             "step_audio_llm_batch_size",
             "Requests sharing each LLM decode step.",

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from engine.types import MAX_SEED, MAX_SPEED, MIN_SPEED, EditMode, Mode
-from llm.generate import MAX_INTENSITY, MIN_INTENSITY
+from llm.sampling import MAX_INTENSITY, MIN_INTENSITY
 from settings import ResponseFormat, Variant
 
 StreamFormat = Literal["audio", "sse"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
 from fastapi import Depends, Request
 
@@ -15,12 +15,18 @@ from engine.voices import VoiceStore
 from errors import ModelLoadError, NotReadyError
 from settings import Settings
 
+if TYPE_CHECKING:
+    from llm.decode import DecodeObserver
+
 
 class Engine(Protocol):
-    """What the HTTP layer needs from ``engine.tts.StepAudioEngine`` (a Protocol, so tests can stand in)."""
+    """Everything the HTTP layer and the web UI use of ``engine.tts.StepAudioEngine``."""
 
     @property
     def variants(self) -> list[str]: ...
+    @property
+    def auto_transcribe(self) -> bool: ...
+    def transcribe(self, audio: AudioInput) -> str: ...
 
     def clone(
         self, request: CloneRequest, *, sink: AudioSink | None = None, cancel: CancelToken | None = None
@@ -33,6 +39,9 @@ class Engine(Protocol):
     def prepare_voice(self, audio: AudioInput) -> None: ...
     def cache_stats(self) -> dict[str, Any]: ...
     def clear_cache(self) -> None: ...
+    def default_voice(self) -> tuple[AudioInput, str]: ...
+    def set_observer(self, observer: DecodeObserver | None) -> None: ...
+    def close(self) -> None: ...
 
 
 @dataclass

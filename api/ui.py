@@ -66,7 +66,7 @@ from api.state import AppState, Engine
 from engine import chains
 from engine.types import EDIT_MODES, AudioInput, CloneRequest, EditRequest, EditStep, SynthesisResult
 from errors import StepAudioError, TooLargeError
-from llm.generate import MAX_INTENSITY, MIN_INTENSITY
+from llm.sampling import MAX_INTENSITY, MIN_INTENSITY
 from settings import ResponseFormat
 
 logger = logging.getLogger(__name__)
@@ -188,16 +188,13 @@ class _Ui:
     async def transcribe_clip(self, path: str | None) -> str:
         """Whisper on an uploaded clip, through the queue (the same model the API uses)."""
         engine = self.engine()
-        transcriber = getattr(engine, "transcriber", None)
-        if transcriber is None or not self.state.settings.enable_auto_transcribe:
+        if not engine.auto_transcribe:
             raise gr.Error("auto-transcription is off on this server (start it with --enable-auto-transcribe)")
         data = self.read_clip(path, "audio")
         if data is None:
             raise gr.Error("give a clip to transcribe first")
         audio: AudioInput = await decode_audio_bytes(data, settings=self.state.settings, param="audio")
-        text, _ = await self.state.service.submit(
-            "transcribe", functools.partial(transcriber.transcribe, audio.samples, audio.sample_rate)
-        )
+        text, _ = await self.state.service.submit("transcribe", functools.partial(engine.transcribe, audio))
         return str(text).strip()
 
 
@@ -489,7 +486,7 @@ def build_blocks(ui: _Ui) -> gr.Blocks:
             engine = ui.engine()  # raises the API's 503 message when loading failed or timed out
             loaded = list(engine.variants)
             default_variant = "base" if "base" in loaded else loaded[0]
-            auto = settings.enable_auto_transcribe and getattr(engine, "transcriber", None) is not None
+            auto = engine.auto_transcribe
             ready = f"Ready · variants: {', '.join(loaded)} · auto-transcription {'on' if auto else 'off'}"
             return (
                 ready,

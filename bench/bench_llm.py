@@ -3,12 +3,14 @@
     .venv/bin/python -m bench.bench_llm [--threads 2] [--steps 16] [--context 300]
         [--full-layers 0,4 | --full-layers 32] [--skip-full-cpu] [--root DIR]
 
-Not a test. Three parts, all greedy decoding with our model and a transformers DynamicCache:
+Not a test. Three parts, all greedy decoding with our model, through the server's decode loop
+(``llm.scheduler.Scheduler`` timed by ``bench.decode_timing``) or its forward call on its cache:
 
 * **tiny / mid on CPU** (fp32): the bundles written by ``bundles.llm_bundle`` and loaded by
-  ``model_loader.load_llm``; a prompt of ``--context`` ids is prefilled, then ``--steps`` single
-  token steps are timed one by one (median). Batch 8 uses left-padded prompts of different
-  lengths, as batched requests do. tokens/s = batch / step time.
+  ``model_loader.load_llm``; ``batch`` prompts of about ``--context`` ids (different lengths, as
+  batched requests are) decode ``--steps`` ids together; the step time is the median step while
+  the whole batch runs (sampling and bookkeeping included), tokens/s = batch / step time. The
+  model-only step (one forward on the same ``RowKVCache``) shows what the loop adds.
 * **full size on CPU, per decode step at contexts 256/512/1024/2048** (fp32, the contexts of
   the reference's row in bench/README.md): the context is a KV cache of that length (random keys/values cost what real
   ones cost) and each step is one token. The full model is 14 GB in fp32, so by default the
@@ -31,12 +33,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
-from audio_codes import AUDIO_ID_OFFSET, N_MIXED_CODES
+from bench.decode_timing import AUDIO_IDS, audio_prompts, time_decode
 from bundles.llm_bundle import llm_config_dict, write_llm_bundle
+from llm.batching import LastLogits, RowKVCache, left_pad, num_layers
 from llm.config import Step1Config
 from llm.model import Step1ForCausalLM
+from llm.scheduler import Scheduler
 from model_files import EDITX_DIR
 from model_loader import enable_tf32, load_llm
 
@@ -44,15 +47,9 @@ logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OUT_DIR = REPO_ROOT / "bench" / "out"
-AUDIO_IDS = (AUDIO_ID_OFFSET, AUDIO_ID_OFFSET + N_MIXED_CODES)
 CONTEXTS = (256, 512, 1024, 2048)
 REFERENCE_STEP_S = {256: 0.68, 512: 1.06, 1024: 4.8, 2048: 20.2}  # the reference (bench/README.md), fp32, 2 threads
 TARGET_STEP_S = 0.7
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _bundle(root: Path, size: str, device: torch.device) -> Path:
@@ -64,41 +61,50 @@ def _bundle(root: Path, size: str, device: torch.device) -> Path:
     return editx
 
 
-def _left_padded_prompts(batch: int, context: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``batch`` audio-id prompts, row r shorter by 7r tokens, left-padded to ``context``."""
-    gen = torch.Generator().manual_seed(batch * 1000 + context)
-    ids = torch.randint(*AUDIO_IDS, (batch, context), generator=gen)
-    mask = torch.ones(batch, context, dtype=torch.long)
-    for row in range(batch):
-        pad = min(7 * row, context - 1)
-        ids[row, :pad] = 0
-        mask[row, :pad] = 0
-    return ids.to(device), mask.to(device)
+def decode_speed(model: torch.nn.Module, batch: int, context: int, steps: int) -> dict[str, float]:
+    """Greedy decode of ``batch`` prompts of about ``context`` ids through the server's decode loop.
+
+    ``step_s`` is the median step while the whole batch runs (sampling and bookkeeping included);
+    ``model_step_s`` is the forward alone on the same cache, so their gap is the loop's overhead.
+    """
+    scheduler = Scheduler(model, max_batch_rows=max(2, batch), kv_budget_bytes=2**40)
+    try:
+        timing = time_decode(scheduler, audio_prompts(batch, context), max_new_tokens=steps)
+    finally:
+        scheduler.close()
+    tokens_per_s = timing.full_batch_tokens_per_s
+    return {
+        "step_s": batch / tokens_per_s,
+        "tokens_per_s": tokens_per_s,
+        "model_step_s": model_step_s(model, batch, context, steps),
+    }
 
 
 @torch.inference_mode()
-def decode_speed(model: torch.nn.Module, batch: int, context: int, steps: int) -> dict[str, float]:
-    """Prefill ``context`` ids then time ``steps`` greedy single-token steps (median)."""
+def model_step_s(model: torch.nn.Module, rows: int, context: int, steps: int) -> float:
+    """Median seconds of one decode forward of ``rows`` rows (the loop's ``LastLogits`` on its
+    ``RowKVCache``), without sampling or bookkeeping."""
     device = next(model.parameters()).device
-    ids, mask = _left_padded_prompts(batch, context, device)
-    cache = DynamicCache()
-    _sync(device)
-    begin = time.perf_counter()
-    logits = model(ids, attention_mask=mask if batch > 1 else None, cache=cache, logits_to_keep=1).logits
-    _sync(device)
-    prefill_s = time.perf_counter() - begin
+    forward = LastLogits(model)
+    cache = RowKVCache(num_layers(model), rows)
+    prompts = audio_prompts(rows, context)
+    ids, mask = left_pad([p.cond for p in prompts], device)
+    forward(ids, mask, cache)
+    cache.lengths = [len(p.cond) for p in prompts]
+    token = torch.full((rows, 1), AUDIO_IDS[0] + 7, dtype=torch.long, device=device)
     times = []
     for _ in range(steps):
-        token = logits[:, -1].argmax(-1, keepdim=True)
-        if batch > 1:
-            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
         _sync(device)
         begin = time.perf_counter()
-        logits = model(token, attention_mask=mask if batch > 1 else None, cache=cache).logits
+        forward(token, cache.mask(1), cache)
         _sync(device)
         times.append(time.perf_counter() - begin)
-    step = statistics.median(times[1:] if len(times) > 2 else times)
-    return {"prefill_s": prefill_s, "step_s": step, "tokens_per_s": batch / step}
+    return statistics.median(times[1:] if len(times) > 2 else times)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _full_width_model(layers: int) -> Step1ForCausalLM:
@@ -108,8 +114,9 @@ def _full_width_model(layers: int) -> Step1ForCausalLM:
     return Step1ForCausalLM(config).eval()
 
 
-def _filled_cache(config: Step1Config, layers: int, context: int) -> DynamicCache:
-    cache = DynamicCache()
+def _filled_cache(config: Step1Config, layers: int, context: int) -> RowKVCache:
+    """A one-row cache holding ``context`` random keys and values per layer (they cost what real ones cost)."""
+    cache = RowKVCache(layers, 1)
     shape = (1, config.num_attention_groups, context, config.head_dim)
     for layer in range(layers):
         cache.update(torch.randn(shape), torch.randn(shape), layer)
@@ -118,21 +125,22 @@ def _filled_cache(config: Step1Config, layers: int, context: int) -> DynamicCach
 
 @torch.inference_mode()
 def step_vs_context(model: Step1ForCausalLM, contexts: tuple[int, ...], repeats: int = 7) -> dict[int, float]:
-    """Fastest of ``repeats`` decode steps with a KV cache of each context length (batch 1).
+    """Fastest of ``repeats`` decode forwards (the loop's ``LastLogits`` on its ``RowKVCache``) with a KV
+    cache of each context length (batch 1).
 
     The minimum, not the median: on a shared machine the slower runs measure the neighbours.
     """
     layers = len(model.model.layers)
+    forward = LastLogits(model)
     token = torch.tensor([[AUDIO_IDS[0] + 7]])
     out = {}
     for context in contexts:
-        cache = _filled_cache(model.config, layers, context)
         times = []
         for _ in range(repeats + 1):
+            cache = _filled_cache(model.config, layers, context)
             begin = time.perf_counter()
-            model(token, cache=cache)
+            forward(token, cache.mask(1), cache)
             times.append(time.perf_counter() - begin)
-            cache.crop(-1)  # back to `context` keys
         out[context] = min(times[1:])
     return out
 
@@ -190,11 +198,11 @@ def main() -> None:
         del model
     results["decode"] = rows
     print(f"\nDecode, greedy, context {args.context}, {args.threads} CPU threads")
-    print(f"{'size':6} {'device':6} {'dtype':9} {'batch':>5} {'prefill s':>10} {'step ms':>9} {'tokens/s':>9}")
+    print(f"{'size':6} {'device':6} {'dtype':9} {'batch':>5} {'step ms':>9} {'model ms':>9} {'tokens/s':>9}")
     for r in rows:
         print(
-            f"{r['size']:6} {r['device']:6} {r['dtype']:9} {r['batch']:5d} {r['prefill_s']:10.3f} "
-            f"{1000 * r['step_s']:9.1f} {r['tokens_per_s']:9.1f}"
+            f"{r['size']:6} {r['device']:6} {r['dtype']:9} {r['batch']:5d} {1000 * r['step_s']:9.1f} "
+            f"{1000 * r['model_step_s']:9.1f} {r['tokens_per_s']:9.1f}"
         )
 
     if not args.skip_full_cpu:

@@ -35,7 +35,7 @@ import numpy as np
 from api.loopback import LoopbackServer
 from bench.bench_streaming import max_ids_for, prompt_wav_base64, server_setup, timed_request
 from bench.bench_wav2token import SENTENCES
-from engine.tts import build_engine
+from engine.build import build_engine
 
 logger = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ import torch
 from api.loopback import LOOPBACK, LoopbackServer
 from bench.bench_wav2token import SENTENCES, piper_speech
 from bundles import write_bundle
-from engine.tts import build_engine
+from engine.build import build_engine
 from settings import Settings
 
 logger = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ reuses) a random-weight bundle of the official dimensions with the AWQ and bnb v
 each variant starts the real server (``api.create_app`` under uvicorn on loopback, in this
 process, so the GPU memory counters are the server's) and drives it over HTTP only: clone and
 every edit mode, each whole and streamed (``stream_format: audio``), 8 concurrent clones, and a
-direct decode measurement of the loaded model at batch 1 and 8. The bundle's LLM never emits EOS
+decode measurement of the server's own decode loop at batch 1 and 8. The bundle's LLM never emits EOS
 (``bundles.llm_bundle``, ``eos=False``), so every generation is exactly ``--max-new-tokens`` long:
 420 tokens, 10.08 s of audio, at full size.
 
@@ -36,10 +36,13 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import torch
+
+if TYPE_CHECKING:
+    from llm.scheduler import Scheduler
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OUT_DIR = REPO_ROOT / "bench" / "out"
@@ -194,32 +197,18 @@ def concurrent_clones(
 # --- decode speed -----------------------------------------------------------------------------------
 
 
-def decode_tokens_per_s(model: torch.nn.Module, batch: int, steps: int, context: int = DECODE_CONTEXT) -> float:
-    """Generated tokens per second of ``llm.generate`` (sampling, the server's path), prefill excluded.
+def decode_tokens_per_s(scheduler: Scheduler, batch: int, steps: int, context: int = DECODE_CONTEXT) -> float:
+    """Generated tokens per second of the server's own decode loop (its variant's ``Scheduler``),
+    sampling, while ``batch`` requests decode together (median step; prefill excluded).
 
-    Timed from the first step hook to the last, so the figure is decode steps only; every row runs
-    all ``steps`` because the check's bundle never stops early.
+    The steps also reach the server's metrics (``bench.decode_timing`` passes them on); every
+    request runs all ``steps`` because the check's bundle never stops early.
     """
-    from llm.generate import generate
-    from llm.prompts import PromptPair
-    from llm.text_tokenizer import AUDIO_ID_OFFSET, N_AUDIO_CODES
+    from bench.decode_timing import audio_prompts, time_decode
 
-    gen = torch.Generator().manual_seed(batch)
-    prompts = []
-    for row in range(batch):  # different lengths, as batched requests have
-        ids = torch.randint(AUDIO_ID_OFFSET, AUDIO_ID_OFFSET + N_AUDIO_CODES, (context - 7 * row,), generator=gen)
-        prompts.append(PromptPair(cond=ids.tolist(), uncond=ids.tolist()))
-    marks: list[tuple[float, int]] = []
-
-    def on_step(step: int, rows: list[int], scores: torch.Tensor) -> None:
-        marks.append((time.perf_counter(), len(rows)))
-
-    generate(model, prompts[:1], max_new_tokens=4, seed=0)  # warm-up: kernels, allocator
-    generate(model, prompts, max_new_tokens=steps, seed=list(range(batch)), on_step=on_step)
-    if len(marks) < 2:
-        raise RuntimeError(f"llm.generate ran {len(marks)} step(s); cannot time decoding")
-    tokens = sum(n for _, n in marks[1:])
-    return tokens / (marks[-1][0] - marks[0][0])
+    prompts = audio_prompts(batch, context)
+    time_decode(scheduler, prompts[:1], max_new_tokens=4, do_sample=True)  # warm-up: kernels, allocator
+    return time_decode(scheduler, prompts, max_new_tokens=steps, do_sample=True).full_batch_tokens_per_s
 
 
 # --- one variant --------------------------------------------------------------------------------------
@@ -232,7 +221,8 @@ def _gb(n_bytes: int) -> float:
 def check_variant(variant: str, args: argparse.Namespace, voice_b64: str) -> VariantReport:
     """Start a server with ``variant`` only, run every request and measurement, and collect failures."""
     from api.loopback import LoopbackServer
-    from engine.tts import StepAudioEngine, build_engine
+    from engine.build import build_engine
+    from engine.tts import StepAudioEngine
     from settings import Settings
 
     report = VariantReport(variant)
@@ -272,7 +262,8 @@ def check_variant(variant: str, args: argparse.Namespace, voice_b64: str) -> Var
         with httpx.Client(base_url=server.url, timeout=REQUEST_TIMEOUT_S) as http:
             _run_requests(http, report, voice_b64)
         for batch in DECODE_BATCHES:
-            tokens_per_s = decode_tokens_per_s(engines[0].llms[variant], batch, args.decode_steps)
+            scheduler = engines[0].synthesizer.schedulers[variant]  # the loop the server's requests use
+            tokens_per_s = decode_tokens_per_s(scheduler, batch, args.decode_steps)
             report.decode_tokens_per_s[batch] = round(tokens_per_s, 1)
     except Exception as exc:  # anything unexpected is this variant's failure; the other variants still run
         logger.exception("%s: the check stopped", variant)

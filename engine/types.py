@@ -1,13 +1,15 @@
 """Plain data passed between the HTTP layer and the engine (no pydantic, no torch).
 
 The value ranges the engine accepts live here once, so the HTTP schema and the engine's own
-checks cannot drift apart (the guidance range belongs to ``llm.generate``, which applies it).
+checks cannot drift apart (the guidance range belongs to ``llm.sampling``, which applies it).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, get_args
 
@@ -94,6 +96,41 @@ class IterationLabel:
 
 
 @dataclass
+class Timings:
+    """Where one request's time went, in seconds; each part adds up over every generation it ran.
+
+    ``first_audio`` (seconds from the streamed generation's submission to its first audio) and
+    ``first_audio_ids`` (ids sampled by then) are set only when the request streamed;
+    ``generated_ids`` counts the ids of its last generation.
+    """
+
+    transcribe: float = 0.0
+    prompt_features: float = 0.0
+    llm: float = 0.0
+    vocoder: float = 0.0
+    speed: float = 0.0
+    total: float = 0.0
+    first_audio: float | None = None
+    first_audio_ids: int | None = None
+    generated_ids: int = 0
+
+    @contextmanager
+    def measure(self, part: str) -> Iterator[None]:
+        """Add the time the block takes to ``part`` (one of the float fields above)."""
+        begin = time.perf_counter()
+        try:
+            yield
+        finally:
+            setattr(self, part, getattr(self, part) + time.perf_counter() - begin)
+
+    def stream_start_fraction(self) -> float | None:
+        """Share of the streamed generation's ids sampled when its first audio left (None: not streamed)."""
+        if self.first_audio_ids is None or self.generated_ids <= 0:
+            return None
+        return self.first_audio_ids / self.generated_ids
+
+
+@dataclass
 class SynthesisResult:
     """The final audio plus every intermediate output (``iterations[-1] is audio``), each labelled.
 
@@ -109,7 +146,7 @@ class SynthesisResult:
     labels: list[IterationLabel] = field(default_factory=list)
     transcript: str | None = None
     n_audio_tokens: int = 0
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: Timings = field(default_factory=Timings)
     cache_hits: int = 0
     cache_misses: int = 0
 

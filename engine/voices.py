@@ -34,6 +34,7 @@ import time
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,7 @@ DEFAULT_VOICE_NAME = "default"
 VOICE_SUFFIX = ".npz"
 TEMP_SUFFIX = ".tmp"
 STALE_TEMP_SECONDS = 600.0  # a temporary file this old was left by a writer that died
+DEFAULT_VOICE_DIR = Path(__file__).resolve().parent / "default_voice"
 _LEGACY_AUDIO_FILE = "audio.wav"  # the layout before one file per voice
 _LEGACY_META_FILE = "voice.json"
 
@@ -68,6 +70,19 @@ class Voice:
     @property
     def seconds(self) -> float:
         return self.audio.seconds
+
+
+@lru_cache(maxsize=1)
+def _read_default_voice(directory: Path) -> tuple[AudioInput, str]:
+    samples, sr = sf.read(directory / "voice.wav", dtype="float32", always_2d=True)
+    transcript = (directory / "transcript.txt").read_text(encoding="utf-8").strip()
+    return AudioInput(np.ascontiguousarray(samples.T), int(sr)), transcript
+
+
+def load_default_voice(directory: Path = DEFAULT_VOICE_DIR) -> tuple[AudioInput, str]:
+    """The shipped default voice: its clip ``(1, n)`` at 22.05 kHz and its transcript (a fresh copy)."""
+    audio, transcript = _read_default_voice(directory)
+    return AudioInput(audio.samples.copy(), audio.sample_rate), transcript
 
 
 def validate_voice_name(name: str) -> str:

@@ -1,4 +1,4 @@
-"""Model-level pieces of continuous batching: a KV cache whose rows come and go, prefill, per-request sampling.
+"""Model-level pieces of continuous batching: a KV cache whose rows come and go, prefill, the forward call.
 
 A running batch is a set of requests, each owning one row (``intensity == 1``) or two rows (cond,
 uncond) of one KV cache. Step1 has no position embeddings and its sqrt-ALiBi bias depends only on
@@ -15,25 +15,51 @@ decode step stores ``rows x width`` keys where ``width`` is the longest live row
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from llm.generate import (
-    LastLogits,
-    guidance_logits,
-    left_pad,
-    model_device,
-    repetition_rule,
-    repetition_windows,
-    sample_next,
-)
 from llm.prompts import PromptPair
+from llm.text_tokenizer import PAD_ID
 
 GROWTH_BLOCK = 64  # columns added at a time when the cache runs out of room (amortises the copy)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # a parameterless wrapper: fall back to CPU
+        return torch.device("cpu")
+
+
+def left_pad(rows: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R, L) input ids padded on the left with the pad id, and the (R, L) attention mask."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.as_tensor(r, dtype=torch.long)
+        mask[i, width - len(r) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+class LastLogits:
+    """Calls the model's forward for the last position's float32 logits, with an explicit cache."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        params = inspect.signature(model.forward).parameters
+        self.last_only = "logits_to_keep" in params  # skip the head on every prompt position
+
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor, cache: RowKVCache) -> torch.Tensor:
+        """ids, mask : (rows, q) -> (rows, vocab) float32 logits of each row's last position."""
+        kwargs: dict[str, object] = {"logits_to_keep": 1} if self.last_only else {}
+        out = self.model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, **kwargs)
+        logits: torch.Tensor = out.logits[:, -1, :].float()
+        return logits
 
 
 def num_layers(model: nn.Module) -> int:
@@ -154,7 +180,7 @@ def request_rows(prompt: PromptPair, guided: bool) -> list[list[int]]:
 
 @torch.inference_mode()
 def prefill(model: nn.Module, forward: LastLogits, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, RowKVCache]:
-    """Run one request's rows alone, left-padded exactly as ``llm.generate`` batches them.
+    """Run one request's rows alone (a guided request's two rows left-padded to one width).
 
     Returns the (rows, vocab) float32 logits of the next token and a cache ready to ``join``.
     Prefilling each request on its own keeps its numbers those of a solo run.
@@ -164,56 +190,6 @@ def prefill(model: nn.Module, forward: LastLogits, rows: Sequence[Sequence[int]]
     logits = forward(ids, mask, cache)
     cache.lengths = [len(r) for r in rows]
     return logits, cache
-
-
-@dataclass(frozen=True)
-class SamplingSpec:
-    """How one request turns logits into its next id; requests with equal specs are sampled together."""
-
-    intensity: float
-    temperature: float
-    top_k: int | None
-    do_sample: bool
-
-
-def sample_requests(
-    logits: torch.Tensor,
-    first_rows: Sequence[int],
-    specs: Sequence[SamplingSpec],
-    histories: Sequence[Sequence[int]],
-    generators: Sequence[torch.Generator],
-) -> list[int]:
-    """The next id of each request from the batch's (rows, vocab) logits.
-
-    Request j's conditional row is ``first_rows[j]``, its unconditional row the one after it when
-    guided. Its history is its conditional ids so far (prompt and generated; only the last 10 are
-    read, for the repetition rule). The per-row operations are those of ``llm.generate``: guidance,
-    repetition rule, temperature, top-k, one draw from the request's own generator.
-    """
-    device = logits.device
-    out = [0] * len(specs)
-    groups: dict[SamplingSpec, list[int]] = {}
-    for j, spec in enumerate(specs):
-        groups.setdefault(spec, []).append(j)
-    for spec, members in groups.items():
-        cond = logits[torch.tensor([first_rows[j] for j in members], device=device)]
-        if spec.intensity != 1.0:
-            uncond = logits[torch.tensor([first_rows[j] + 1 for j in members], device=device)]
-            scores = guidance_logits(cond, uncond, spec.intensity)
-        else:
-            scores = cond
-        window = repetition_windows([histories[j] for j in members], device)
-        scores = repetition_rule(scores, window)
-        picks = sample_next(
-            scores,
-            [generators[j] for j in members],
-            temperature=spec.temperature,
-            top_k=spec.top_k,
-            do_sample=spec.do_sample,
-        )
-        for j, token in zip(members, picks.tolist(), strict=True):
-            out[j] = token
-    return out
 
 
 def peak_kv_bytes(requests: Sequence[tuple[int, int, int]], bytes_per_token: int) -> int:

@@ -1,6 +1,6 @@
 """A real server for API tests: ``api.loopback.LoopbackServer`` with the real engine on the tiny bundle.
 
-The engine is the real one (``engine.tts.build_engine``) on the tiny bundle that
+The engine is the real one (``engine.build.build_engine``) on the tiny bundle that
 ``bundles.write_bundle`` generates; nothing is mocked.
 """
 
@@ -39,7 +39,7 @@ class LiveServer(LoopbackServer):
     """``with LiveServer(settings) as server: server.url`` (ready: /readyz answered 200)."""
 
     def __init__(self, settings: Settings, *, wait_ready: bool = True, max_new_tokens: int = MAX_NEW_TOKENS) -> None:
-        from engine.tts import build_engine
+        from engine.build import build_engine
 
         # the real engine; the cap keeps each random-weight generation short
         super().__init__(

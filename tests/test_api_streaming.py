@@ -141,7 +141,7 @@ def endless(no_eos_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> It
 def test_first_audio_arrives_while_generating_and_leaving_stops_it(
     endless: LiveServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="engine.scheduler")
+    caplog.set_level(logging.INFO, logger="llm.decode")
     service = endless.app.state.step_audio.service
     with (
         httpx.Client(base_url=endless.url, timeout=300) as c,

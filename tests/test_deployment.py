@@ -339,7 +339,7 @@ def test_verifier_accepts_the_tiny_bundle_and_names_damage(tiny_bundle, tmp_path
 
 
 def test_server_start_refuses_an_incomplete_bundle_naming_the_file(tiny_bundle, tmp_path):
-    from engine.tts import build_engine
+    from engine.build import build_engine
     from errors import ModelLoadError
     from settings import Settings
 

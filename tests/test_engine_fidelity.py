@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 
 from audio import decode_audio
-from engine.tts import PreparedPrompt, StepAudioEngine, build_engine
+from engine.build import build_engine
+from engine.prompting import PreparedPrompt
+from engine.tts import StepAudioEngine
 from engine.types import AudioInput, CloneRequest, EditRequest
 from settings import Settings
 
@@ -65,11 +67,11 @@ def test_clone_prompt_matches_the_reference(
 ) -> None:
     case = cases["clone"]
     request = CloneRequest(prompt_audio=input_a, prompt_text=case["prompt_text"], text=case["target_text"])
-    prepared = fixture_engine.prepare_clone(request)
+    prepared = fixture_engine.preparer.clone(request)
     assert prepared.pair.cond == case["token_ids"]
     check_features(prepared, reference_dir)
     # a second build comes from the cache, with the same result
-    again = fixture_engine.prepare_clone(request)
+    again = fixture_engine.preparer.clone(request)
     assert again.pair.cond == case["token_ids"]
     np.testing.assert_array_equal(again.features.prompt_mel.numpy(), prepared.features.prompt_mel.numpy())
 
@@ -82,7 +84,7 @@ def test_edit_prompts_match_the_reference(
     request = EditRequest(
         audio=input_a, audio_text=case["audio_text"], mode=case["mode"], edit_info=case["edit_info"], text=case["text"]
     )
-    prepared = fixture_engine.prepare_edit(request)
+    prepared = fixture_engine.preparer.first_edit(request, fixture_engine.check_steps([request.first_step]))
     assert prepared.pair.cond == case["token_ids"]
     check_features(prepared, reference_dir)
 
@@ -91,7 +93,7 @@ def test_stereo_48k_prompt_features_match_the_reference(fixture_engine: StepAudi
     wav, sr = decode_audio((reference_dir / "inputs" / "b_synth_48k_stereo.wav").read_bytes())
     assert wav.shape[0] == 2 and sr == 48000
     request = CloneRequest(prompt_audio=AudioInput(wav, sr), prompt_text="a synthetic test signal", text="Hello.")
-    check_features(fixture_engine.prepare_clone(request), reference_dir, "b")
+    check_features(fixture_engine.preparer.clone(request), reference_dir, "b")
 
 
 def test_a_clone_runs_end_to_end_on_the_reference_bundle(

@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from engine.tts import StepAudioEngine, build_engine, load_default_voice
+from engine.build import build_engine
+from engine.tts import StepAudioEngine
 from engine.types import AudioInput, CancelToken, CloneRequest, EditRequest, StreamInfo
+from engine.voices import load_default_voice
 from errors import RequestCancelledError
-from llm.generate import generate
+from llm.decode import generate
 from model_loader import ModelRegistry, resolve_bundle
 from settings import Settings
 
@@ -69,10 +71,11 @@ def _clone_request(voice: tuple[AudioInput, str], **kwargs: object) -> CloneRequ
 
 def _codes(engine: StepAudioEngine, request: CloneRequest) -> np.ndarray:
     """The codes the engine's LLM makes for ``request`` (same options and seed as the engine)."""
-    prepared = engine.prepare_clone(request)
-    opts = engine.options
+    prepared = engine.preparer.clone(request)
+    synth = engine.synthesizer
+    opts = synth.options
     (result,) = generate(
-        engine.llms[request.variant],
+        synth.schedulers[request.variant].loop.model,
         [prepared.pair],
         intensity=request.intensity,
         seed=request.seed,
@@ -93,13 +96,14 @@ def test_streamed_clone_is_the_streaming_vocoder_on_the_generated_codes(engine, 
     np.testing.assert_array_equal(sink.audio, result.audio)
     codes = _codes(engine, request)
     assert result.n_audio_tokens == codes.size
-    features = engine.prepare_clone(request).features
-    with engine.token2wav.stream(
+    features = engine.preparer.clone(request).features
+    with engine.synthesizer.token2wav.stream(
         np.asarray(features.tokens.prompt_codes), features.prompt_mel, features.spk_emb, seed=21
     ) as session:
         expected = np.concatenate([*session.feed(codes), *session.finish()])
     np.testing.assert_array_equal(result.audio, expected)
-    assert 0 < result.timings["first_audio_ids"] <= result.timings["generated_ids"] >= codes.size
+    first = result.timings.first_audio_ids
+    assert first is not None and 0 < first <= result.timings.generated_ids >= codes.size
 
 
 def test_streamed_audio_does_not_depend_on_thread_timing(engine, voice) -> None:
@@ -117,9 +121,9 @@ def test_whole_requests_are_unchanged_by_streaming(engine, voice) -> None:
     request = _clone_request(voice, seed=3)
     whole = engine.clone(request)
     codes = _codes(engine, request)
-    features = engine.prepare_clone(request).features
+    features = engine.preparer.clone(request).features
     with torch.inference_mode():
-        expected = engine.token2wav.token2wav(
+        expected = engine.synthesizer.token2wav.token2wav(
             torch.from_numpy(codes),
             torch.as_tensor(np.asarray(features.tokens.prompt_codes)),
             features.prompt_mel,
@@ -157,7 +161,7 @@ def test_cancel_mid_stream_stops_the_work(engine, voice) -> None:
 def test_cancel_before_generation_runs_no_step(engine, voice) -> None:
     cancel = CancelToken()
     cancel.set()
-    scheduler = engine.schedulers["base"]
+    scheduler = engine.synthesizer.schedulers["base"]
     deadline = time.monotonic() + 60
     while scheduler.running or scheduler.queued:  # a cancelled earlier request may still be leaving
         assert time.monotonic() < deadline

@@ -1,4 +1,5 @@
-"""Generation on a tiny Step1: the repetition rule, stopping, post-processing, seeds, batching, guidance."""
+"""Generation on a tiny Step1 through the one decode loop: the repetition rule, stopping, post-processing,
+seeds, batching, guidance, cancelling."""
 
 from __future__ import annotations
 
@@ -11,18 +12,20 @@ import torch
 
 from bundles.text_tokenizer_bundle import write_text_tokenizer
 from errors import InvalidInputError
+from llm.batching import LastLogits, prefill
 from llm.config import Step1Config
-from llm.generate import (
+from llm.decode import DecodeLoop, generate
+from llm.model import Step1ForCausalLM
+from llm.prompts import PromptPair, build_clone_prompt
+from llm.sampling import (
     GenerationResult,
-    generate,
-    generate_audio_ids,
+    SamplingSpec,
     guidance_logits,
+    guided_scores,
     postprocess,
     repetition_rule,
     top_k_probs,
 )
-from llm.model import Step1ForCausalLM
-from llm.prompts import PromptPair, build_clone_prompt
 from llm.text_tokenizer import AUDIO_ID_OFFSET, load_text_tokenizer
 from tests.conftest import example_prompt_pairs, load_reference
 
@@ -85,6 +88,23 @@ def _forward_batch_sizes(model: torch.nn.Module) -> tuple[list[int], torch.utils
     return sizes, model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
+def _scores_per_step(
+    model: Step1ForCausalLM, pair: PromptPair, *, seed: int, intensity: float, max_new_tokens: int
+) -> tuple[GenerationResult, list[torch.Tensor]]:
+    """Drive the decode loop by hand and keep each step's (1, V) scores after guidance (before the rule)."""
+    loop = DecodeLoop(model)
+    handle = loop.submit(pair, seed=seed, intensity=intensity, max_new_tokens=max_new_tokens)
+    spec = SamplingSpec(intensity=intensity)
+    seen: list[torch.Tensor] = []
+    with torch.inference_mode():
+        while loop.busy:
+            loop.admit()
+            assert loop.logits is not None
+            seen.append(guided_scores(loop.logits, loop.first_rows(), spec).clone())
+            loop.step()
+    return handle.result(), seen
+
+
 def _last_logits(model: Step1ForCausalLM, ids: list[int]) -> torch.Tensor:
     with torch.inference_mode():
         return model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].float()
@@ -95,7 +115,7 @@ def _last_logits(model: Step1ForCausalLM, ids: list[int]) -> torch.Tensor:
 
 @pytest.mark.fixtures
 def test_first_step_logits_match_the_reference_in_a_padded_batch(reference_dir):
-    """Fixture strings -> our prompt ids -> our generation loop's first-step logits = the reference's."""
+    """Fixture strings -> our prompt ids -> the decode loop's first-step logits = the reference's."""
     editx = reference_dir / "bundle" / "Step-Audio-EditX"
     _, ref = load_reference(reference_dir, "step1_logits/lm_clone_short")
     cases = {c["name"]: c for c in json.loads((reference_dir / "prompt_ids" / "prompt_ids.json").read_text())["cases"]}
@@ -113,12 +133,11 @@ def test_first_step_logits_match_the_reference_in_a_padded_batch(reference_dir):
     short, long = pair(cases["lm_clone_short"]), pair(cases["clone"])
     assert short.cond == ref["input_ids"].tolist() and len(long.cond) > len(short.cond)
     model = Step1ForCausalLM.from_pretrained(editx, dtype=torch.float32).eval()
-    seen: list[torch.Tensor] = []
-    results = generate(
-        model, [long, short], do_sample=False, max_new_tokens=1, on_step=lambda _s, _r, x: seen.append(x.clone())
-    )  # short is left-padded by 118
+    logits, _ = prefill(model, LastLogits(model), [short.cond])  # how the loop starts every request
     want = torch.from_numpy(ref["logits_full"][-1])  # position 117: the prediction after the prompt
-    assert (seen[0][1] - want).abs().max() <= 1e-4
+    assert (logits[0] - want).abs().max() <= 1e-4
+    # beside a longer prompt in the running batch (short is then left-padded by 118 columns)
+    results = generate(model, [long, short], do_sample=False, max_new_tokens=1)
     assert results[1].token_ids.tolist() == [int(ref["argmax_full"][-1])]
 
 
@@ -261,21 +280,16 @@ def test_intensity_one_is_the_plain_reference_path(model, pairs):
         results = generate(model, pairs[:2], seed=[5, 6], intensity=1.0, max_new_tokens=12)
     finally:
         handle.remove()
-    assert set(sizes) == {2}  # no unconditional rows were ever run
+    assert sizes[:2] == [1, 1] and set(sizes[2:]) <= {1, 2}  # one row per prompt: no unconditional row ran
     for pair, s, got in zip(pairs[:2], [5, 6], results, strict=True):
         assert got.token_ids.tolist() == _reference_sampling(model, pair.cond, s, 12)
     # and the same call with the default intensity is the same computation, bit for bit
-    scores_default, scores_one = [], []
-    generate(model, pairs[:1], seed=5, max_new_tokens=3, on_step=lambda _s, _r, x: scores_default.append(x.clone()))
-    generate(
-        model,
-        pairs[:1],
-        seed=5,
-        max_new_tokens=3,
-        intensity=1.0,
-        on_step=lambda _s, _r, x: scores_one.append(x.clone()),
-    )
-    assert all(torch.equal(a, b) for a, b in zip(scores_default, scores_one, strict=True))
+    _, scores_default = _scores_per_step(model, pairs[0], seed=5, intensity=1.0, max_new_tokens=3)
+    loop = DecodeLoop(model)
+    loop.submit(pairs[0], seed=5, max_new_tokens=3)
+    with torch.inference_mode():
+        loop.admit()
+    assert loop.logits is not None and torch.equal(loop.logits[:1], scores_default[0])
 
 
 def test_guidance_formula_on_real_logits(model, pairs):
@@ -289,17 +303,9 @@ def test_guidance_formula_on_real_logits(model, pairs):
 
 @pytest.mark.parametrize("intensity", [0.5, 2.5])
 def test_guided_generation_runs_one_batched_forward_and_applies_the_formula(model, pairs, intensity):
-    seen: list[torch.Tensor] = []
     sizes, handle = _forward_batch_sizes(model)
     try:
-        (result,) = generate(
-            model,
-            [pairs[1]],
-            seed=3,
-            intensity=intensity,
-            max_new_tokens=3,
-            on_step=lambda _s, _r, x: seen.append(x.clone()),
-        )
+        result, seen = _scores_per_step(model, pairs[1], seed=3, intensity=intensity, max_new_tokens=3)
     finally:
         handle.remove()
     assert sizes == [2] * len(result.token_ids)  # cond + uncond rows together, one forward per step
@@ -345,44 +351,28 @@ def test_bad_arguments_are_typed_errors(model, pairs):
         assert err.value.param == "input"
 
 
-def test_generate_audio_ids_returns_codes(model, pairs):
+def test_results_carry_the_codes(model, pairs):
     biased = _biased(model, {X: 4.0, Y: 3.0})  # sampling: a wide margin keeps the order certain
-    (codes,) = generate_audio_ids(biased, [pairs[2]], seed=0, max_new_tokens=5)
+    (result,) = generate(biased, [pairs[2]], seed=0, max_new_tokens=5)
     x, y = X - AUDIO_ID_OFFSET, Y - AUDIO_ID_OFFSET
-    assert codes.dtype == np.int64 and codes.tolist() == [x, x, y, x, y]
-    assert isinstance(generate(biased, [pairs[2]], max_new_tokens=1)[0], GenerationResult)
+    assert isinstance(result, GenerationResult) and not result.stopped and result.ending.value == "limit"
+    assert result.codes.dtype == np.int64 and result.codes.tolist() == [x, x, y, x, y]
 
 
-# ---- streaming and stopping between steps ------------------------------------------------------
+# ---- cancelling between steps ----------------------------------------------------------------
 
 
-def test_on_token_streams_exactly_the_result_ids_in_order(model, pairs):
-    seen: dict[int, list[int]] = {0: [], 1: [], 2: []}
-    results = generate(
-        model, pairs, seed=[4, 5, 6], intensity=1.5, max_new_tokens=12, on_token=lambda i, t: seen[i].append(t)
-    )
-    plain = generate(model, pairs, seed=[4, 5, 6], intensity=1.5, max_new_tokens=12)
-    for i, (got, ref) in enumerate(zip(results, plain, strict=True)):
-        assert seen[i] == got.token_ids.tolist() == ref.token_ids.tolist()  # streaming changes nothing
-        assert not got.cancelled
-
-
-def test_stop_requested_ends_one_prompt_between_steps_and_leaves_the_others_alone(model, pairs):
-    counts = [0, 0, 0]
-
-    def on_token(i: int, _token: int) -> None:
-        counts[i] += 1
-
-    results = generate(
-        model,
-        pairs,
-        seed=[7, 8, 9],
-        max_new_tokens=16,
-        on_token=on_token,
-        stop_requested=lambda i: i == 1 and counts[1] >= 5,
-    )
+def test_a_cancel_ends_one_request_between_steps_and_leaves_the_others_alone(model, pairs):
+    loop = DecodeLoop(model)
+    handles = [loop.submit(pair, seed=s, max_new_tokens=16) for pair, s in zip(pairs, [7, 8, 9], strict=True)]
+    with torch.inference_mode():
+        while loop.busy:
+            loop.step()
+            if handles[1].steps_run == 5:
+                handles[1].cancel()
+    results = [h.result() for h in handles]
     full = generate(model, pairs, seed=[7, 8, 9], max_new_tokens=16)
     assert results[1].cancelled and not results[1].stopped
-    assert results[1].token_ids.tolist() == full[1].token_ids.tolist()[:5]  # no id sampled after the stop
+    assert results[1].token_ids.tolist() == full[1].token_ids.tolist()[:5]  # no id sampled after the cancel
     for i in (0, 2):
         assert results[i].token_ids.tolist() == full[i].token_ids.tolist() and not results[i].cancelled

@@ -169,3 +169,29 @@ def test_variants_are_added_to_a_finished_bundle_without_rewriting_it(tmp_path: 
     assert awq.stat().st_mtime_ns == awq_written
     with pytest.raises(ValueError, match="quantised variants"):
         write_bundle(root, size="tiny", variants=("gptq",))
+
+
+def test_decode_rate_is_measured_on_the_servers_own_decode_loop(tiny_bundle: Path, tmp_path: Path) -> None:
+    """The check times the scheduler a running server's requests go through: its steps land in that
+    server's own batch-size metrics, with all 8 requests in one step."""
+    from bench.gpu_check import decode_tokens_per_s
+    from tests.api_live import LiveServer, test_settings
+
+    settings = test_settings(tiny_bundle, tmp_path / "cache", enable_auto_transcribe=False, ui=False)
+    with LiveServer(settings) as live:
+        state = live.app.state.step_audio
+
+        def batch_of_8_steps() -> float:
+            def bucket(le: str) -> float:
+                labels = {"variant": "base", "le": le}
+                return state.metrics.registry.get_sample_value("step_audio_llm_batch_size_bucket", labels) or 0.0
+
+            return bucket("8.0") - bucket("6.0")
+
+        scheduler = state.engine.synthesizer.schedulers["base"]
+        steps_before, full_before = scheduler.steps, batch_of_8_steps()
+        rate = decode_tokens_per_s(scheduler, 8, 6)
+        full_after = batch_of_8_steps()
+    assert rate > 0
+    assert scheduler.steps - steps_before >= 6  # the server's loop ran the measured steps
+    assert full_after - full_before >= 4  # and its metrics saw every request of the batch in one step

@@ -288,9 +288,9 @@ async def _stream_pieces(
             m.requests.labels(mode, str(status_of(exc)) if isinstance(exc, StepAudioError) else "499").inc()
             return
         record_run(state, mode, result, timing)
-        generated = result.timings.get("generated_ids", 0.0)
-        if generated > 0 and "first_audio_ids" in result.timings:
-            m.stream_start.labels(mode).observe(result.timings["first_audio_ids"] / generated)
+        fraction = result.timings.stream_start_fraction()
+        if fraction is not None:
+            m.stream_start.labels(mode).observe(fraction)
         data = await run_in_threadpool(writer.finish)
         if data:
             mark_first()

@@ -65,9 +65,8 @@ async def add_voice(state: AppState, engine: Engine, name: str, data: bytes, tra
     validate_voice_name(name)
     if name == DEFAULT_VOICE_NAME:
         raise InvalidInputError(f"{name!r} is reserved for the built-in voice", param="name")
-    transcriber = getattr(engine, "transcriber", None) if state.settings.enable_auto_transcribe else None
     text = (transcript or "").strip()
-    if not text and transcriber is None:
+    if not text and not engine.auto_transcribe:
         raise InvalidInputError(
             "a voice needs the transcript of its clip (or a server started with --enable-auto-transcribe)",
             param="transcript",
@@ -75,9 +74,7 @@ async def add_voice(state: AppState, engine: Engine, name: str, data: bytes, tra
     audio = await decode_audio_bytes(data, settings=state.settings, param="file")
 
     def register() -> Voice:
-        heard = text
-        if not heard and transcriber is not None:
-            heard = transcriber.transcribe(audio.samples, audio.sample_rate).strip()
+        heard = text or engine.transcribe(audio).strip()
         if not heard:
             raise InvalidInputError("no speech was recognised in the clip; give its transcript", param="transcript")
         return state.voices.register(name, audio, heard, prepare=engine.prepare_voice)
