@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 EXTRAS ?= cpu,quant,dev
 
-.PHONY: install run test lint typecheck bench gpu-check clean
+.PHONY: install run test lint typecheck layers bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -33,7 +33,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: lint typecheck
+# The import layers and no cycles (pyproject's [tool.importlinter] contracts; docs/architecture.md).
+layers: $(STAMP)
+	$(BIN)/lint-imports
+
+test: lint typecheck layers
 	$(BIN)/python -m pytest
 
 # Benchmarks (minutes, several GB of full-size random bundles under bench/out); not part of the tests.

@@ -12,7 +12,8 @@ import logging
 
 import uvicorn
 
-from api.app import DEMO_NOTICE, create_app
+from api.app import create_app
+from api.demo import DEMO_NOTICE
 from api.logs import LOG_FORMAT
 from settings import Settings
 

@@ -52,8 +52,8 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.app import DEMO_NOTICE
 from api.audio_io import encode_audio
+from api.demo import DEMO_NOTICE
 from api.errors import error_response, status_of, validation_message
 from api.inputs import decode_audio_bytes
 from api.logs import RecentLogHandler

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bench.bench_token2wav import DEFAULT_ROOT, PROMPT_GROUPS, _bundle, _codes
+from vocoder.stream import Token2WavStream
 
 if TYPE_CHECKING:
     import numpy as np
@@ -77,7 +78,7 @@ def stream_timings(
     chunk_s: list[float] = []
     samples = 0
     last = t0
-    with t2w.stream(*prompt, seed=seed) as session:
+    with Token2WavStream(t2w, *prompt, seed=seed) as session:
         for i in range(0, len(codes), feed):
             pieces = session.feed(codes[i : i + feed])
             if pieces:

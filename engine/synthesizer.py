@@ -26,6 +26,7 @@ from errors import InvalidInputError, RequestCancelledError
 from llm.decode import DecodeObserver, GenerationHandle
 from llm.sampling import DEFAULT_MAX_LENGTH, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, STOP_IDS
 from llm.text_tokenizer import AUDIO_ID_END, AUDIO_ID_OFFSET
+from vocoder.stream import Token2WavStream
 
 if TYPE_CHECKING:
     from llm.scheduler import Scheduler
@@ -190,8 +191,12 @@ class Synthesizer:
         features = prompt.features
         vocode_s = 0.0
         try:
-            with self.token2wav.stream(
-                np.asarray(features.tokens.prompt_codes), features.prompt_mel, features.spk_emb, seed=seed
+            with Token2WavStream(
+                self.token2wav,
+                np.asarray(features.tokens.prompt_codes),
+                features.prompt_mel,
+                features.spk_emb,
+                seed=seed,
             ) as session:
                 stopped = False
                 for token in handle.ids():

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import soundfile as sf
 
-from api.app import DEMO_BUNDLE_DIR, DEMO_HEADER
+from api.demo import DEMO_BUNDLE_DIR, DEMO_HEADER
 
 REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 240

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from api.app import DEMO_BUNDLE_DIR, DEMO_HEADER
+from api.demo import DEMO_BUNDLE_DIR, DEMO_HEADER
 from settings import Settings
 from tests.api_live import LOOPBACK, LiveServer
 

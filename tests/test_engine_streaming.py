@@ -22,6 +22,7 @@ from errors import RequestCancelledError
 from llm.decode import generate
 from model_loader import ModelRegistry, resolve_bundle
 from settings import Settings
+from vocoder.stream import Token2WavStream
 
 MAX_NEW_TOKENS = 120  # 24 groups: several streaming chunks (15, 24, 48 token frames ...)
 
@@ -97,8 +98,12 @@ def test_streamed_clone_is_the_streaming_vocoder_on_the_generated_codes(engine, 
     codes = _codes(engine, request)
     assert result.n_audio_tokens == codes.size
     features = engine.preparer.clone(request).features
-    with engine.synthesizer.token2wav.stream(
-        np.asarray(features.tokens.prompt_codes), features.prompt_mel, features.spk_emb, seed=21
+    with Token2WavStream(
+        engine.synthesizer.token2wav,
+        np.asarray(features.tokens.prompt_codes),
+        features.prompt_mel,
+        features.spk_emb,
+        seed=21,
     ) as session:
         expected = np.concatenate([*session.feed(codes), *session.finish()])
     np.testing.assert_array_equal(result.audio, expected)

@@ -54,7 +54,7 @@ CODES = mixed_codes(32, seed=2)
 
 
 def session(t2w: Token2Wav, prompt: dict[str, np.ndarray], **kwargs: object) -> Token2WavStream:
-    return t2w.stream(prompt["prompt_codes"], prompt["prompt_mel"], prompt["spk_emb"], seed=SEED, **kwargs)
+    return Token2WavStream(t2w, prompt["prompt_codes"], prompt["prompt_mel"], prompt["spk_emb"], seed=SEED, **kwargs)
 
 
 def stream_in_steps(t2w: Token2Wav, prompt: dict[str, np.ndarray], codes: np.ndarray, step: int) -> list[np.ndarray]:
@@ -183,7 +183,7 @@ def test_seeds_make_the_audio_reproducible(t2w: Token2Wav, prompt: dict[str, np.
     codes = CODES[:10]  # setup + the last chunk: both the flow noise and the HiFT draws matter
 
     def run(**kwargs: object) -> np.ndarray:
-        with t2w.stream(prompt["prompt_codes"], prompt["prompt_mel"], prompt["spk_emb"], **kwargs) as s:
+        with Token2WavStream(t2w, prompt["prompt_codes"], prompt["prompt_mel"], prompt["spk_emb"], **kwargs) as s:
             return np.concatenate(s.feed(codes) + s.finish())
 
     same = run(seed=3)
@@ -197,7 +197,7 @@ def test_a_prompt_longer_than_the_references_cache_buffers_works(t2w: Token2Wav)
     rng = np.random.default_rng(3)
     groups = 250  # 750 token frames = 1500 mel frames = 30 s
     prompt_mel = (rng.normal(size=(1, 1500, 80)) - 5.0).astype(np.float32)
-    with t2w.stream(mixed_codes(groups, 5), prompt_mel, rng.normal(size=192), seed=1, record=True) as s:
+    with Token2WavStream(t2w, mixed_codes(groups, 5), prompt_mel, rng.normal(size=192), seed=1, record=True) as s:
         pieces = s.feed(CODES[:10]) + s.finish()
         assert s.setup_record is not None and s.setup_record.noise.size(2) == 1500
     assert sum(p.size for p in pieces) == t2w.mel_frames(10) * SAMPLES_PER_FRAME

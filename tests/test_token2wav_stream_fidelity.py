@@ -63,7 +63,8 @@ def runs(reference_dir: Path, t2w: Token2Wav) -> dict[str, Run]:
     for case in CASES:
         meta, ref = load_reference(reference_dir, f"token2wav_stream/{case}")
         assert meta["final_call"] == "empty"
-        session = t2w.stream(
+        session = Token2WavStream(
+            t2w,
             ref["prompt_codes"],
             frontend["speech_feat"],
             frontend["speech_embedding"],

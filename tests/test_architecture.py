@@ -1,0 +1,64 @@
+"""The import layers of the top-level modules, which import-linter cannot analyse (it takes packages).
+
+``lint-imports`` (run by ``make test`` before pytest) checks the packages against the contracts in
+pyproject.toml; this test ranks the top-level modules among them, so that no import goes up or
+sideways anywhere. A module may import only modules of a lower rank.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RANKS = {
+    "errors": 0,
+    "audio_codes": 0,
+    "model_files": 0,
+    "audio": 1,
+    "token_cache": 1,
+    "settings": 1,
+    "tokenizer": 2,
+    "llm": 2,
+    "vocoder": 2,
+    "model_loader": 3,
+    "engine": 4,
+    "bundles": 4,
+    "api": 5,
+    "api_server": 6,
+    "bench": 7,
+    "tests": 8,
+}
+TOP_LEVEL_MODULES = sorted(p.stem for p in REPO.glob("*.py"))
+
+
+def project_imports(path: Path) -> set[str]:
+    """The project's top-level names that ``path`` imports (TYPE_CHECKING and function-level imports too)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found & set(RANKS)
+
+
+def test_every_top_level_module_has_a_rank() -> None:
+    assert set(TOP_LEVEL_MODULES) <= set(RANKS), set(TOP_LEVEL_MODULES) - set(RANKS)
+
+
+def test_top_level_modules_import_only_lower_ranks() -> None:
+    wrong = {
+        f"{name} (rank {RANKS[name]}) imports {dep} (rank {RANKS[dep]})"
+        for name in TOP_LEVEL_MODULES
+        for dep in project_imports(REPO / f"{name}.py")
+        if dep != name and RANKS[dep] >= RANKS[name]
+    }
+    assert not wrong, sorted(wrong)
+
+
+def test_the_rank_check_sees_a_wrong_import(tmp_path: Path) -> None:
+    """The check itself can fail: an upward import in a module's source is found."""
+    module = tmp_path / "tokenizer.py"
+    module.write_text("from engine.tts import StepAudioEngine\nimport audio\n", encoding="utf-8")
+    assert project_imports(module) == {"engine", "audio"}
