@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from audio_codes import AUDIO_ID_OFFSET, N_MIXED_CODES
-from llm.decode import DecodeObserver, GenerationHandle, StepStats
+from llm.decode import DecodeObserver, StepStats
+from llm.generation import GenerationHandle
 from llm.prompts import PromptPair
 from llm.scheduler import Scheduler
 

@@ -23,7 +23,8 @@ from audio import PCM16_SCALE, to_pcm16
 from engine.prompting import PreparedPrompt, PromptFeatures
 from engine.types import AudioSink, CancelToken, Timings
 from errors import InvalidInputError, RequestCancelledError
-from llm.decode import DecodeObserver, GenerationHandle
+from llm.decode import DecodeObserver
+from llm.generation import GenerationHandle
 from llm.sampling import DEFAULT_MAX_LENGTH, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, STOP_IDS
 from llm.text_tokenizer import AUDIO_ID_END, AUDIO_ID_OFFSET
 from vocoder.stream import Token2WavStream

@@ -24,17 +24,15 @@ than never.
 
 from __future__ import annotations
 
-import enum
 import logging
 import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -49,6 +47,7 @@ from llm.batching import (
     prefill,
     request_rows,
 )
+from llm.generation import Generation, GenerationHandle, Status
 from llm.prompts import PromptPair
 from llm.sampling import (
     DEFAULT_MAX_LENGTH,
@@ -56,11 +55,9 @@ from llm.sampling import (
     DEFAULT_TOP_K,
     REPETITION_WINDOW,
     STOP_IDS,
-    Ending,
     GenerationResult,
     SamplingSpec,
     check_generation_args,
-    postprocess,
     resolve_seed,
     sample_requests,
 )
@@ -84,123 +81,6 @@ class DecodeObserver(Protocol):
     def on_admit(self, variant: str, queue_wait_s: float) -> None: ...
 
     def on_step(self, variant: str, stats: StepStats) -> None: ...
-
-
-class Status(enum.Enum):
-    """Where a request is: waiting for room, in the batch, or ended (and why)."""
-
-    WAITING = "waiting"
-    RUNNING = "running"
-    STOPPED = "stopped"  # its stop id
-    LIMIT = "limit"  # max_new_tokens or max_length: its audio is cut short
-    CANCELLED = "cancelled"
-    FAILED = "failed"
-
-    @property
-    def ended(self) -> bool:
-        return self not in (Status.WAITING, Status.RUNNING)
-
-
-_ENDINGS = {Status.STOPPED: Ending.STOP, Status.LIMIT: Ending.LIMIT, Status.CANCELLED: Ending.CANCELLED}
-
-
-@dataclass(eq=False)
-class Generation:
-    """One request in the loop. Written by the loop's thread; read by its handle on any thread."""
-
-    prompt: PromptPair
-    spec: SamplingSpec
-    seed: int
-    budget: int  # ids it may generate: min(max_new_tokens, max_length - prompt)
-    rows: list[list[int]]
-    status: Status = Status.WAITING
-    cancel_requested: bool = False  # set by its caller; the loop ends it at the next step boundary
-    error: BaseException | None = None
-    enqueued_at: float = field(default_factory=time.perf_counter)
-    generated: list[int] = field(default_factory=list)
-    history: list[int] = field(default_factory=list)  # last ids of the conditional row, for the repetition rule
-    generator: torch.Generator | None = None
-    progress: threading.Condition = field(default_factory=threading.Condition)  # wakes readers of ``generated``
-
-    def longest_row(self) -> int:
-        return max(len(r) for r in self.rows) + len(self.generated)
-
-    def append(self, token: int) -> None:
-        with self.progress:
-            self.generated.append(token)
-            self.progress.notify_all()
-        self.history = [*self.history[1 - REPETITION_WINDOW :], token]
-
-    def end(self, status: Status, error: BaseException | None = None) -> None:
-        with self.progress:
-            self.status, self.error = status, error
-            self.progress.notify_all()
-
-
-class GenerationHandle:
-    """A submitted request: its ids as they come, its result, and a way to stop it."""
-
-    def __init__(self, generation: Generation, loop: DecodeLoop) -> None:
-        self._gen = generation
-        self._loop = loop
-
-    @property
-    def seed(self) -> int:
-        return self._gen.seed
-
-    @property
-    def steps_run(self) -> int:
-        """Decode steps this request took part in (= ids sampled for it)."""
-        return len(self._gen.generated)
-
-    @property
-    def status(self) -> Status:
-        return self._gen.status
-
-    def done(self) -> bool:
-        return self._gen.status.ended
-
-    def cancel(self) -> None:
-        """Stop generating: a waiting request leaves the queue, a running one before its next step."""
-        self._loop.cancel(self._gen)
-
-    def ids(self, timeout: float | None = None) -> Iterator[int]:
-        """The request's ids as they are sampled, final stop id included, for a reader on another thread.
-
-        Ends when the request has ended; raises what failed it, or TimeoutError when no id comes
-        for ``timeout`` seconds.
-        """
-        gen, sent = self._gen, 0
-        while True:
-            with gen.progress:
-                while len(gen.generated) == sent and not gen.status.ended:
-                    if not gen.progress.wait(timeout):
-                        raise TimeoutError(f"no id within {timeout}s")
-                new, ended = gen.generated[sent:], gen.status.ended
-            yield from new
-            sent += len(new)
-            if ended and sent == len(gen.generated):
-                break
-        if gen.error is not None:
-            raise gen.error
-
-    def result(self, timeout: float | None = None) -> GenerationResult:
-        """The request's outcome (``ending`` says what ended it); raises what failed it.
-
-        TimeoutError when it has not ended within ``timeout`` seconds.
-        """
-        gen = self._gen
-        with gen.progress:
-            if not gen.progress.wait_for(lambda: gen.status.ended, timeout):
-                raise TimeoutError(f"generation not done within {timeout}s")
-        if gen.error is not None:
-            raise gen.error
-        return GenerationResult(
-            token_ids=np.asarray(gen.generated, dtype=np.int64),
-            codes=postprocess(gen.generated),
-            seed=gen.seed,
-            ending=_ENDINGS[gen.status],
-        )
 
 
 @dataclass(frozen=True)
@@ -283,7 +163,7 @@ class DecodeLoop:
                 raise NotReadyError("the generation scheduler is closed")
             self._waiting.append(gen)
             self.changed.notify_all()
-        return GenerationHandle(gen, self)
+        return GenerationHandle(gen, self.cancel)
 
     def cancel(self, gen: Generation) -> None:
         with self.changed:

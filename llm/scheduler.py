@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from errors import NotReadyError
-from llm.decode import DecodeLoop, DecodeObserver, GenerationHandle
+from llm.decode import DecodeLoop, DecodeObserver
+from llm.generation import GenerationHandle
 from llm.prompts import PromptPair
 from llm.sampling import DEFAULT_MAX_LENGTH, DEFAULT_TEMPERATURE, DEFAULT_TOP_K
 

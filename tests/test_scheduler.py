@@ -19,7 +19,8 @@ import torch
 
 from errors import InvalidInputError, NotReadyError
 from llm.batching import GROWTH_BLOCK, RowKVCache, kv_bytes_per_token, peak_kv_bytes
-from llm.decode import DecodeLoop, GenerationHandle, Status, StepStats, generate
+from llm.decode import DecodeLoop, StepStats, generate
+from llm.generation import GenerationHandle, Status
 from llm.prompts import PromptPair
 from llm.sampling import GenerationResult
 from llm.scheduler import Scheduler

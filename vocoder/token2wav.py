@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -42,9 +40,6 @@ from vocoder.flow import (
     reshape_mixed_codes,
 )
 from vocoder.hift import HiftDraws, HiFTGenerator, draw_hift_noise
-
-if TYPE_CHECKING:
-    from vocoder.stream import Token2WavStream
 
 logger = logging.getLogger(__name__)
 
@@ -187,39 +182,6 @@ class Token2Wav:
         n_prompt = self.mel_frames_per_token_frame * prompt.size(1)
         mel = F.interpolate(mel.transpose(1, 2), size=n_prompt, mode="nearest").transpose(1, 2)
         return prompt, mel, emb
-
-    def stream(
-        self,
-        prompt_codes: ArrayLike | list[int],
-        prompt_mel: ArrayLike,
-        spk_emb: ArrayLike,
-        *,
-        seed: int | None = None,
-        noise: ArrayLike | None = None,
-        hift_seed: int | None = None,
-        hift_draws: Sequence[HiftDraws] | None = None,
-        record: bool = False,
-    ) -> Token2WavStream:
-        """Open a streaming session in the prompt's voice (see :mod:`vocoder.stream`).
-
-        seed: seeds the session's ODE noise buffer (a fresh random seed when None); noise: (1, 80, N)
-        the reference's noise buffer to index instead; hift_seed: HiFT chunk k draws from
-        ``hift_seed + k`` (default ``seed + 1``); hift_draws: per-chunk draws to replay; record:
-        keep every chunk's intermediates (tests, diagnostics).
-        """
-        from vocoder.stream import Token2WavStream
-
-        return Token2WavStream(
-            self,
-            prompt_codes,
-            prompt_mel,
-            spk_emb,
-            seed=seed,
-            noise=noise,
-            hift_seed=hift_seed,
-            hift_draws=hift_draws,
-            record=record,
-        )
 
     @torch.inference_mode()
     def token2wav(
