@@ -125,6 +125,20 @@ class Settings(BaseSettings):
     )
     default_response_format: ResponseFormat = Field("wav", description="Format when a request names none.")
     max_input_chars: int = Field(4096, ge=1, description="Longest accepted input text.")
+    segment_max_tokens: int = Field(
+        80,
+        ge=8,
+        description="A clone's text is cut into segments of at most this many LLM text tokens (about 20 s of "
+        "speech; docs/long-text.md), generated side by side and joined in order.",
+    )
+    segments_in_flight: int = Field(
+        4,
+        ge=1,
+        le=16,
+        description="Most segments of one request generating at once: a long text takes at most this many rows "
+        "of the LLM batch, so other requests get in beside it.",
+    )
+    segment_pause_ms: int = Field(250, ge=0, le=2000, description="Silence between two segments' audio.")
     max_upload_bytes: int = Field(25 * 1024**2, ge=1, description="Largest accepted audio upload.")
     max_audio_seconds: float = Field(30.0, gt=0, description="Longest accepted prompt/input audio.")
     max_edit_iter: int = Field(4, ge=1, le=8, description="Most edit iterations per step.")

@@ -16,7 +16,7 @@ import numpy as np
 
 from api.speech_requests import SpeechJob
 from api.state import AppState, Engine
-from engine.types import CancelToken, CloneRequest, StreamInfo, SynthesisResult
+from engine.types import CancelToken, CloneRequest, SegmentSpan, StreamInfo, SynthesisResult
 
 
 class LoopSink:
@@ -36,6 +36,9 @@ class LoopSink:
 
     def put(self, piece: np.ndarray) -> None:
         self._loop.call_soon_threadsafe(self.events.put_nowait, piece)
+
+    def segment(self, span: SegmentSpan) -> None:
+        """Segment boundaries are in the finished result; a stream does not announce them yet."""
 
     async def pieces(self, work: asyncio.Future[Any]) -> AsyncIterator[list[np.ndarray]]:
         """The pieces in order, as many as are ready each time, until ``work`` is done and all are out.

@@ -61,7 +61,14 @@ def build_engine(
         for name, llm in llms.items()
     }
     synthesizer = Synthesizer(schedulers, vocoder.token2wav, SamplingOptions(max_new_tokens=max_new_tokens))
-    return StepAudioEngine(preparer, synthesizer, max_edit_iter=settings.max_edit_iter)
+    return StepAudioEngine(
+        preparer,
+        synthesizer,
+        max_edit_iter=settings.max_edit_iter,
+        segment_max_tokens=settings.segment_max_tokens,
+        segments_in_flight=settings.segments_in_flight,
+        pause_s=settings.segment_pause_ms / 1000,
+    )
 
 
 def _registry(settings: Settings) -> model_loader.ModelRegistry:

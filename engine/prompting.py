@@ -72,6 +72,15 @@ class PreparedPrompt:
     transcript: str | None
 
 
+@dataclass(frozen=True)
+class CloneVoice:
+    """The speaker side of a clone prompt: the prompt audio's features, its transcript, the speaker id."""
+
+    features: PromptFeatures
+    transcript: str
+    speaker: str
+
+
 @contextmanager
 def _renamed_param(old: str, new: str) -> Iterator[None]:
     """A stage's error about ``old`` names the request field ``new`` (the clone's audio is its prompt)."""
@@ -105,26 +114,39 @@ class PromptPreparer:
 
     # --- prompts ------------------------------------------------------------------------
     def clone(self, request: CloneRequest, timings: Timings | None = None) -> PreparedPrompt:
-        """A clone request's prompt (transcribing the prompt audio if its transcript is missing).
-
-        The speaker name hashes the transcript and the raw decoded samples, as the reference does.
-        """
-        timings = timings or Timings()
+        """A clone request's prompt for its whole text (``voice`` then ``clone_prompt``)."""
         if not (request.text or "").strip():
             raise InvalidInputError("the text to speak is empty", param="text")
+        return self.clone_prompt(self.voice(request, timings), request.text)
+
+    def voice(self, request: CloneRequest, timings: Timings | None = None) -> CloneVoice:
+        """The speaker side of a clone prompt, prepared once for every segment of the text.
+
+        The prompt audio's transcript comes from the request or from Whisper; the speaker name
+        hashes the transcript and the raw decoded samples, as the reference does.
+        """
+        timings = timings or Timings()
         audio = request.prompt_audio
         self.check_audio(audio, "prompt_audio")
         prompt_text = self.transcript(request.prompt_text, audio, "prompt_text", timings)
         features = self.features(audio, "prompt_audio", timings)
+        return CloneVoice(features, prompt_text, prompts.clone_speaker_id(prompt_text, audio.samples))
+
+    def clone_prompt(self, voice: CloneVoice, text: str) -> PreparedPrompt:
+        """The clone prompt that speaks ``text`` in ``voice``."""
         with _renamed_param("audio", "prompt_audio"):
             pair = prompts.build_clone_prompt(
                 self.text_tokenizer,
-                speaker=prompts.clone_speaker_id(prompt_text, audio.samples),
-                prompt_text=prompt_text,
-                audio_token_str=features.tokens.token_str,
-                target_text=request.text,
+                speaker=voice.speaker,
+                prompt_text=voice.transcript,
+                audio_token_str=voice.features.tokens.token_str,
+                target_text=text,
             )
-        return PreparedPrompt(pair, features, prompt_text)
+        return PreparedPrompt(pair, voice.features, voice.transcript)
+
+    def count_tokens(self, text: str) -> int:
+        """Text tokens of ``text`` as the LLM reads it (the segment bound counts these)."""
+        return len(self.text_tokenizer.sp.encode(text))
 
     def first_edit(
         self, request: EditRequest, steps: Sequence[EditStep], timings: Timings | None = None

@@ -25,7 +25,7 @@ from engine.types import AudioSink, CancelToken, Timings
 from errors import InvalidInputError, RequestCancelledError
 from llm.decode import DecodeObserver
 from llm.generation import GenerationHandle
-from llm.sampling import DEFAULT_MAX_LENGTH, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, STOP_IDS
+from llm.sampling import DEFAULT_MAX_LENGTH, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, STOP_IDS, Ending
 from llm.text_tokenizer import AUDIO_ID_END, AUDIO_ID_OFFSET
 from vocoder.stream import Token2WavStream
 
@@ -48,10 +48,12 @@ class SamplingOptions:
 
 @dataclass(frozen=True)
 class Generated:
-    """One generation's output: its mixed audio codes and their 24 kHz audio (speed not applied)."""
+    """One generation's output: its mixed audio codes, their 24 kHz audio (speed not applied), and
+    what ended it (``Ending.LIMIT``: the length limit cut it short)."""
 
     codes: np.ndarray
     audio: np.ndarray
+    ending: Ending
 
 
 def raise_if_cancelled(cancel: CancelToken | None) -> None:
@@ -136,39 +138,26 @@ class Synthesizer:
             self.generations += 1
         return handle
 
-    def whole(
-        self,
-        variant: str,
-        prompt: PreparedPrompt,
-        *,
-        intensity: float,
-        seed: int,
-        timings: Timings,
-        cancel: CancelToken | None = None,
-    ) -> Generated:
-        """Generate in the variant's running batch, then vocode the whole utterance."""
+    def whole(self, handle: GenerationHandle, prompt: PreparedPrompt, *, timings: Timings) -> Generated:
+        """Wait for a submitted generation, then vocode the whole utterance."""
         with timings.measure("llm"):
-            handle = self.submit(variant, prompt, intensity=intensity, seed=seed, cancel=cancel)
             result = handle.result()
         if result.cancelled:
             raise RequestCancelledError("the client went away during generation")
-        timings.generated_ids = len(result.token_ids)
         codes = np.asarray(result.codes, dtype=np.int64)
-        return Generated(codes, self.vocode(codes, prompt.features, seed, timings))
+        return Generated(codes, self.vocode(codes, prompt.features, handle.seed, timings), result.ending)
 
     def streamed(
         self,
-        variant: str,
+        handle: GenerationHandle,
         prompt: PreparedPrompt,
         *,
-        intensity: float,
-        seed: int,
         speed: float,
         timings: Timings,
         sink: AudioSink,
         cancel: CancelToken | None,
     ) -> Generated:
-        """The decode loop samples while this thread feeds the streaming vocoder with its ids.
+        """The decode loop samples while this thread feeds the streaming vocoder with the ids of ``handle``.
 
         The vocoder session's output does not depend on how the codes are split across feeds, so
         the streamed audio is the same whatever the thread timing. With ``speed`` != 1 the pieces
@@ -177,12 +166,12 @@ class Synthesizer:
         """
         pieces: list[np.ndarray] = []
         begin = time.perf_counter()
-        handle = self.submit(variant, prompt, intensity=intensity, seed=seed, cancel=cancel)
+        seed = handle.seed
 
         def emit(new: list[np.ndarray]) -> None:
             for piece in new:
                 if piece.size:
-                    if not pieces:  # how far the LLM was when the first audio left
+                    if not pieces and timings.first_audio is None:  # how far the LLM was when audio first left
                         timings.first_audio_ids = handle.steps_run
                         timings.first_audio = time.perf_counter() - begin
                     pieces.append(piece)
@@ -220,10 +209,11 @@ class Synthesizer:
         wav = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
         if speed != 1.0 and wav.size:
             sink.put(self.apply_speed(wav, speed, timings))
-        timings.generated_ids = handle.steps_run
+        if timings.first_audio_ids is not None and timings.streamed_ids is None:
+            timings.streamed_ids = handle.steps_run
         timings.llm += time.perf_counter() - begin - vocode_s
         timings.vocoder += vocode_s
-        return Generated(np.asarray(result.codes, dtype=np.int64), wav)
+        return Generated(np.asarray(result.codes, dtype=np.int64), wav, result.ending)
 
     # --- audio ------------------------------------------------------------------------------
     def vocode(self, codes: np.ndarray, features: PromptFeatures, seed: int, timings: Timings) -> np.ndarray:

@@ -1,16 +1,17 @@
-"""The engine: clone and edit requests as chains of generations (docs/engine.md).
+"""The engine: clone and edit requests as chains of generations (docs/engine.md, docs/long-text.md).
 
-    clone: prompt audio + text ─► PromptPreparer.clone ─► Synthesizer ─► 24 kHz
+    clone: prompt audio ─► PromptPreparer.voice (once) ─► for each text segment: its clone prompt
+           ─► Synthesizer ─► 24 kHz; the segments' audio joined by ``engine.seams``.
     edit:  the audio to edit is the acoustic prompt ─► PromptPreparer.edit ─► Synthesizer.
            ``n_edit_iter`` > 1 feeds each iteration's 24 kHz output into the next (re-tokenised,
            mel and embedding recomputed, as the reference's history loop does) and returns all.
     chain: a clone or a first edit, then ``request.edits`` in order, each step on the previous
            output with the transcript carried along (``engine.chains``: checks, limits, seeds).
 
-``StepAudioEngine`` only walks the chain: the prompt preparer (tokenizer, frontend, cache,
-Whisper) and the synthesizer (decode loops, vocoder) do the work, and both are shared by the
-service's worker threads. The request's last generation streams to its ``AudioSink`` when it
-has one; the earlier ones run whole.
+A clone's text is cut into segments (``engine.segments``) that are generated side by side in the
+variant's running batch and delivered strictly in order (``engine.speaking``). ``StepAudioEngine``
+only walks chains; the prompt preparer (tokenizer, frontend, cache, Whisper) and the synthesizer
+(decode loops, vocoder) do the work, and both are shared by the service's worker threads.
 """
 
 from __future__ import annotations
@@ -18,16 +19,17 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
 from typing import Any
-
-import numpy as np
 
 from audio import VOCODER_SR, AudioError
 from engine.chains import check_step, generation_seed
 from engine.prompting import PreparedPrompt, PromptPreparer
-from engine.synthesizer import Generated, Synthesizer, pcm16_round_trip
+from engine.runs import ChainRun, RequestRun
+from engine.seams import DEFAULT_PAUSE_SECONDS, join_segments
+from engine.segments import MAX_SEGMENT_TOKENS, Segment, split_text
+from engine.speaking import SegmentChain, speak_segments
+from engine.synthesizer import Synthesizer, pcm16_round_trip
 from engine.types import (
     MAX_SEED,
     MAX_SPEED,
@@ -39,6 +41,7 @@ from engine.types import (
     EditRequest,
     EditStep,
     IterationLabel,
+    SegmentSpan,
     StreamInfo,
     SynthesisResult,
     Timings,
@@ -47,38 +50,34 @@ from engine.voices import load_default_voice
 from errors import InvalidInputError
 from llm import prompts
 from llm.decode import DecodeObserver
-from llm.sampling import MAX_INTENSITY, MIN_INTENSITY
+from llm.generation import GenerationHandle
+from llm.sampling import MAX_INTENSITY, MIN_INTENSITY, Ending
 from token_cache import count_lookups
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass
-class _ChainRun:
-    """One request's chain: what it runs with, and every output so far with its label."""
-
-    request: CloneRequest | EditRequest
-    seed: int
-    timings: Timings = field(default_factory=Timings)
-    outputs: list[np.ndarray] = field(default_factory=list)
-    labels: list[IterationLabel] = field(default_factory=list)
-    codes: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    sink: AudioSink | None = None  # streams the request's last generation
-    cancel: CancelToken | None = None  # set when the client went away
-    transcript: str | None = None  # of the request's audio, for the stream's headers
-
-    @property
-    def generations(self) -> int:
-        return len(self.outputs)
+DEFAULT_SEGMENTS_IN_FLIGHT = 4
 
 
 class StepAudioEngine:
     """Clone and edit requests on loaded stages; thread-safe for the service's workers."""
 
-    def __init__(self, preparer: PromptPreparer, synthesizer: Synthesizer, *, max_edit_iter: int = 4) -> None:
+    def __init__(
+        self,
+        preparer: PromptPreparer,
+        synthesizer: Synthesizer,
+        *,
+        max_edit_iter: int = 4,
+        segment_max_tokens: int = MAX_SEGMENT_TOKENS,
+        segments_in_flight: int = DEFAULT_SEGMENTS_IN_FLIGHT,
+        pause_s: float = DEFAULT_PAUSE_SECONDS,
+    ) -> None:
         self.preparer = preparer
         self.synthesizer = synthesizer
         self.max_edit_iter = max_edit_iter
+        self.segment_max_tokens = segment_max_tokens
+        self.segments_in_flight = segments_in_flight
+        self.pause_s = pause_s
 
     # --- what the HTTP layer asks ------------------------------------------------------------
     @property
@@ -87,7 +86,7 @@ class StepAudioEngine:
 
     @property
     def generations(self) -> int:
-        """LLM generations run since start (every clone and edit iteration)."""
+        """LLM generations run since start (every clone segment and edit iteration)."""
         return self.synthesizer.generations
 
     @property
@@ -120,6 +119,10 @@ class StepAudioEngine:
         """Every step against the catalogue and the iteration limit (``engine.chains.check_step``)."""
         return tuple(check_step(step, max_edit_iter=self.max_edit_iter) for step in steps)
 
+    def segments(self, text: str) -> list[Segment]:
+        """How ``text`` is cut into the segments a clone speaks (``engine.segments.split_text``)."""
+        return split_text(text, count_tokens=self.preparer.count_tokens, max_tokens=self.segment_max_tokens)
+
     def set_observer(self, observer: DecodeObserver | None) -> None:
         self.synthesizer.set_observer(observer)
 
@@ -128,23 +131,34 @@ class StepAudioEngine:
 
     # --- requests -------------------------------------------------------------------------
     def clone(
-        self, request: CloneRequest, *, sink: AudioSink | None = None, cancel: CancelToken | None = None
+        self,
+        request: CloneRequest,
+        *,
+        sink: AudioSink | None = None,
+        cancel: CancelToken | None = None,
+        text: Iterable[Segment] | None = None,
     ) -> SynthesisResult:
-        """Speak ``request.text`` in the voice of ``request.prompt_audio``, then run ``request.edits``.
+        """Speak ``request.text`` in the voice of ``request.prompt_audio``; each segment then runs ``request.edits``.
 
-        With a ``sink`` the request's last generation is streamed there while the LLM samples
-        (the earlier ones run whole); ``cancel`` set (the client went away) stops the work
-        before the next decode step with ``RequestCancelledError``.
+        With a ``sink`` every segment's last generation is streamed there while the LLM samples,
+        in order (the earlier ones run whole); ``cancel`` set (the client went away) stops the
+        work before the next decode step with ``RequestCancelledError``. ``text``: the segments to
+        speak as they become known (text that arrives while it is spoken) instead of
+        ``request.text`` cut up front.
         """
         start = time.perf_counter()
         run = self._start(request, sink, cancel)
         steps = self.check_steps(request.edits)
+        if text is None:
+            if not (request.text or "").strip():
+                raise InvalidInputError("the text to speak is empty", param="text")
+            cut = self.segments(request.text)
+            run.segments, text = len(cut), cut
         with count_lookups() as lookups:
-            prepared = self.preparer.clone(request, run.timings)
-            run.transcript = prepared.transcript
-            self._output(run, prepared, run.seed, IterationLabel(0, "clone", None, 1, run.seed), last=not steps)
-            self._run_steps(run, steps, None, request.text)
-        return self._result(run, lookups.hits, lookups.misses, start)
+            voice = self.preparer.voice(request, run.timings)
+            run.transcript = voice.transcript
+            chains = speak_segments(self, run, voice, text, steps)
+        return self._result(run, chains, lookups.hits, lookups.misses, start)
 
     def edit(
         self, request: EditRequest, *, sink: AudioSink | None = None, cancel: CancelToken | None = None
@@ -159,12 +173,13 @@ class StepAudioEngine:
         with count_lookups() as lookups:
             prepared = self.preparer.first_edit(request, steps, run.timings)
             run.transcript = prepared.transcript
-            self._run_steps(run, steps, prepared, prepared.transcript)
-        return self._result(run, lookups.hits, lookups.misses, start)
+            chain = ChainRun(run.seed, sink=sink)
+            self.run_steps(run, chain, steps, prepared, prepared.transcript)
+        return self._result(run, [], lookups.hits, lookups.misses, start, edit_chain=chain)
 
     def _start(
         self, request: CloneRequest | EditRequest, sink: AudioSink | None, cancel: CancelToken | None
-    ) -> _ChainRun:
+    ) -> RequestRun:
         """Check the request's controls and give it its seed."""
         self.synthesizer.check_variant(request.variant)
         if not MIN_INTENSITY <= request.intensity <= MAX_INTENSITY:
@@ -182,12 +197,26 @@ class StepAudioEngine:
             seed = int(request.seed)
         else:
             raise InvalidInputError(f"seed must be between 0 and {MAX_SEED}, got {request.seed}", param="seed")
-        return _ChainRun(request, seed, sink=sink, cancel=cancel)
+        return RequestRun(request, seed, sink=sink, cancel=cancel)
 
-    def _run_steps(
-        self, run: _ChainRun, steps: Sequence[EditStep], first_prompt: PreparedPrompt | None, audio_text: str | None
+    # --- chains -------------------------------------------------------------------------
+    def run_clone_chain(self, run: RequestRun, item: SegmentChain, sink: AudioSink | None) -> ChainRun:
+        """One clone segment: its already submitted clone generation, then its edit steps."""
+        chain = ChainRun(item.seed, segment=item.index, sink=sink)
+        label = IterationLabel(0, "clone", None, 1, item.seed, segment=item.index)
+        self.output(run, chain, item.prompt, label, last=not item.steps, handle=item.handle)
+        self.run_steps(run, chain, item.steps, None, item.spoken)
+        return chain
+
+    def run_steps(
+        self,
+        run: RequestRun,
+        chain: ChainRun,
+        steps: Sequence[EditStep],
+        first_prompt: PreparedPrompt | None,
+        audio_text: str | None,
     ) -> None:
-        """Run the edit steps in order, each on ``run``'s last output, with the transcript carried along.
+        """Run the edit steps in order, each on ``chain``'s last output, with the transcript carried along.
 
         Without ``first_prompt`` (every step but an edit request's first) a step edits the
         previous output after the 16-bit PCM round trip the reference's saved WAV implies. A
@@ -199,7 +228,7 @@ class StepAudioEngine:
             for iteration in range(step.n_edit_iter):
                 if prompt is None:
                     try:
-                        previous = AudioInput(pcm16_round_trip(run.outputs[-1])[None], VOCODER_SR)
+                        previous = AudioInput(pcm16_round_trip(chain.outputs[-1])[None], VOCODER_SR)
                         prompt = self.preparer.edit(previous, step, audio_text, run.timings)
                     except AudioError as exc:
                         logger.warning(
@@ -207,56 +236,94 @@ class StepAudioEngine:
                             k + 1,
                             iteration + 1,
                             exc,
-                            run.generations,
+                            chain.generations,
                         )
                         return
-                seed = generation_seed(run.seed, run.generations)
-                label = IterationLabel(k + 1, step.mode, step.edit_info, iteration + 1, seed)
+                seed = generation_seed(chain.seed, chain.generations)
+                label = IterationLabel(k + 1, step.mode, step.edit_info, iteration + 1, seed, segment=chain.segment)
                 last = k == len(steps) - 1 and iteration == step.n_edit_iter - 1
-                self._output(run, prompt, seed, label, last=last)
+                self.output(run, chain, prompt, label, last=last)
                 prompt = None
                 if step.text is not None:  # the next edit hears the text this one produced
                     audio_text = step.text
 
-    def _output(self, run: _ChainRun, prompt: PreparedPrompt, seed: int, label: IterationLabel, *, last: bool) -> None:
-        """One generation and its audio, appended to ``run``; the request's last one streams to
-        ``run.sink`` when there is one."""
-        request, synth = run.request, self.synthesizer
-        generated: Generated
-        if last and run.sink is not None:
-            info = StreamInfo(run.seed, request.intensity, VOCODER_SR, run.generations + 1, run.transcript)
-            run.sink.start(info)
+    def submit(self, run: RequestRun, prompt: PreparedPrompt, seed: int) -> GenerationHandle:
+        """Queue one generation of ``run``'s request on its variant's decode loop."""
+        request = run.request
+        return self.synthesizer.submit(
+            request.variant, prompt, intensity=request.intensity, seed=seed, cancel=run.cancel
+        )
+
+    def output(
+        self,
+        run: RequestRun,
+        chain: ChainRun,
+        prompt: PreparedPrompt,
+        label: IterationLabel,
+        *,
+        last: bool,
+        handle: GenerationHandle | None = None,
+    ) -> None:
+        """One generation (submitted now unless ``handle`` is given) and its audio, appended to ``chain``;
+        the chain's last one streams to ``chain.sink`` when there is one."""
+        synth = self.synthesizer
+        if handle is None:
+            handle = self.submit(run, prompt, label.seed)
+        if last and chain.sink is not None:
+            request = run.request
+            info = StreamInfo(
+                run.seed, request.intensity, VOCODER_SR, chain.generations + 1, run.transcript, run.segments
+            )
+            chain.sink.start(info)
             generated = synth.streamed(
-                request.variant,
-                prompt,
-                intensity=request.intensity,
-                seed=seed,
-                speed=request.speed,
-                timings=run.timings,
-                sink=run.sink,
-                cancel=run.cancel,
+                handle, prompt, speed=request.speed, timings=run.timings, sink=chain.sink, cancel=run.cancel
             )
         else:
-            generated = synth.whole(
-                request.variant, prompt, intensity=request.intensity, seed=seed, timings=run.timings, cancel=run.cancel
+            generated = synth.whole(handle, prompt, timings=run.timings)
+        if generated.ending is Ending.LIMIT:
+            chain.cut_short = True
+            logger.warning(
+                "a generation of %d ids ended at the length limit, not its stop id: its audio is cut short",
+                handle.steps_run,
             )
-        run.codes = generated.codes
-        run.outputs.append(generated.audio)
-        run.labels.append(label)
+        chain.codes = generated.codes
+        chain.outputs.append(generated.audio)
+        chain.labels.append(label)
 
-    def _result(self, run: _ChainRun, hits: int, misses: int, start: float) -> SynthesisResult:
-        iterations = [self.synthesizer.apply_speed(wav, run.request.speed, run.timings) for wav in run.outputs]
-        run.timings.total = time.perf_counter() - start
+    def _result(
+        self,
+        run: RequestRun,
+        chains: Sequence[tuple[Segment, ChainRun]],
+        hits: int,
+        misses: int,
+        start: float,
+        *,
+        edit_chain: ChainRun | None = None,
+    ) -> SynthesisResult:
+        speed, timings = run.request.speed, run.timings
+        all_chains = [edit_chain] if edit_chain is not None else [chain for _, chain in chains]
+        outputs = [[self.synthesizer.apply_speed(wav, speed, timings) for wav in c.outputs] for c in all_chains]
+        if len(outputs) == 1:
+            audio = outputs[0][-1]
+            spans = [(0, audio.size)]
+        else:
+            audio, spans = join_segments([o[-1] for o in outputs], sample_rate=VOCODER_SR, pause_s=self.pause_s)
+        timings.total = time.perf_counter() - start
         return SynthesisResult(
-            audio=iterations[-1],
+            audio=audio,
             sample_rate=VOCODER_SR,
             seed=run.seed,
             intensity=run.request.intensity,
-            iterations=iterations,
-            labels=run.labels,
+            iterations=[wav for o in outputs for wav in o],
+            labels=[label for c in all_chains for label in c.labels],
             transcript=run.transcript,
-            n_audio_tokens=int(run.codes.shape[0]),
-            timings=run.timings,
+            n_audio_tokens=sum(int(c.codes.shape[0]) for c in all_chains),
+            timings=timings,
             cache_hits=hits,
             cache_misses=misses,
+            segments=[
+                SegmentSpan(k, seg.text, s, e, chain.seed, (seg.start, seg.end), chain.cut_short)
+                for k, ((seg, chain), (s, e)) in enumerate(zip(chains, spans, strict=False))
+            ],
+            cut_short=any(c.cut_short for c in all_chains),
         )

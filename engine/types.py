@@ -86,22 +86,42 @@ class EditRequest:
 
 @dataclass(frozen=True)
 class IterationLabel:
-    """Where one returned audio comes from: chain step (0: the clone), its mode, iteration, seed."""
+    """Where one returned audio comes from: chain step (0: the clone), its mode, iteration, seed,
+    and the text segment it speaks (0 unless a long text was cut into segments)."""
 
     step: int
     mode: str
     edit_info: str | None
     iteration: int
     seed: int
+    segment: int = 0
+
+
+@dataclass(frozen=True)
+class SegmentSpan:
+    """One segment of a request's audio: the text it speaks and where its audio sits.
+
+    ``start`` / ``end``: its first and one-past-last sample in the request's audio (the pause
+    after it is not included); ``chars``: its (start, end) offsets in the request's text.
+    ``cut_short``: one of its generations ended at the length limit instead of its stop id.
+    """
+
+    index: int
+    text: str
+    start: int
+    end: int
+    seed: int
+    chars: tuple[int, int] = (0, 0)
+    cut_short: bool = False
 
 
 @dataclass
 class Timings:
     """Where one request's time went, in seconds; each part adds up over every generation it ran.
 
-    ``first_audio`` (seconds from the streamed generation's submission to its first audio) and
-    ``first_audio_ids`` (ids sampled by then) are set only when the request streamed;
-    ``generated_ids`` counts the ids of its last generation.
+    ``first_audio`` (seconds from the first streamed generation's start to its first audio),
+    ``first_audio_ids`` (its ids sampled by then) and ``streamed_ids`` (all its ids) are set only
+    when the request streamed.
     """
 
     transcribe: float = 0.0
@@ -112,7 +132,7 @@ class Timings:
     total: float = 0.0
     first_audio: float | None = None
     first_audio_ids: int | None = None
-    generated_ids: int = 0
+    streamed_ids: int | None = None
 
     @contextmanager
     def measure(self, part: str) -> Iterator[None]:
@@ -125,17 +145,20 @@ class Timings:
 
     def stream_start_fraction(self) -> float | None:
         """Share of the streamed generation's ids sampled when its first audio left (None: not streamed)."""
-        if self.first_audio_ids is None or self.generated_ids <= 0:
+        if self.first_audio_ids is None or not self.streamed_ids:
             return None
-        return self.first_audio_ids / self.generated_ids
+        return self.first_audio_ids / self.streamed_ids
 
 
 @dataclass
 class SynthesisResult:
-    """The final audio plus every intermediate output (``iterations[-1] is audio``), each labelled.
+    """The final audio plus every intermediate output, each labelled.
 
-    ``cache_hits`` / ``cache_misses`` count this request's prompt-cache lookups (not a difference
-    of global counters, which other workers move at the same time).
+    A request whose text is one segment has ``iterations[-1] is audio``; with several segments,
+    ``iterations`` holds each segment's outputs in order and ``audio`` joins the segments' last
+    outputs (``engine.seams``), each located by its ``segments`` span. ``cache_hits`` /
+    ``cache_misses`` count this request's prompt-cache lookups (not a difference of global
+    counters, which other workers move at the same time).
     """
 
     audio: np.ndarray  # float32 (n,) at sample_rate
@@ -149,6 +172,8 @@ class SynthesisResult:
     timings: Timings = field(default_factory=Timings)
     cache_hits: int = 0
     cache_misses: int = 0
+    segments: list[SegmentSpan] = field(default_factory=list)  # a clone's text segments, in order
+    cut_short: bool = False  # some generation ended at the length limit: part of the audio is missing
 
 
 class CancelToken:
@@ -189,18 +214,22 @@ class StreamInfo:
     seed: int
     intensity: float
     sample_rate: int
-    iterations: int  # the edit iterations run in all (the last one is the streamed one)
+    iterations: int  # the generations of one segment's chain (the last one is the streamed one)
     transcript: str | None = None
+    segments: int | None = None  # how many segments the text was cut into; None while text still arrives
 
 
 class AudioSink(Protocol):
     """Where a streamed request's audio goes as it is made (the HTTP layer's response).
 
     ``start`` is called once, after everything that can reject the request has run and right
-    before the first audio is made; ``put`` then receives the 24 kHz float32 pieces in order.
-    Both are called from the worker thread and must not block.
+    before the first audio is made; ``put`` then receives the 24 kHz float32 pieces in order, and
+    ``segment`` the span of each text segment once all its audio has been put. All are called
+    from the worker thread and must not block.
     """
 
     def start(self, info: StreamInfo) -> None: ...
 
     def put(self, piece: np.ndarray) -> None: ...
+
+    def segment(self, span: SegmentSpan) -> None: ...

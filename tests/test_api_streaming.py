@@ -25,7 +25,7 @@ import pytest
 
 from api.audio_io import to_s16le
 from bundles import write_bundle
-from engine.types import CloneRequest, EditStep, StreamInfo
+from engine.types import CloneRequest, EditStep, SegmentSpan, StreamInfo
 from tests.api_live import LiveServer, test_settings
 from tests.test_api_units import FORMATS, decode
 
@@ -80,6 +80,9 @@ class _Collect:
 
     def put(self, piece: np.ndarray) -> None:
         self.pieces.append(piece)
+
+    def segment(self, span: SegmentSpan) -> None:
+        pass
 
 
 def test_sse_pieces_are_the_engines_stream(http: httpx.Client, server: LiveServer) -> None:
