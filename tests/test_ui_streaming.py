@@ -98,7 +98,7 @@ def endless(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
 def test_a_clone_plays_while_generating_and_leaving_the_page_stops_it(
     endless: LiveServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="engine.scheduler")
+    caplog.set_level(logging.INFO, logger="llm.decode")
     service = endless.app.state.step_audio.service
     gone_before = _metric(endless.url, "step_audio_requests_total", mode="clone", status="499")
     client = _client(endless)
