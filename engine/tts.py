@@ -49,6 +49,7 @@ from engine.types import (
     EditRequest,
     EditStep,
     IterationLabel,
+    PromptCacheResult,
     StreamInfo,
     SynthesisResult,
 )
@@ -107,6 +108,7 @@ class PromptFeatures:
     tokens: AudioTokens
     prompt_mel: torch.Tensor  # (1, T, 80) float32 at 50 Hz
     spk_emb: torch.Tensor  # (1, 192) float32
+    cache: PromptCacheResult = "none"  # how they were found: reported per request (X-Step-Audio-Cache)
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,7 @@ class _ChainRun:
     sink: AudioSink | None = None  # streams the request's last generation
     cancel: CancelToken | None = None  # set when the client went away
     transcript: str | None = None  # of the request's audio, for the stream's headers
+    prompt_cache: list[PromptCacheResult] = field(default_factory=list)  # per generation's prompt, in order
 
     @property
     def generations(self) -> int:
@@ -405,9 +408,16 @@ class StepAudioEngine:
         """One generation and its audio, appended to ``run``; the request's last one streams to
         ``run.sink`` when there is one."""
         request = run.request
+        run.prompt_cache.append(prompt.features.cache)
         if last and run.sink is not None:
-            info = StreamInfo(run.seed, request.intensity, VOCODER_SR, run.generations + 1, run.transcript)
-            run.sink.start(info)
+            info = StreamInfo(
+                run.seed,
+                request.intensity,
+                VOCODER_SR,
+                run.generations + 1,
+                run.transcript,
+                prompt_cache=tuple(run.prompt_cache),
+            )
             codes, wav = self._generate_streamed(
                 request.variant,
                 prompt,
@@ -416,6 +426,7 @@ class StepAudioEngine:
                 speed=request.speed,
                 timings=run.timings,
                 sink=run.sink,
+                info=info,
                 cancel=run.cancel,
             )
         else:
@@ -448,6 +459,7 @@ class StepAudioEngine:
             timings=timings,
             cache_hits=lookups.hits,
             cache_misses=lookups.misses,
+            prompt_cache=list(run.prompt_cache),
         )
 
     # --- prompts --------------------------------------------------------------------------
@@ -595,6 +607,7 @@ class StepAudioEngine:
             wav = check_prompt(prepare_prompt(samples, sample_rate), sample_rate)
             key = content_key(wav, sample_rate)
             record = self.cache.get(key, names=PROMPT_RECORD) if self.cache is not None else None
+            cache: PromptCacheResult = "none" if self.cache is None else "hit" if record is not None else "miss"
             if record is not None:
                 logger.info("[FunASR Cache HIT] hash=%s…", key[:8])
                 tokens = AudioTokens(record["vq02"], record["vq06"])
@@ -616,7 +629,7 @@ class StepAudioEngine:
             raise
         if timings is not None:
             timings["prompt_features"] = timings.get("prompt_features", 0.0) + time.perf_counter() - begin
-        return PromptFeatures(key, tokens, prompt_mel, spk_emb)
+        return PromptFeatures(key, tokens, prompt_mel, spk_emb, cache)
 
     def _submit_generation(
         self,
@@ -674,9 +687,13 @@ class StepAudioEngine:
         speed: float,
         timings: dict[str, float],
         sink: AudioSink,
+        info: StreamInfo,
         cancel: CancelToken | None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The decode loop samples while this thread feeds the streaming vocoder with its ids.
+
+        ``sink.start(info)`` is called once the decode loop has accepted the prompt: the prompt's
+        own checks (its length) fail before the stream starts, so the client gets their 4xx.
 
         The vocoder session's output does not depend on how the codes are split across feeds,
         so the streamed audio is the same whatever the thread timing. With ``speed`` != 1 the
@@ -686,6 +703,7 @@ class StepAudioEngine:
         pieces: list[np.ndarray] = []
         begin = time.perf_counter()
         handle = self._submit_generation(variant, prepared.pair, intensity=intensity, seed=seed, cancel=cancel)
+        sink.start(info)
 
         def emit(new: list[np.ndarray]) -> None:
             for piece in new:
