@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from api.admission import queues_a_job
 from api.errors import ERROR_RESPONSES
 from api.inputs import decode_audio_bytes
+from api.limits import check_text
 from api.schemas import VoiceCard, VoiceList
 from api.state import AppState, Engine, ReadyEngine, State
 from engine.voices import DEFAULT_VOICE_NAME, OPENAI_VOICES, Voice, validate_voice_name
@@ -52,7 +53,11 @@ async def register_voice(
     name: Annotated[str, Form(description="1-64 letters, digits, '-' or '_'.")],
     file: Annotated[UploadFile, File(description="The reference clip (any common audio format).")],
     transcript: Annotated[
-        str | None, Form(description="What the clip says (Whisper fills it when auto-transcription is on).")
+        str | None,
+        Form(
+            description="What the clip says (Whisper fills it when auto-transcription is on); at most "
+            "--max-input-chars characters."
+        ),
     ] = None,
 ) -> VoiceCard:
     """Store a voice; its clip is tokenized once now, so later requests hit the cache."""
@@ -63,6 +68,7 @@ async def register_voice(
 async def add_voice(state: AppState, engine: Engine, name: str, data: bytes, transcript: str | None) -> Voice:
     """The one registration path (HTTP and web UI): checks, decode, transcription, tokenizing in the queue."""
     validate_voice_name(name)
+    check_text("transcript", transcript, state.settings.max_input_chars)
     if name == DEFAULT_VOICE_NAME:
         raise InvalidInputError(f"{name!r} is reserved for the built-in voice", param="name")
     transcriber = getattr(engine, "transcriber", None) if state.settings.enable_auto_transcribe else None
