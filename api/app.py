@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.admission import OPEN_PATHS, AdmissionMiddleware
 from api.errors import install_error_handlers
+from api.limits import body_limit
 from api.metrics import Metrics
 from api.openapi import contract_openapi
 from api.routes import speech, system, voices
@@ -35,7 +36,6 @@ logger = logging.getLogger(__name__)
 DEMO_HEADER = "X-Step-Audio-Demo"
 DEMO_NOTICE = "random-weight demo bundle: the audio is noise, not speech"
 DEMO_BUNDLE_DIR = "demo-bundle"
-_JSON_OVERHEAD_BYTES = 1 << 20  # room for the text fields beside base64 audio
 
 EngineFactory = Callable[[Settings], Engine]
 
@@ -120,6 +120,8 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory | None = Non
         if route.path is not None and getattr(route.endpoint, "queues_a_job", False)
         for method in route.methods or ()
     )
+    # innermost: the key, the queue and the body limits are decided on the request as it came
+    app.add_middleware(HeadAsGetMiddleware, skip_paths=ui_open[0], skip_prefixes=ui_open[1])
     app.add_middleware(
         AdmissionMiddleware,
         api_key=settings.api_key.get_secret_value() if settings.api_key else None,
@@ -128,8 +130,8 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory | None = Non
         open_prefixes=ui_open[1],
         service=service,
         queued_routes=queued,
-        # two base64 clips and the text fields fit; more is refused before it is read
-        max_body_bytes=3 * settings.max_upload_bytes + _JSON_OVERHEAD_BYTES,
+        # the largest valid request fits (one base64 clip, every text at its limit); more is refused unread
+        max_body_bytes=body_limit(settings),
         max_file_bytes=settings.max_upload_bytes,
     )
     if settings.demo:
@@ -209,3 +211,32 @@ class HeaderMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_header)
+
+
+class HeadAsGetMiddleware:
+    """Serve HEAD wherever GET is served, as HTTP asks (Starlette's own routes do, FastAPI's do not):
+    the route runs as for GET and the body is dropped, so the status and headers, Content-Length
+    included, are the GET's. The web UI's paths (``skip_*``) keep their own HEAD handling."""
+
+    def __init__(self, app: ASGIApp, *, skip_paths: frozenset[str], skip_prefixes: tuple[str, ...]) -> None:
+        self.app = app
+        self.skip_paths = skip_paths
+        self.skip_prefixes = skip_prefixes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if (
+            scope["type"] != "http"
+            or scope["method"] != "HEAD"
+            or path in self.skip_paths
+            or (self.skip_prefixes and path.startswith(self.skip_prefixes))
+        ):
+            await self.app(scope, receive, send)
+            return
+
+        async def send_without_body(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, send_without_body)
