@@ -10,6 +10,7 @@ get through are cheap.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +20,8 @@ import pytest
 from tests.api_live import LiveServer, test_settings
 from tests.schema_fuzz import fuzz
 
-EXAMPLES = 40  # per operation and generation mode
+# per operation and generation mode; `make fuzz` runs more (FUZZ_EXAMPLES)
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "40"))
 
 
 @pytest.fixture(scope="module")
