@@ -136,7 +136,20 @@ class SpeechRequest(_TextModel):
     fields inside ``step_audio`` are refused, so a typo is an error and not a silent no-op.
     """
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "examples": [
+                {"model": MODEL_ID, "input": "Hello from Step-Audio-EditX.", "voice": "alloy"},
+                {
+                    "input": "Well [Laughter] that was fun.",
+                    "voice": "alloy",
+                    "stream_format": "sse",
+                    "step_audio": {"seed": 7, "edits": [{"mode": "emotion", "edit_info": "happy"}]},
+                },
+            ]
+        },
+    )
 
     model: Name = Field(MODEL_ID, description=f"{MODEL_ID} (or an alias: {', '.join(MODEL_ALIASES)}).")
     input: str = Field(

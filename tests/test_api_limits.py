@@ -171,7 +171,7 @@ def test_a_60mb_body_is_413_unread_and_healthz_answers_meanwhile(server: LiveSer
                 t = time.perf_counter()
                 assert c.get("/healthz").status_code == 200
                 latencies.append(time.perf_counter() - t)
-                stop.wait(0.005)
+                stop.wait(0.002)
 
     prober = threading.Thread(target=probe, daemon=True)
     prober.start()
@@ -191,7 +191,8 @@ def test_a_60mb_body_is_413_unread_and_healthz_answers_meanwhile(server: LiveSer
         prober.join(30)
     assert answer.status == 413 and answer.json["error"]["code"] == "too_large", answer.json
     assert answer.sent < total, "the whole body was read before the refusal"
-    assert len(latencies) >= 5, latencies
+    # the refusal comes within ~0.1 s on loopback: a few probes, judged by their median
+    assert len(latencies) >= 3, latencies
     assert statistics.median(latencies) < 0.1, sorted(latencies)
     # announced by Content-Length: refused before a byte of it is read
     head = request_head("POST", "/v1/audio/speech", {"Content-Type": "application/json", "Content-Length": str(total)})

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, File, Form, Path, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from api.admission import queues_a_job
@@ -17,6 +17,8 @@ from api.schemas import VoiceCard, VoiceList
 from api.state import AppState, Engine, ReadyEngine, State
 from engine.voices import DEFAULT_VOICE_NAME, OPENAI_VOICES, Voice, validate_voice_name
 from errors import InvalidInputError, NotFoundError
+
+VoiceId = Annotated[str, Path(description="A registered voice's name, or an OpenAI voice name.", examples=["alloy"])]
 
 router = APIRouter(prefix="/v1/voices", tags=["voices"], responses=ERROR_RESPONSES)  # the API key: api.admission
 
@@ -93,14 +95,14 @@ async def add_voice(state: AppState, engine: Engine, name: str, data: bytes, tra
 
 
 @router.get("/{voice_id}")
-async def get_voice(state: State, voice_id: str) -> VoiceCard:
+async def get_voice(state: State, voice_id: VoiceId) -> VoiceCard:
     with _by_id():
         voice = await run_in_threadpool(state.voices.resolve, voice_id)
     return _card(voice)
 
 
 @router.delete("/{voice_id}")
-async def delete_voice(state: State, voice_id: str) -> dict[str, object]:
+async def delete_voice(state: State, voice_id: VoiceId) -> dict[str, object]:
     with _by_id():
         await run_in_threadpool(state.voices.delete, voice_id)
     return {"id": voice_id, "object": "voice", "deleted": True}
