@@ -19,9 +19,11 @@ from fastapi import FastAPI
 from fastapi.routing import iter_route_contexts
 
 from api.admission import OPEN_PATHS, AdmissionMiddleware
-from api.demo import DEMO_HEADER, DEMO_NOTICE, HeaderMiddleware, demo_settings
+from api.demo import DEMO_HEADER, DEMO_NOTICE, demo_settings
 from api.errors import install_error_handlers
+from api.limits import body_limit
 from api.metrics import Metrics
+from api.middleware import HeadAsGetMiddleware, HeaderMiddleware
 from api.openapi import contract_openapi
 from api.routes import speech, system, voices
 from api.state import AppState, Engine
@@ -31,7 +33,6 @@ from settings import Settings
 
 logger = logging.getLogger(__name__)
 
-_JSON_OVERHEAD_BYTES = 1 << 20  # room for the text fields beside base64 audio
 
 EngineFactory = Callable[[Settings], Engine]
 
@@ -115,6 +116,8 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory | None = Non
         if route.path is not None and getattr(route.endpoint, "queues_a_job", False)
         for method in route.methods or ()
     )
+    # innermost: the key, the queue and the body limits are decided on the request as it came
+    app.add_middleware(HeadAsGetMiddleware, skip_paths=ui_open[0], skip_prefixes=ui_open[1])
     app.add_middleware(
         AdmissionMiddleware,
         api_key=settings.api_key.get_secret_value() if settings.api_key else None,
@@ -123,8 +126,8 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory | None = Non
         open_prefixes=ui_open[1],
         service=service,
         queued_routes=queued,
-        # two base64 clips and the text fields fit; more is refused before it is read
-        max_body_bytes=3 * settings.max_upload_bytes + _JSON_OVERHEAD_BYTES,
+        # the largest valid request fits (one base64 clip, every text at its limit); more is refused unread
+        max_body_bytes=body_limit(settings),
         max_file_bytes=settings.max_upload_bytes,
     )
     if settings.demo:

@@ -21,7 +21,7 @@ import torch
 
 from audio import PCM16_SCALE, to_pcm16
 from engine.prompting import PreparedPrompt, PromptFeatures
-from engine.types import AudioSink, CancelToken, Timings
+from engine.types import AudioSink, CancelToken, StreamInfo, Timings
 from errors import InvalidInputError, RequestCancelledError
 from llm.decode import DecodeObserver
 from llm.generation import GenerationHandle
@@ -166,9 +166,13 @@ class Synthesizer:
         speed: float,
         timings: Timings,
         sink: AudioSink,
+        info: StreamInfo,
         cancel: CancelToken | None,
     ) -> Generated:
         """The decode loop samples while this thread feeds the streaming vocoder with its ids.
+
+        ``sink.start(info)`` is called once the decode loop has accepted the prompt: the prompt's
+        own checks (its length) fail before the stream starts, so the client gets their 4xx.
 
         The vocoder session's output does not depend on how the codes are split across feeds, so
         the streamed audio is the same whatever the thread timing. With ``speed`` != 1 the pieces
@@ -178,6 +182,7 @@ class Synthesizer:
         pieces: list[np.ndarray] = []
         begin = time.perf_counter()
         handle = self.submit(variant, prompt, intensity=intensity, seed=seed, cancel=cancel)
+        sink.start(info)
 
         def emit(new: list[np.ndarray]) -> None:
             for piece in new:

@@ -39,6 +39,7 @@ from engine.types import (
     EditRequest,
     EditStep,
     IterationLabel,
+    PromptCacheResult,
     StreamInfo,
     SynthesisResult,
     Timings,
@@ -66,6 +67,7 @@ class _ChainRun:
     sink: AudioSink | None = None  # streams the request's last generation
     cancel: CancelToken | None = None  # set when the client went away
     transcript: str | None = None  # of the request's audio, for the stream's headers
+    prompt_cache: list[PromptCacheResult] = field(default_factory=list)  # per generation's prompt, in order
 
     @property
     def generations(self) -> int:
@@ -222,10 +224,17 @@ class StepAudioEngine:
         """One generation and its audio, appended to ``run``; the request's last one streams to
         ``run.sink`` when there is one."""
         request, synth = run.request, self.synthesizer
+        run.prompt_cache.append(prompt.features.cache)
         generated: Generated
         if last and run.sink is not None:
-            info = StreamInfo(run.seed, request.intensity, VOCODER_SR, run.generations + 1, run.transcript)
-            run.sink.start(info)
+            info = StreamInfo(
+                run.seed,
+                request.intensity,
+                VOCODER_SR,
+                run.generations + 1,
+                run.transcript,
+                prompt_cache=tuple(run.prompt_cache),
+            )
             generated = synth.streamed(
                 request.variant,
                 prompt,
@@ -234,6 +243,7 @@ class StepAudioEngine:
                 speed=request.speed,
                 timings=run.timings,
                 sink=run.sink,
+                info=info,
                 cancel=run.cancel,
             )
         else:
@@ -259,4 +269,5 @@ class StepAudioEngine:
             timings=run.timings,
             cache_hits=hits,
             cache_misses=misses,
+            prompt_cache=list(run.prompt_cache),
         )

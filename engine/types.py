@@ -20,6 +20,8 @@ EditMode = Literal["emotion", "style", "speed", "paralinguistic", "denoise", "va
 Mode = Literal["clone", "emotion", "style", "speed", "paralinguistic", "denoise", "vad"]  # one enum in the schema
 EDIT_MODES: tuple[str, ...] = get_args(EditMode)
 
+PromptCacheResult = Literal["hit", "miss", "none"]  # a prompt's features: cached, computed, no cache
+
 MIN_SPEED, MAX_SPEED = 0.25, 4.0
 MAX_SEED = 2**31 - 1
 
@@ -135,7 +137,9 @@ class SynthesisResult:
     """The final audio plus every intermediate output (``iterations[-1] is audio``), each labelled.
 
     ``cache_hits`` / ``cache_misses`` count this request's prompt-cache lookups (not a difference
-    of global counters, which other workers move at the same time).
+    of global counters, which other workers move at the same time). ``prompt_cache`` says, for each
+    prompt the request prepared (one per generation, in order), whether its features were a cache
+    ``hit``, a ``miss``, or ``none`` (no cache): what the response's ``X-Step-Audio-Cache`` reports.
     """
 
     audio: np.ndarray  # float32 (n,) at sample_rate
@@ -149,6 +153,7 @@ class SynthesisResult:
     timings: Timings = field(default_factory=Timings)
     cache_hits: int = 0
     cache_misses: int = 0
+    prompt_cache: list[PromptCacheResult] = field(default_factory=list)
 
 
 class CancelToken:
@@ -191,6 +196,7 @@ class StreamInfo:
     sample_rate: int
     iterations: int  # the edit iterations run in all (the last one is the streamed one)
     transcript: str | None = None
+    prompt_cache: tuple[PromptCacheResult, ...] = ()  # as SynthesisResult's: every prompt is ready by now
 
 
 class AudioSink(Protocol):

@@ -3,14 +3,20 @@
 Both build one ``SpeechRequest`` and go through ``synthesize``: ``api.speech_requests`` validates
 it and builds the engine request, the service queue runs it, and the answer is encoded here
 (whole, chunked audio, or SSE). Response headers report what was applied: seed, intensity, the
-number of outputs (clone and edit iterations), variant, generated audio tokens, and the chained
-edits (``X-Step-Audio-Edits``).
+number of outputs (clone and edit iterations), variant, generated audio tokens, the chained
+edits (``X-Step-Audio-Edits``) and the prompt cache's answer per prompt (``X-Step-Audio-Cache``).
+
+The JSON body is read as bytes and parsed in a worker thread (``api.json_body``), not by FastAPI
+on the event loop. A stream that fails after its headers left ends with an SSE ``error`` event,
+or, for chunked audio, without the terminating chunk (the client sees a broken transfer, never
+a short file that looks whole).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -20,18 +26,30 @@ from urllib.parse import quote
 import numpy as np
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.types import Send
 
 from api.admission import queues_a_job
-from api.audio_io import CONTENT_TYPES, AudioFormat, StreamingAudioWriter, encode_audio, sse_delta, sse_done
-from api.errors import ERROR_RESPONSES, status_of
+from api.audio_io import (
+    CONTENT_TYPES,
+    AudioFormat,
+    StreamingAudioWriter,
+    encode_audio,
+    sse_delta,
+    sse_done,
+    sse_error,
+)
+from api.errors import ERROR_RESPONSES, ErrorResponse, error_body, status_of
+from api.json_body import parse_json, read_json
+from api.openapi import json_body
 from api.schemas import IterationAudio, IterationsResponse, SpeechRequest
 from api.speech_jobs import LoopSink, record_answered, record_run, submit_job
 from api.speech_requests import SpeechJob, api_param, build_request
 from api.state import AppState, Engine, ReadyEngine, State
 from engine.types import StreamInfo, SynthesisResult
 from errors import InvalidInputError, RequestCancelledError, StepAudioError
+
+CACHE_HEADER = "X-Step-Audio-Cache"
 
 router = APIRouter(tags=["speech"], responses=ERROR_RESPONSES)  # the API key and body limits: api.admission
 
@@ -50,7 +68,7 @@ _AUDIO_RESPONSES: dict[int | str, dict[str, Any]] = {
             **{ct: _BINARY for ct in sorted(set(CONTENT_TYPES.values()))},
             "text/event-stream": {"schema": {"type": "string", "description": "Server-sent events."}},
         },
-    }
+    },
 }
 
 
@@ -58,10 +76,32 @@ class ClientGoneError(Exception):
     """The client disconnected while its request waited or ran."""
 
 
-@router.post("/v1/audio/speech", response_class=Response, responses=_AUDIO_RESPONSES)
+class _StreamAbortedError(Exception):
+    """A chunked audio stream failed after its headers left: end it without the terminating chunk."""
+
+
+class AbortableStreamingResponse(StreamingResponse):
+    """A ``StreamingResponse`` whose body iterator can end it as a broken transfer.
+
+    Returning without the final (empty, ``more_body: False``) message makes the server close the
+    connection without HTTP's last chunk, so a client's read fails instead of ending cleanly.
+    """
+
+    async def stream_response(self, send: Send) -> None:
+        with contextlib.suppress(_StreamAbortedError):  # the final message stays unsent
+            await super().stream_response(send)
+
+
+@router.post(
+    "/v1/audio/speech",
+    response_class=Response,
+    responses={**_AUDIO_RESPONSES, 415: {"model": ErrorResponse, "description": "The body is not declared as JSON."}},
+)
 @queues_a_job
-async def create_speech(body: SpeechRequest, request: Request, state: State, engine: ReadyEngine) -> Response:
+@json_body(SpeechRequest)
+async def create_speech(request: Request, state: State, engine: ReadyEngine) -> Response:
     """OpenAI's speech endpoint: clone (default) or edit, audio given as base64, URL or voice."""
+    body = await read_json(request, SpeechRequest)
     return await synthesize(request, state, engine, body, {})
 
 
@@ -77,12 +117,8 @@ async def create_speech_upload(
     input_audio_file: Annotated[UploadFile | None, File(description="Audio to edit.")] = None,
 ) -> Response:
     """The same request as multipart: ``payload`` JSON plus the audio as files."""
-    try:
-        body = SpeechRequest.model_validate_json(payload)
-    except ValidationError as exc:
-        if any(e.get("type") == "json_invalid" for e in exc.errors()):
-            raise InvalidInputError("payload is not valid JSON", param="payload") from exc
-        raise
+    # the payload's bytes were checked for UTF-8 as they arrived (api.admission)
+    body = await run_in_threadpool(parse_json, payload, SpeechRequest, what="payload", param="payload")
     uploads = {  # each file's size was bounded while the body streamed in (api.admission)
         name: await f.read()
         for name, f in (("prompt_audio", prompt_audio_file), ("input_audio", input_audio_file))
@@ -133,7 +169,7 @@ async def _synthesize(
     headers = _headers(
         mode,
         job,
-        StreamInfo(result.seed, result.intensity, result.sample_rate, len(iterations), result.transcript),
+        _result_info(result, len(iterations)),
     )
     headers["X-Step-Audio-Audio-Tokens"] = str(result.n_audio_tokens)
     if opts.return_iterations:
@@ -156,7 +192,20 @@ async def _synthesize(
     )
 
 
+def _result_info(result: SynthesisResult, iterations: int) -> StreamInfo:
+    return StreamInfo(
+        result.seed,
+        result.intensity,
+        result.sample_rate,
+        iterations,
+        result.transcript,
+        prompt_cache=tuple(result.prompt_cache),
+    )
+
+
 def _headers(mode: str, job: SpeechJob, info: StreamInfo) -> dict[str, str]:
+    """The ``X-Step-Audio-*`` headers; ``X-Step-Audio-Cache`` lists ``hit`` / ``miss`` / ``none`` for each
+    prompt the request prepared, in order (``none`` alone when it prepared none)."""
     headers = {
         "X-Step-Audio-Mode": mode,
         "X-Step-Audio-Variant": job.request.variant,
@@ -164,6 +213,7 @@ def _headers(mode: str, job: SpeechJob, info: StreamInfo) -> dict[str, str]:
         "X-Step-Audio-Intensity": f"{info.intensity:g}",
         "X-Step-Audio-Iterations": str(info.iterations),
         "X-Step-Audio-Sample-Rate": str(info.sample_rate),
+        CACHE_HEADER: ",".join(info.prompt_cache) or "none",
     }
     if job.edits_report is not None:
         headers["X-Step-Audio-Edits"] = job.edits_report
@@ -208,8 +258,8 @@ async def _stream_response(
     """Real streaming: audio leaves as the streaming vocoder makes it, while the LLM generates.
 
     The response starts (status and headers) only once the engine has accepted the request and
-    is about to make audio, so every input error is still a proper 4xx; a failure after that
-    ends the stream early (logged).
+    its last generation (every prompt is prepared by then), so every input error is still the 4xx
+    a whole request gets; a failure after that ends the stream with an error (``_stream_pieces``).
     """
     sink = LoopSink()
     work = asyncio.ensure_future(submit_job(state, engine, mode, job, sink=sink))
@@ -233,18 +283,14 @@ async def _stream_response(
             exc.param = api_param(exc.param)
             raise
         record_run(state, mode, result, timing)
-        headers = _headers(
-            mode,
-            job,
-            StreamInfo(result.seed, result.intensity, result.sample_rate, len(result.iterations), result.transcript),
-        )
+        headers = _headers(mode, job, _result_info(result, len(result.iterations)))
         return StreamingResponse(
             _stream_whole(state, mode, fmt, result, t0, sse=sse),
             media_type="text/event-stream" if sse else CONTENT_TYPES[fmt],
             headers=headers,
         )
     info = first.result()
-    return StreamingResponse(
+    return AbortableStreamingResponse(
         _stream_pieces(state, mode, fmt, info=info, sink=sink, work=work, t0=t0, sse=sse),
         media_type="text/event-stream" if sse else CONTENT_TYPES[fmt],
         headers=_headers(mode, job, info),
@@ -262,7 +308,11 @@ async def _stream_pieces(
     t0: float,
     sse: bool,
 ) -> AsyncIterator[bytes]:
-    """Encode and send each piece as it arrives; a client that leaves cancels the work."""
+    """Encode and send each piece as it arrives; a client that leaves cancels the work.
+
+    A failure after the headers left cannot change the status any more: SSE ends with an ``error``
+    event in OpenAI's envelope; chunked audio ends without its terminating chunk.
+    """
     m = state.metrics
     writer = StreamingAudioWriter(fmt, info.sample_rate, streaming=True)
     first = True
@@ -283,9 +333,20 @@ async def _stream_pieces(
                     yield sse_delta(data) if sse else data
         try:
             result, timing = work.result()
-        except (StepAudioError, RequestCancelledError) as exc:
-            logger.warning("a %s stream ended early: %s", mode, exc)
-            m.requests.labels(mode, str(status_of(exc)) if isinstance(exc, StepAudioError) else "499").inc()
+        except RequestCancelledError as exc:
+            logger.info("a %s stream stopped: %s", mode, exc)
+            m.requests.labels(mode, "499").inc()
+            return
+        except Exception as exc:
+            status = _stream_failed(state, mode, exc)
+            if not sse:
+                raise _StreamAbortedError from exc
+            if isinstance(exc, StepAudioError):
+                yield sse_error(
+                    error_body(status, str(exc), code=exc.code, param=api_param(getattr(exc, "param", None)))
+                )
+            else:
+                yield sse_error(error_body(status, "internal server error", code="server_error"))
             return
         record_run(state, mode, result, timing)
         fraction = result.timings.stream_start_fraction()
@@ -303,6 +364,18 @@ async def _stream_pieces(
         if not work.done():  # the client went away mid-stream
             work.cancel()
             m.requests.labels(mode, "499").inc()
+
+
+def _stream_failed(state: AppState, mode: str, exc: Exception) -> int:
+    """Log and count a stream that failed after it started; the status its error would have had."""
+    if isinstance(exc, StepAudioError):
+        status = status_of(exc)
+        logger.warning("a %s stream failed after it started (%d): %s", mode, status, exc)
+    else:
+        status = 500
+        logger.error("a %s stream failed after it started", mode, exc_info=exc)
+    state.metrics.requests.labels(mode, str(status)).inc()
+    return status
 
 
 async def _stream_whole(
