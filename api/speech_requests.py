@@ -43,6 +43,11 @@ class SpeechJob:
     request: CloneRequest | EditRequest
     edits_report: str | None = None
 
+    @property
+    def mode(self) -> str:
+        """``clone``, or the edit mode of the request's own (first) edit: the label of its metrics."""
+        return "clone" if isinstance(self.request, CloneRequest) else self.request.mode
+
 
 async def build_request(state: AppState, engine: Engine, body: SpeechRequest, uploads: dict[str, bytes]) -> SpeechJob:
     """Validate ``body`` (plus uploaded files by field name) and build the engine request."""
