@@ -47,13 +47,15 @@ def write_durably(path: Path, data: bytes) -> None:
     """Create ``path`` holding ``data``, fsynced; on any failure nothing is left at ``path``."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
     except BaseException:
+        os.close(fd)
         unlink_quietly(path)
         raise
+    os.close(fd)
 
 
 def probe_writable(directory: Path) -> str | None:

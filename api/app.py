@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -27,6 +28,8 @@ from api.routes import speech, system, voices
 from api.state import AppState, Engine
 from engine.service import InferenceService
 from engine.voices import DEFAULT_VOICE_NAME, Voice, VoiceStore
+from errors import ModelLoadError
+from fsutil import probe_writable
 from settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -42,6 +45,7 @@ EngineFactory = Callable[[Settings], Engine]
 def create_app(settings: Settings, *, engine_factory: EngineFactory | None = None) -> FastAPI:
     """A new app around ``settings``; ``engine_factory`` defaults to ``engine.build.build_engine``."""
     voices_dir = settings.voices_dir or settings.cache_dir / "voices"
+    check_storage(settings, voices_dir)
     service = InferenceService(queue_size=settings.queue_size, workers=settings.inference_workers)
     state: AppState
 
@@ -135,6 +139,37 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory | None = Non
     return app
 
 
+def check_storage(settings: Settings, voices_dir: Path) -> None:
+    """Say at start, in one line per directory, which store cannot be written and what that means.
+
+    A read-only or full disk is a state the server runs in (speech works, uncached), not a crash:
+    the line names the directory and its setting, so the cause is found before the first 503.
+    """
+    voices_setting = "--voices-dir / STEP_AUDIO_VOICES_DIR" + (
+        "" if settings.voices_dir else ", default <cache-dir>/voices"
+    )
+    checks = (
+        (
+            settings.cache_dir,
+            "cache",
+            "--cache-dir / STEP_AUDIO_CACHE_DIR",
+            "speech works, but prompts are not cached and DELETE /v1/cache answers 503",
+        ),
+        (
+            voices_dir,
+            "voices",
+            voices_setting,
+            "the stored voices can be used, but POST and DELETE /v1/voices answer 503",
+        ),
+    )
+    for directory, store, setting, consequence in checks:
+        reason = probe_writable(directory)
+        if reason is not None:
+            logger.warning(
+                "the %s directory %s (%s) cannot be written (%s): %s", store, directory, setting, reason, consequence
+            )
+
+
 def _load_engine(state: AppState, factory: EngineFactory | None) -> None:
     """Background loader: (demo bundle,) engine, default voice; failures land in /readyz."""
     settings = state.settings
@@ -176,7 +211,13 @@ def demo_settings(settings: Settings) -> Settings:
     """Write (once) the tiny random-weight bundle under the cache dir and point the settings at it."""
     from bundles import write_bundle
 
-    root = write_bundle(settings.cache_dir / DEMO_BUNDLE_DIR, size="tiny")  # reused once written
+    try:
+        root = write_bundle(settings.cache_dir / DEMO_BUNDLE_DIR, size="tiny")  # reused once written
+    except OSError as exc:
+        raise ModelLoadError(
+            f"the demo bundle cannot be written under {settings.cache_dir} (--cache-dir / STEP_AUDIO_CACHE_DIR):"
+            f" {exc.strerror or exc}"
+        ) from exc
     logger.warning("DEMO MODE: serving %s (%s)", root, DEMO_NOTICE)
     return settings.model_copy(update={"model_path": root, "tokenizer_model_id": "Step-Audio-Tokenizer"})
 

@@ -27,6 +27,7 @@ from errors import (
     NotFoundError,
     NotReadyError,
     StepAudioError,
+    StorageError,
     TooLargeError,
 )
 
@@ -61,6 +62,8 @@ _STATUS: tuple[tuple[type[StepAudioError], int], ...] = (
     (BusyError, 429),
     (NotReadyError, 503),
     (ModelLoadError, 503),
+    # a read-only or full disk: 503 rather than WebDAV's 507, which clients know less (docs/api.md)
+    (StorageError, 503),
 )
 
 _TYPE_OF_STATUS = {
