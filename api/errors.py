@@ -117,6 +117,8 @@ def response_for(exc: StepAudioError) -> JSONResponse:
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
     if isinstance(exc, UnauthorizedError):
         headers["WWW-Authenticate"] = "Bearer"
+    if isinstance(exc, StorageError):  # OpenAI's clients retry every 5xx unless told; a full disk stays full
+        headers["X-Should-Retry"] = "false"
     if status >= 500:
         logger.warning("%s: %s", exc.__class__.__name__, exc)
     return error_response(status, str(exc), code=exc.code, param=getattr(exc, "param", None), headers=headers or None)

@@ -69,6 +69,7 @@ def _speak(http: httpx.Client, *, voice: str | None = None, prompt_scale: float 
 def _assert_refused(r: httpx.Response, *reasons: str) -> None:
     """A 503 in OpenAI's envelope that says what cannot be written and why (one of ``reasons``)."""
     assert r.status_code == 503, r.text
+    assert r.headers["x-should-retry"] == "false"  # OpenAI's clients would retry a 5xx at once
     error = r.json()["error"]
     assert (error["type"], error["code"]) == ("service_unavailable", "storage_unavailable"), error
     assert "cannot be written" in error["message"] and any(x in error["message"] for x in reasons), error
