@@ -23,7 +23,7 @@ from filelock import FileLock
 
 from fsutil import unlink_quietly
 
-logger = logging.getLogger("token_cache")
+logger = logging.getLogger("token_cache")  # the cache speaks under one name, whichever module it is
 
 SCHEMA_VERSION = 1  # SQLite ``user_version`` of the index
 

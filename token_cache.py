@@ -31,22 +31,13 @@ from typing import Any, cast
 import numpy as np
 
 from cache_index import CacheIndex, Row, Transaction, is_storage_failure
-from cache_keys import FORMAT_VERSION, content_key, fingerprint_of
+from cache_keys import content_key, fingerprint_of
 from errors import StorageError
 from fsutil import TEMP_SUFFIX, WriterTemps, fsync_dir, unlink_quietly
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "FORMAT_VERSION",
-    "TEMP_SUFFIX",
-    "CacheStats",
-    "LookupTally",
-    "TokenCache",
-    "content_key",
-    "count_lookups",
-    "fingerprint_of",
-]
+__all__ = ["TEMP_SUFFIX", "CacheStats", "LookupTally", "TokenCache", "content_key", "count_lookups", "fingerprint_of"]
 
 NAMESPACE = "wav2token"  # sub-directory of the cache directory owned by this cache
 INDEX_NAME = "index.sqlite3"
