@@ -220,3 +220,14 @@ def test_a_refused_path_search_at_model_load_names_the_directory(tmp_path: Path,
     message = out.stdout.strip()
     assert "ffmpeg" in message and str(blocked) in message and "PATH" in message, out.stdout + out.stderr
     assert "Remove it from PATH" in message
+
+
+def test_a_demo_bundle_that_cannot_be_written_names_the_setting(tmp_path: Path) -> None:
+    from api.app import demo_settings
+    from errors import ModelLoadError
+
+    settings = Settings(demo=True, cache_dir=tmp_path / "cache", ui=False)
+    with refuse_writes(tmp_path, errno.EROFS), pytest.raises(ModelLoadError) as refused:
+        demo_settings(settings)
+    assert str(tmp_path / "cache") in str(refused.value) and "--cache-dir" in str(refused.value)
+    assert "Read-only file system" in str(refused.value)
