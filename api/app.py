@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -29,6 +30,7 @@ from api.routes import speech, system, voices
 from api.state import AppState, Engine
 from engine.service import InferenceService
 from engine.voices import DEFAULT_VOICE_NAME, Voice, VoiceStore
+from fsutil import probe_writable
 from settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -40,6 +42,7 @@ EngineFactory = Callable[[Settings], Engine]
 def create_app(settings: Settings, *, engine_factory: EngineFactory | None = None) -> FastAPI:
     """A new app around ``settings``; ``engine_factory`` defaults to ``engine.build.build_engine``."""
     voices_dir = settings.voices_dir or settings.cache_dir / "voices"
+    check_storage(settings, voices_dir)
     service = InferenceService(queue_size=settings.queue_size, workers=settings.inference_workers)
     state: AppState
 
@@ -133,6 +136,37 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory | None = Non
     if settings.demo:
         app.add_middleware(HeaderMiddleware, name=DEMO_HEADER, value=DEMO_NOTICE)
     return app
+
+
+def check_storage(settings: Settings, voices_dir: Path) -> None:
+    """Say at start, in one line per directory, which store cannot be written and what that means.
+
+    A read-only or full disk is a state the server runs in (speech works, uncached), not a crash:
+    the line names the directory and its setting, so the cause is found before the first 503.
+    """
+    voices_setting = "--voices-dir / STEP_AUDIO_VOICES_DIR" + (
+        "" if settings.voices_dir else ", default <cache-dir>/voices"
+    )
+    checks = (
+        (
+            settings.cache_dir,
+            "cache",
+            "--cache-dir / STEP_AUDIO_CACHE_DIR",
+            "speech works, but prompts are not cached and DELETE /v1/cache answers 503",
+        ),
+        (
+            voices_dir,
+            "voices",
+            voices_setting,
+            "the stored voices can be used, but POST and DELETE /v1/voices answer 503",
+        ),
+    )
+    for directory, store, setting, consequence in checks:
+        reason = probe_writable(directory)
+        if reason is not None:
+            logger.warning(
+                "the %s directory %s (%s) cannot be written (%s): %s", store, directory, setting, reason, consequence
+            )
 
 
 def _load_engine(state: AppState, factory: EngineFactory | None) -> None:

@@ -30,6 +30,7 @@ from errors import (
     NotFoundError,
     NotReadyError,
     StepAudioError,
+    StorageError,
     TooLargeError,
 )
 
@@ -78,6 +79,8 @@ _STATUS: tuple[tuple[type[StepAudioError], int], ...] = (
     (BusyError, 429),
     (NotReadyError, 503),
     (ModelLoadError, 503),
+    # a read-only or full disk: 503 rather than WebDAV's 507, which clients know less (docs/api.md)
+    (StorageError, 503),
 )
 
 _TYPE_OF_STATUS = {
@@ -141,6 +144,8 @@ def response_for(exc: StepAudioError) -> JSONResponse:
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
     if isinstance(exc, UnauthorizedError):
         headers["WWW-Authenticate"] = "Bearer"
+    if isinstance(exc, StorageError):  # OpenAI's clients retry every 5xx unless told; a full disk stays full
+        headers["X-Should-Retry"] = "false"
     if status >= 500:
         logger.warning("%s: %s", exc.__class__.__name__, exc)
     return error_response(status, str(exc), code=exc.code, param=getattr(exc, "param", None), headers=headers or None)
