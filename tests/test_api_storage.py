@@ -28,7 +28,7 @@ import httpx
 import pytest
 import soundfile as sf
 
-from api.app import DEMO_BUNDLE_DIR
+from api.demo import DEMO_BUNDLE_DIR
 from settings import Settings
 from tests.api_live import LOOPBACK, LiveServer
 from tests.unwritable import in_small_filesystem, make_read_only, make_writable, refuse_writes, without_root_powers

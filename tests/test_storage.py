@@ -223,7 +223,7 @@ def test_a_refused_path_search_at_model_load_names_the_directory(tmp_path: Path,
 
 
 def test_a_demo_bundle_that_cannot_be_written_names_the_setting(tmp_path: Path) -> None:
-    from api.app import demo_settings
+    from api.demo import demo_settings
     from errors import ModelLoadError
 
     settings = Settings(demo=True, cache_dir=tmp_path / "cache", ui=False)
