@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 EXTRAS ?= cpu,quant,dev
 
-.PHONY: install run test lint typecheck layers bench gpu-check clean
+.PHONY: install run test lint typecheck layers fuzz bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -39,6 +39,12 @@ layers: $(STAMP)
 
 test: lint typecheck layers
 	$(BIN)/python -m pytest
+
+# Schemathesis over the API's OpenAPI document with more generated requests than `make test` sends
+# (tests/test_api_schemathesis.py: no 5xx, every error in OpenAI's envelope). FUZZ_EXAMPLES=N per operation and mode.
+FUZZ_EXAMPLES ?= 300
+fuzz: $(STAMP)
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/test_api_schemathesis.py -s
 
 # Benchmarks (minutes, several GB of full-size random bundles under bench/out); not part of the tests.
 bench: $(STAMP)

@@ -1,10 +1,13 @@
 """Typed domain errors shared by every stage; the HTTP layer maps each class to one status.
 
-Stages raise these for problems with what the caller gave them; anything else escaping a
-stage is a server bug (500), never mapped to a client error by message text.
+Stages raise these for problems with what the caller gave them and for expected states of a
+deployment (models still loading, a full disk); anything else escaping a stage is a server bug
+(500), never mapped to a client error by message text.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 
 class StepAudioError(Exception):
@@ -55,6 +58,18 @@ class ModelLoadError(StepAudioError, RuntimeError):
     """A model or variant cannot be loaded here; the message names it and the reason."""
 
     code = "model_load_failed"
+
+
+class StorageError(StepAudioError):
+    """A store on disk (voices, the token cache) cannot be written: a read-only file system, a
+    full disk, no permission (503). An expected state of a deployment, not a bug, so it is
+    reported like one; what was stored before is left as it was."""
+
+    code = "storage_unavailable"
+
+    def __init__(self, message: str, directory: Path | None = None) -> None:
+        super().__init__(message)
+        self.directory = directory
 
 
 class RequestCancelledError(Exception):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -503,21 +504,51 @@ def load_tokenizer(
         )
     except ModelLoadError:
         raise
+    except PermissionError as exc:
+        if exc.filename is not None and os.sep not in str(exc.filename):  # a program looked up on PATH
+            raise ModelLoadError(f"audio tokenizer: {program_search_refused(str(exc.filename))}") from exc
+        raise ModelLoadError(f"audio tokenizer cannot be loaded from {tokenizer_dir}: {exc}") from exc
     except Exception as exc:  # unreadable configs or weights in a bundle we did not write
         raise ModelLoadError(f"audio tokenizer cannot be loaded from {tokenizer_dir}: {exc}") from exc
     return tokenizer
 
 
+def program_search_refused(program: str) -> str:
+    """Why running ``program`` failed with EACCES: the PATH entries this user may not search.
+
+    funasr runs ``ffmpeg -version`` when it is imported and lets everything but "not found"
+    escape. Where ffmpeg is not installed, a PATH directory the server's user may not enter (a
+    root-only one kept by ``sudo``/``runuser``, or an empty entry, the working directory, that
+    is not searchable) turns the search into "[Errno 13] Permission denied: 'ffmpeg'", which
+    names neither the directory nor the setting.
+    """
+    refused = []
+    for entry in os.environ.get("PATH", "").split(os.pathsep):
+        directory = entry or "."  # an empty entry is the working directory
+        candidate = os.path.join(directory, program)
+        if (os.path.isdir(directory) and not os.access(directory, os.X_OK)) or (
+            os.path.isfile(candidate) and not os.access(candidate, os.X_OK)
+        ):
+            refused.append(entry or "'' (the working directory)")
+    where = ", ".join(refused) if refused else "a directory on PATH"
+    return (
+        f"running {program!r} (funasr looks for it when imported) was refused: the PATH environment variable"
+        f" names {where}, which this user (uid {os.getuid()}) may not search or run. Remove it from PATH, or"
+        f" install {program} in a directory on PATH."
+    )
+
+
 def load_prompt_cache(cache_dir: Path | None, max_bytes: int, fingerprint: str) -> TokenCache | None:
-    """A TokenCache under ``cache_dir`` (None when there is no directory or the budget is 0)."""
+    """A TokenCache under ``cache_dir`` (None when there is no directory or the budget is 0).
+
+    A directory that cannot be written does not stop the load: the cache then misses and skips
+    its writes until it can (the server's start-up check has said which directory and setting).
+    """
     from token_cache import TokenCache
 
     if cache_dir is None or max_bytes <= 0:
         return None
-    try:
-        return TokenCache(Path(cache_dir), max_bytes, fingerprint)
-    except OSError as exc:
-        raise ModelLoadError(f"token cache directory {cache_dir} is not usable: {exc}") from exc
+    return TokenCache(Path(cache_dir), max_bytes, fingerprint)
 
 
 def load_vocoder(vocoder_dir: Path, device: torch.device, onnx_threads: int = 1) -> VocoderStage:

@@ -124,7 +124,12 @@ class Settings(BaseSettings):
         "With --api-key the UI asks for the key.",
     )
     default_response_format: ResponseFormat = Field("wav", description="Format when a request names none.")
-    max_input_chars: int = Field(4096, ge=1, description="Longest accepted input text.")
+    max_input_chars: int = Field(
+        4096,
+        ge=1,
+        description="Longest accepted free text, in characters: input, instructions, prompt_text, audio_text, "
+        "each edit's text, a voice's transcript.",
+    )
     segment_max_tokens: int = Field(
         80,
         ge=8,
@@ -140,6 +145,13 @@ class Settings(BaseSettings):
     )
     segment_pause_ms: int = Field(250, ge=0, le=2000, description="Silence between two segments' audio.")
     max_upload_bytes: int = Field(25 * 1024**2, ge=1, description="Largest accepted audio upload.")
+    max_body_bytes: int | None = Field(
+        None,
+        ge=1,
+        description="Largest accepted request body, refused (413) before it is read. Default: derived from "
+        "--max-upload-bytes, --max-input-chars and --max-chain-steps (one base64 clip and every text field at "
+        "its limit; about 36 MB with the defaults, docs/api.md).",
+    )
     max_audio_seconds: float = Field(30.0, gt=0, description="Longest accepted prompt/input audio.")
     max_edit_iter: int = Field(4, ge=1, le=8, description="Most edit iterations per step.")
     max_chain_steps: int = Field(

@@ -11,11 +11,14 @@ One ASGI middleware answers, in this order and without reading a byte of the bod
 
 Then the body is counted while the route reads it: past the body limit (a chunked body has no
 ``Content-Length``), or past the per-file limit inside one multipart file part, the read fails
-with 413 at once instead of spooling the rest.
+with 413 at once instead of spooling the rest. A multipart text part (``payload``, a voice's
+``name`` and ``transcript``) that is not UTF-8 fails the read with 400 naming the part: the form
+parser would otherwise decode it as Latin-1 and hand the route mojibake that looks like text.
 """
 
 from __future__ import annotations
 
+import codecs
 import hmac
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -45,12 +48,19 @@ def has_api_key(authorization: str, key: str) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
 
 
-class BodyTooLargeError(HTTPException):
-    """Raised from ``receive`` while a route reads its body; FastAPI passes HTTP errors through."""
+class BodyRefusedError(HTTPException):
+    """Raised from ``receive`` while a route reads its body; FastAPI passes HTTP errors through.
 
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(413, message)
+    ``code`` and ``param`` go into the envelope (``api.errors``)."""
+
+    def __init__(self, status: int, message: str, *, code: str, param: str | None = None) -> None:
+        super().__init__(status, message)
+        self.code = code
         self.param = param
+
+
+def body_too_large(message: str, param: str | None = None) -> BodyRefusedError:
+    return BodyRefusedError(413, message, code="too_large", param=param)
 
 
 class AdmissionMiddleware:
@@ -112,7 +122,7 @@ class AdmissionMiddleware:
                 chunk = msg.get("body", b"")
                 seen += len(chunk)
                 if seen > self.max_body_bytes:
-                    raise BodyTooLargeError(message)
+                    raise body_too_large(message)
                 if parts is not None:
                     parts.feed(chunk)
             return msg
@@ -121,10 +131,12 @@ class AdmissionMiddleware:
 
 
 class _FilePartLimit:
-    """Follows a multipart body as it streams in and stops it when one file part passes the limit.
+    """Follows a multipart body as it streams in: stops it when one file part passes the limit, or
+    when a text part holds bytes that are not UTF-8 (overlong forms such as ``C0 80`` included).
 
-    Only parts with a ``filename`` count (the uploads); text fields are bounded by the body limit.
-    A body the parser cannot follow is left to the form parser of the route, which reports it.
+    Only parts with a ``filename`` count towards the file limit (the uploads); text fields are
+    bounded by the body limit. A body the parser cannot follow is left to the form parser of the
+    route, which reports it.
     """
 
     def __init__(self, boundary: bytes, max_bytes: int) -> None:
@@ -134,6 +146,7 @@ class _FilePartLimit:
         self._name: str | None = None
         self._is_file = False
         self._size = 0
+        self._text: codecs.IncrementalDecoder | None = None
         self._parser: MultipartParser | None = MultipartParser(
             boundary,
             {
@@ -142,6 +155,7 @@ class _FilePartLimit:
                 "on_header_value": self._header_value,
                 "on_header_end": self._header_end,
                 "on_part_data": self._data,
+                "on_part_end": self._end,
             },
         )
 
@@ -160,7 +174,7 @@ class _FilePartLimit:
             self._parser = None
 
     def _begin(self) -> None:
-        self._name, self._is_file, self._size = None, False, 0
+        self._name, self._is_file, self._size, self._text = None, False, 0, None
 
     def _header_field(self, data: bytes, start: int, end: int) -> None:
         self._field += data[start:end]
@@ -173,10 +187,32 @@ class _FilePartLimit:
             _, params = parse_options_header(self._value)
             self._name = params.get(b"name", b"").decode("utf-8", "replace") or None
             self._is_file = b"filename" in params
+            self._text = None if self._is_file else codecs.getincrementaldecoder("utf-8")()
         self._field, self._value = b"", b""
 
     def _data(self, data: bytes, start: int, end: int) -> None:
+        if self._text is not None:
+            self._check_text(data[start:end], final=False)
         self._size += end - start
         if self._is_file and self._size > self.max_bytes:
             name = self._name or "file"
-            raise BodyTooLargeError(f"{name}: the upload is larger than {self.max_bytes} bytes", param=name)
+            raise body_too_large(f"{name}: the upload is larger than {self.max_bytes} bytes", param=name)
+
+    def _end(self) -> None:
+        self._check_text(b"", final=True)
+
+    def _check_text(self, data: bytes, *, final: bool) -> None:
+        if self._text is None:
+            return
+        held = len(self._text.getstate()[0])  # the tail of a sequence that the last chunk split
+        try:
+            self._text.decode(data, final=final)
+        except UnicodeDecodeError as exc:
+            name = self._name or "field"
+            at = self._size - held + exc.start
+            raise BodyRefusedError(
+                400,
+                f"{name} is not valid UTF-8 text (byte {max(at, 0)} of the field)",
+                code="invalid_value",
+                param=name,
+            ) from None

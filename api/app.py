@@ -13,25 +13,28 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.routing import iter_route_contexts
 
 from api.admission import OPEN_PATHS, AdmissionMiddleware
-from api.demo import DEMO_HEADER, DEMO_NOTICE, HeaderMiddleware, demo_settings
+from api.demo import DEMO_HEADER, DEMO_NOTICE, demo_settings
 from api.errors import install_error_handlers
+from api.limits import body_limit
 from api.metrics import Metrics
+from api.middleware import HeadAsGetMiddleware, HeaderMiddleware
 from api.openapi import contract_openapi
 from api.routes import speech, system, voices
 from api.state import AppState, Engine
 from engine.service import InferenceService
 from engine.voices import DEFAULT_VOICE_NAME, Voice, VoiceStore
+from fsutil import probe_writable
 from settings import Settings
 
 logger = logging.getLogger(__name__)
 
-_JSON_OVERHEAD_BYTES = 1 << 20  # room for the text fields beside base64 audio
 
 EngineFactory = Callable[[Settings], Engine]
 
@@ -39,6 +42,7 @@ EngineFactory = Callable[[Settings], Engine]
 def create_app(settings: Settings, *, engine_factory: EngineFactory | None = None) -> FastAPI:
     """A new app around ``settings``; ``engine_factory`` defaults to ``engine.build.build_engine``."""
     voices_dir = settings.voices_dir or settings.cache_dir / "voices"
+    check_storage(settings, voices_dir)
     service = InferenceService(queue_size=settings.queue_size, workers=settings.inference_workers)
     state: AppState
 
@@ -115,6 +119,8 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory | None = Non
         if route.path is not None and getattr(route.endpoint, "queues_a_job", False)
         for method in route.methods or ()
     )
+    # innermost: the key, the queue and the body limits are decided on the request as it came
+    app.add_middleware(HeadAsGetMiddleware, skip_paths=ui_open[0], skip_prefixes=ui_open[1])
     app.add_middleware(
         AdmissionMiddleware,
         api_key=settings.api_key.get_secret_value() if settings.api_key else None,
@@ -123,13 +129,44 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory | None = Non
         open_prefixes=ui_open[1],
         service=service,
         queued_routes=queued,
-        # two base64 clips and the text fields fit; more is refused before it is read
-        max_body_bytes=3 * settings.max_upload_bytes + _JSON_OVERHEAD_BYTES,
+        # the largest valid request fits (one base64 clip, every text at its limit); more is refused unread
+        max_body_bytes=body_limit(settings),
         max_file_bytes=settings.max_upload_bytes,
     )
     if settings.demo:
         app.add_middleware(HeaderMiddleware, name=DEMO_HEADER, value=DEMO_NOTICE)
     return app
+
+
+def check_storage(settings: Settings, voices_dir: Path) -> None:
+    """Say at start, in one line per directory, which store cannot be written and what that means.
+
+    A read-only or full disk is a state the server runs in (speech works, uncached), not a crash:
+    the line names the directory and its setting, so the cause is found before the first 503.
+    """
+    voices_setting = "--voices-dir / STEP_AUDIO_VOICES_DIR" + (
+        "" if settings.voices_dir else ", default <cache-dir>/voices"
+    )
+    checks = (
+        (
+            settings.cache_dir,
+            "cache",
+            "--cache-dir / STEP_AUDIO_CACHE_DIR",
+            "speech works, but prompts are not cached and DELETE /v1/cache answers 503",
+        ),
+        (
+            voices_dir,
+            "voices",
+            voices_setting,
+            "the stored voices can be used, but POST and DELETE /v1/voices answer 503",
+        ),
+    )
+    for directory, store, setting, consequence in checks:
+        reason = probe_writable(directory)
+        if reason is not None:
+            logger.warning(
+                "the %s directory %s (%s) cannot be written (%s): %s", store, directory, setting, reason, consequence
+            )
 
 
 def _load_engine(state: AppState, factory: EngineFactory | None) -> None:

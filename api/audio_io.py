@@ -181,9 +181,15 @@ def sse_delta(audio: bytes) -> bytes:
     return sse_event({"type": "speech.audio.delta", "audio": base64.b64encode(audio).decode("ascii")})
 
 
-def sse_done(usage: dict[str, int] | None = None) -> bytes:
-    """OpenAI's ``speech.audio.done`` event (``usage`` in OpenAI's token-count shape)."""
+def sse_error(envelope: dict[str, object]) -> bytes:
+    """An ``error`` event carrying OpenAI's error envelope: ``{"type": "error", "error": {...}}``; it ends
+    a stream that failed after it started (no ``speech.audio.done`` follows)."""
+    return sse_event({"type": "error", **envelope})
+
+
+def sse_done(usage: dict[str, int] | None = None, **extra: object) -> bytes:
+    """OpenAI's ``speech.audio.done`` event (``usage`` in OpenAI's token-count shape), plus our fields."""
     event: dict[str, object] = {"type": "speech.audio.done"}
     if usage is not None:
         event["usage"] = usage
-    return sse_event(event)
+    return sse_event({**event, **extra})

@@ -1,7 +1,7 @@
 """Request audio (base64, URL, upload) to the engine's ``AudioInput``, with every limit checked.
 
 Bytes are bounded before they are decoded (a base64 string's length gives its decoded size),
-decoding runs off the event loop, and the decoded duration is bounded too.
+decoding (base64 and audio) runs off the event loop, and the decoded duration is bounded too.
 """
 
 from __future__ import annotations
@@ -61,7 +61,10 @@ async def load_audio(
         return await decode_audio_bytes(upload, settings=settings, param=f"{param}_file")
     if base64_value is not None:
         name = f"step_audio.{param}_base64"
-        data = decode_base64_audio(base64_value, max_bytes=settings.max_upload_bytes, param=name)
+        # tens of MB of text to strip and decode: in a thread, as the JSON parse was (api.json_body)
+        data = await run_in_threadpool(
+            decode_base64_audio, base64_value, max_bytes=settings.max_upload_bytes, param=name
+        )
         return await decode_audio_bytes(data, settings=settings, param=name)
     if url is not None:
         name = f"step_audio.{param}_url"

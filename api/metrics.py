@@ -7,15 +7,23 @@ from the engine and the service when Prometheus scrapes.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from api.errors import status_of
+from errors import StepAudioError
+
 if TYPE_CHECKING:
+    from engine.service import JobTiming
+    from engine.types import SynthesisResult
     from llm.decode import StepStats
+
+Delivery = Literal["streamed", "whole"]
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
 _RTF_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10)
@@ -92,6 +100,12 @@ class Metrics:
             ["mode", "result"],
             registry=r,
         )
+        self.truncated = Counter(
+            "step_audio_truncated_requests",
+            "Requests with a generation that ended at the length limit instead of its stop id (audio cut short).",
+            ["mode"],
+            registry=r,
+        )
         r.register(_LiveCollector(live))
         # Continuous batching (llm.decode calls on_admit / on_step on its loop thread).
         self.llm_batch_size = Histogram(
@@ -116,6 +130,45 @@ class Metrics:
             registry=r,
         )
 
+    # --- one speech request (api.pipeline, api.responses, the web UI) ------------------------------
+    def record_status(self, mode: str, outcome: int | StepAudioError) -> None:
+        """A request that ended otherwise than in full: its HTTP status (499: the client went away)."""
+        status = status_of(outcome) if isinstance(outcome, StepAudioError) else outcome
+        self.requests.labels(mode, str(status)).inc()
+
+    def record_run(self, mode: str, result: SynthesisResult, timing: JobTiming) -> None:
+        """A finished job: queue wait, real-time factor, audio seconds, cache lookups, and for a
+        streamed one how far its LLM was when the first audio left."""
+        audio_s = len(result.audio) / result.sample_rate
+        self.queue_wait.labels(mode).observe(timing.queue_wait_s)
+        if audio_s > 0:
+            self.rtf.labels(mode).observe(timing.run_s / audio_s)
+        self.audio_seconds.labels(mode).inc(audio_s)
+        for key, n in (("hit", result.cache_hits), ("miss", result.cache_misses)):
+            if n > 0:
+                self.cache_lookups.labels(mode, key).inc(n)
+        fraction = result.timings.stream_start_fraction()
+        if fraction is not None:
+            self.stream_start.labels(mode).observe(fraction)
+        if result.cut_short:
+            self.truncated.labels(mode).inc()
+
+    def record_first_byte(self, mode: str, t0: float) -> None:
+        """The first byte of the answer to a request that started at ``t0`` (``time.perf_counter``) left."""
+        self.ttfb.labels(mode).observe(time.perf_counter() - t0)
+
+    def record_first_audio(self, mode: str, delivery: Delivery, t0: float) -> None:
+        """The first audio byte left: time to first byte and to first audio, by delivery."""
+        elapsed = time.perf_counter() - t0
+        self.ttfb.labels(mode).observe(elapsed)
+        self.ttfa.labels(mode, delivery).observe(elapsed)
+
+    def record_answered(self, mode: str, t0: float) -> None:
+        """A request answered in full: its latency from ``t0`` and a 200."""
+        self.latency.labels(mode).observe(time.perf_counter() - t0)
+        self.requests.labels(mode, "200").inc()
+
+    # --- the decode loops (llm.decode calls these on its thread) -----------------------------------
     def on_admit(self, variant: str, queue_wait_s: float) -> None:
         self.llm_queue_wait.labels(variant).observe(queue_wait_s)
 

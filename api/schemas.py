@@ -1,16 +1,19 @@
 """Pydantic request/response bodies of the HTTP API.
 
 Only shape and range checks live here, with the ranges the engine defines (``engine.types``,
-``llm.generate``); limits that depend on the settings (text length, bytes, seconds, iterations,
-chain length) and checks that need the catalogue (loaded variants, edit_info per mode, voices)
-live in ``api.speech_requests``, so they can answer 413 or list what is available.
+``llm.sampling``), and the fixed length bounds of identifiers and URLs (``max_length``, so the
+OpenAPI document states them; over one is a 413 like every other size limit). Limits that depend
+on the settings (free-text length, bytes, seconds, iterations, chain length: ``api.limits``) and
+checks that need the catalogue (loaded variants, edit_info per mode, voices) live in
+``api.speech_requests``, so they can answer 413 or list what is available.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from engine.types import MAX_SEED, MAX_SPEED, MIN_SPEED, EditMode, Mode
 from llm.sampling import MAX_INTENSITY, MIN_INTENSITY
@@ -22,22 +25,35 @@ MODEL_ID = "step-audio-editx"
 # Names OpenAI clients send by default; all mean "the Step-Audio-EditX model".
 MODEL_ALIASES = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
 
+MAX_NAME_CHARS = 64  # model, voice, edit_info: the longest valid value is far shorter (voice names: 64)
+MAX_URL_CHARS = 2048  # *_audio_url: what browsers and most servers accept
+Name = Annotated[str, Field(max_length=MAX_NAME_CHARS)]
+
 
 def unicode_text(value: object) -> object:
     """Refuse a string holding a lone UTF-16 surrogate: valid JSON (``"\\ud800"``) but not text that
-    a tokenizer, a file or a header can take. Every text field passes here at the boundary."""
-    if isinstance(value, str):
+    a tokenizer, a file or a header can take. Every text field passes here at the boundary. A body
+    that is not UTF-8 is parsed with its bad bytes as lone surrogates (``api.json_body``), so this
+    check names the field that holds them too."""
+    if isinstance(value, str) and not value.isascii():
         try:
             value.encode("utf-8")
         except UnicodeEncodeError as exc:
-            raise ValueError(f"holds a lone surrogate at character {exc.start}; send valid Unicode text") from None
+            raise ValueError(
+                f"is not valid UTF-8 text: a lone surrogate at character {exc.start} (a \\udXXX escape, or a "
+                "byte sequence that is not UTF-8); send valid Unicode text"
+            ) from None
     return value
 
 
 class _TextModel(BaseModel):
-    """A request body whose every string field must be valid Unicode text."""
+    """A request body whose every string field must be valid Unicode text.
 
-    @field_validator("*")
+    The check runs before the field's own type: a constrained or union-typed string would
+    otherwise fail on the surrogate with pydantic's less telling message, once per union member.
+    """
+
+    @field_validator("*", mode="before")
     @classmethod
     def check_unicode_text(cls, value: object) -> object:
         return unicode_text(value)
@@ -49,10 +65,12 @@ class EditStepBody(_TextModel):
     model_config = ConfigDict(extra="forbid")
 
     mode: EditMode = Field(description="The edit mode.")
-    edit_info: str | None = Field(None, description="Edit option of the mode (GET /v1/tags).")
+    edit_info: Name | None = Field(None, description="Edit option of the mode (GET /v1/tags).")
     n_edit_iter: int = Field(1, ge=1, description="Iterations of this step (at most the server's --max-edit-iter).")
     text: str | None = Field(
-        None, description="paralinguistic: the new transcript with inline tags; later steps hear it."
+        None,
+        description="paralinguistic: the new transcript with inline tags; later steps hear it "
+        "(at most --max-input-chars characters).",
     )
 
 
@@ -65,13 +83,23 @@ class StepAudioOptions(_TextModel):
     model_variant: Variant | None = Field(
         None, description="LLM variant (must be loaded); default: the one `model` names, else base."
     )
-    prompt_text: str | None = Field(None, description="Transcript of the clone reference clip.")
-    prompt_audio_base64: str | None = Field(None, description="Clone reference clip (overrides `voice`).")
-    prompt_audio_url: str | None = Field(None, description="Clone reference clip by URL (when enabled).")
-    input_audio_base64: str | None = Field(None, description="Audio to edit.")
-    input_audio_url: str | None = Field(None, description="Audio to edit, by URL (when enabled).")
-    audio_text: str | None = Field(None, description="Transcript of the audio to edit.")
-    edit_info: str | None = Field(None, description="Edit option of the mode (GET /v1/tags).")
+    prompt_text: str | None = Field(
+        None, description="Transcript of the clone reference clip (at most --max-input-chars characters)."
+    )
+    prompt_audio_base64: str | None = Field(
+        None, description="Clone reference clip (overrides `voice`); at most --max-upload-bytes once decoded."
+    )
+    prompt_audio_url: str | None = Field(
+        None, max_length=MAX_URL_CHARS, description="Clone reference clip by URL (when enabled)."
+    )
+    input_audio_base64: str | None = Field(None, description="Audio to edit; at most --max-upload-bytes once decoded.")
+    input_audio_url: str | None = Field(
+        None, max_length=MAX_URL_CHARS, description="Audio to edit, by URL (when enabled)."
+    )
+    audio_text: str | None = Field(
+        None, description="Transcript of the audio to edit (at most --max-input-chars characters)."
+    )
+    edit_info: Name | None = Field(None, description="Edit option of the mode (GET /v1/tags).")
     intensity: float = Field(
         1.0,
         ge=MIN_INTENSITY,
@@ -98,7 +126,7 @@ class StepAudioOptions(_TextModel):
 class VoiceRef(_TextModel):
     model_config = ConfigDict(extra="forbid")
 
-    id: str
+    id: Name
 
 
 class SpeechRequest(_TextModel):
@@ -108,11 +136,27 @@ class SpeechRequest(_TextModel):
     fields inside ``step_audio`` are refused, so a typo is an error and not a silent no-op.
     """
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "examples": [
+                {"model": MODEL_ID, "input": "Hello from Step-Audio-EditX.", "voice": "alloy"},
+                {
+                    "input": "Well [Laughter] that was fun.",
+                    "voice": "alloy",
+                    "stream_format": "sse",
+                    "step_audio": {"seed": 7, "edits": [{"mode": "emotion", "edit_info": "happy"}]},
+                },
+            ]
+        },
+    )
 
-    model: str = Field(MODEL_ID, description=f"{MODEL_ID} (or an alias: {', '.join(MODEL_ALIASES)}).")
-    input: str = Field("", description="Target text (clone; paralinguistic: the tagged transcript).")
-    voice: str | VoiceRef | None = Field(None, description="A registered voice or an OpenAI voice name.")
+    model: Name = Field(MODEL_ID, description=f"{MODEL_ID} (or an alias: {', '.join(MODEL_ALIASES)}).")
+    input: str = Field(
+        "",
+        description="Target text (clone; paralinguistic: the tagged transcript); at most --max-input-chars characters.",
+    )
+    voice: Name | VoiceRef | None = Field(None, description="A registered voice or an OpenAI voice name.")
     response_format: ResponseFormat | None = Field(None, description="Default: the server's (wav).")
     speed: float = Field(1.0, ge=MIN_SPEED, le=MAX_SPEED, description="Tempo, pitch unchanged.")
     stream_format: StreamFormat | None = Field(
@@ -121,9 +165,20 @@ class SpeechRequest(_TextModel):
     instructions: str | None = Field(
         None,
         description="Free text mapped onto the model's emotion / style / speed edits, run after the clone "
-        "(reported in X-Step-Audio-Edits; text that maps to nothing is accepted). Not with step_audio.edits.",
+        "(reported in X-Step-Audio-Edits; text that maps to nothing is accepted). Not with step_audio.edits. "
+        "At most --max-input-chars characters.",
     )
     step_audio: StepAudioOptions = Field(default_factory=StepAudioOptions)
+
+    @field_validator("voice", mode="before")
+    @classmethod
+    def check_voice_length(cls, value: object) -> object:
+        """The name's bound as one error at ``voice`` (the union would report it once per member)."""
+        if isinstance(value, str) and len(value) > MAX_NAME_CHARS:
+            raise PydanticCustomError(
+                "string_too_long", "String should have at most {max_length} characters", {"max_length": MAX_NAME_CHARS}
+            )
+        return value
 
     @property
     def voice_name(self) -> str | None:
@@ -131,7 +186,7 @@ class SpeechRequest(_TextModel):
 
 
 class ModelCard(BaseModel):
-    id: str
+    id: Name
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "stepfun-ai"
@@ -143,7 +198,7 @@ class ModelList(BaseModel):
 
 
 class VoiceCard(BaseModel):
-    id: str
+    id: Name
     object: Literal["voice"] = "voice"
     transcript: str
     seconds: float
@@ -159,9 +214,11 @@ class VoiceList(BaseModel):
 
 
 class IterationAudio(BaseModel):
-    """One output: ``step`` 0 is the clone, step k the k-th edit step; ``iteration`` counts within it."""
+    """One output: ``step`` 0 is the clone, step k the k-th edit step; ``iteration`` counts within it;
+    ``segment`` is the text segment it speaks (0 unless a long text was cut into segments)."""
 
     index: int
+    segment: int = 0
     step: int
     mode: str
     edit_info: str | None
@@ -169,6 +226,21 @@ class IterationAudio(BaseModel):
     seed: int
     audio_base64: str
     seconds: float
+
+
+class SegmentCaption(BaseModel):
+    """One text segment of the answer: its text, where its audio sits in the final audio (samples,
+    end excluded; the pause after it is not included), its seed, and its offsets in ``input``.
+    ``truncated``: its generation ended at the length limit, so its audio is cut short."""
+
+    index: int
+    text: str
+    start: int
+    end: int
+    seed: int
+    input_start: int
+    input_end: int
+    truncated: bool = False
 
 
 class IterationsResponse(BaseModel):
@@ -181,3 +253,5 @@ class IterationsResponse(BaseModel):
     intensity: float
     transcript: str | None
     iterations: list[IterationAudio]
+    segments: list[SegmentCaption] = Field(default_factory=list)
+    truncated: bool = False

@@ -1,8 +1,9 @@
 """From the HTTP body to the engine's request: every check that needs the settings or the engine.
 
-Shape and range checks are pydantic's (``api.schemas``); here: text and iteration limits, the
-model / variant, each edit step against the catalogue, the chain's limits, which audio inputs a
-mode takes, transcripts, voices. All of it runs before any audio is decoded or any job queued.
+Shape and range checks are pydantic's (``api.schemas``); here: text limits (``api.limits``, first,
+so every later check reads bounded text), iteration limits, the model / variant, each edit step
+against the catalogue, the chain's limits (inline tags counted), which audio inputs a mode takes,
+transcripts, voices. All of it runs before any audio is decoded or any job queued.
 Audio is decoded and bounded by ``api.inputs``.
 
 The engine names request fields by its own dataclass fields (``text``, ``audio``, ``variant``);
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from starlette.concurrency import run_in_threadpool
 
 from api.inputs import load_audio
+from api.limits import check_request_text
 from api.schemas import MODEL_ALIASES, MODEL_ID, SpeechRequest, StepAudioOptions
 from api.state import AppState, Engine
 from engine import chains
@@ -41,16 +43,17 @@ class SpeechJob:
     request: CloneRequest | EditRequest
     edits_report: str | None = None
 
+    @property
+    def mode(self) -> str:
+        """``clone``, or the edit mode of the request's own (first) edit: the label of its metrics."""
+        return "clone" if isinstance(self.request, CloneRequest) else self.request.mode
+
 
 async def build_request(state: AppState, engine: Engine, body: SpeechRequest, uploads: dict[str, bytes]) -> SpeechJob:
     """Validate ``body`` (plus uploaded files by field name) and build the engine request."""
-    settings = state.settings
+    check_request_text(state.settings, body)
     opts = body.step_audio
     variant = resolve_variant(body, list(engine.variants))
-    if len(body.input) > settings.max_input_chars:
-        raise TooLargeError(
-            f"input is {len(body.input)} characters; the limit is {settings.max_input_chars}", param="input"
-        )
     if opts.return_iterations and body.stream_format is not None:
         raise InvalidInputError("return_iterations answers JSON; it cannot stream", param="stream_format")
     first, edits, text, report = _chain(state, engine, body)
@@ -99,18 +102,20 @@ def _chain(
     Edits after the first operation come from inline tags in a clone's text (a paralinguistic step
     first), then from ``step_audio.edits`` or from ``instructions`` (not both). Each step is
     checked here, its errors named by where the step came from, and the whole chain against the
-    limits: nothing is decoded or queued for a request that breaks a rule.
+    limits: nothing is decoded or queued for a request that breaks a rule. The clone's text keeps
+    its tags: the engine cuts it into segments and gives each segment that holds tags its own
+    paralinguistic step (``engine.speaking``), so the edits returned are the ones after it.
     """
     opts = body.step_audio
     text = body.input
     first: EditStep | None = None
+    inline: chains.InlineTags | None = None
     edits: list[tuple[EditStep, Callable[[str], str]]] = []
     if opts.mode == "clone":
         if opts.edit_info is not None:
             raise InvalidInputError("mode 'clone' takes no edit_info", param="step_audio.edit_info")
         inline = chains.split_inline_tags(text)
-        if inline is not None:
-            text = inline.spoken
+        if inline is not None:  # counted and checked here; realised per segment by the engine
             edits.append((EditStep("paralinguistic", text=inline.tagged), lambda _: "input"))
     else:
         tagged = body.input if opts.mode == "paralinguistic" else None
@@ -139,12 +144,13 @@ def _chain(
             max_steps=state.settings.max_chain_steps,
             max_generations=state.settings.max_chain_generations,
         )
-    except TooLargeError as exc:
-        exc.param = "instructions" if body.instructions is not None else "step_audio.edits"
+    except TooLargeError as exc:  # named by where the steps came from; inline tags alone: input
+        exc.param = "step_audio.edits" if opts.edits else "instructions" if body.instructions is not None else "input"
         raise
     if edits and report is None:
         report = chains.describe(checked)
-    return first, checked, text, report
+    after = checked[1:] if first is None and inline is not None else checked
+    return first, after, text, report
 
 
 def _edits_field(index: int) -> Callable[[str], str]:

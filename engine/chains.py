@@ -5,7 +5,9 @@ is refused before its first generation:
 
 * ``check_step`` is the one check of a step against the catalogue (``llm.prompts``) and the
   iteration limit; the HTTP layer and the engine's entry points both call it.
-* ``check_limits`` bounds a chain's length and its total number of generations.
+* ``check_limits`` bounds a chain's length and its total number of generations. A paralinguistic
+  step counts one step per tag its text holds (at least one): each tag is an edit the request asks
+  for, though one generation realises them all, so inline tags cannot stretch a chain past the limit.
 * ``split_inline_tags`` turns a clone text holding paralinguistic tags (``[Laughter]``) into the
   text to speak (tags removed) and the tagged text a paralinguistic step then realises.
 * ``generation_seed``: generation *i* of a request (0 = the first one: the clone, or the first
@@ -54,10 +56,22 @@ def generations(steps: Sequence[EditStep], *, clone: bool) -> int:
     return int(clone) + sum(step.n_edit_iter for step in steps)
 
 
+def count_tags(text: str | None) -> int:
+    """How many paralinguistic tags ``text`` holds (matched as ``split_inline_tags`` matches them)."""
+    return sum(1 for m in _BRACKETED.finditer(text or "") if m.group(1).strip().lower() in _TAGS)
+
+
+def chain_length(steps: Sequence[EditStep]) -> int:
+    """A chain's length for ``check_limits``: one per step, a paralinguistic step one per tag (at least one)."""
+    return sum(max(1, count_tags(step.text)) if step.mode == "paralinguistic" else 1 for step in steps)
+
+
 def check_limits(steps: Sequence[EditStep], *, clone: bool, max_steps: int, max_generations: int) -> None:
     """Refuse (``TooLargeError``) a chain longer than ``max_steps`` edits or with too much work."""
-    if len(steps) > max_steps:
-        raise TooLargeError(f"the chain has {len(steps)} edit steps; the limit is {max_steps}", param="edits")
+    length = chain_length(steps)
+    if length > max_steps:
+        counted = " (each paralinguistic tag counts as one)" if length != len(steps) else ""
+        raise TooLargeError(f"the chain has {length} edit steps{counted}; the limit is {max_steps}", param="edits")
     total = generations(steps, clone=clone)
     if total > max_generations:
         raise TooLargeError(

@@ -23,7 +23,7 @@ import torch
 
 from audio import AudioError, prepare_prompt
 from engine.chains import needs_transcript
-from engine.types import AudioInput, CloneRequest, EditRequest, EditStep, Timings
+from engine.types import AudioInput, CloneRequest, EditRequest, EditStep, PromptCacheResult, Timings
 from errors import InvalidInputError, TooLargeError
 from llm import prompts
 from token_cache import content_key
@@ -61,6 +61,7 @@ class PromptFeatures:
     tokens: AudioTokens
     prompt_mel: torch.Tensor  # (1, T, 80) float32 at 50 Hz
     spk_emb: torch.Tensor  # (1, 192) float32
+    cache: PromptCacheResult = "none"  # how they were found: reported per request (X-Step-Audio-Cache)
 
 
 @dataclass(frozen=True)
@@ -225,6 +226,7 @@ class PromptPreparer:
                     AudioTokens(record["vq02"], record["vq06"]),
                     torch.from_numpy(np.asarray(record["prompt_mel"], dtype=np.float32)),
                     torch.from_numpy(np.asarray(record["spk_emb"], dtype=np.float32)),
+                    "hit",
                 )
             if self.cache is not None:
                 logger.info("[FunASR Cache MISS] hash=%s…", key[:8])
@@ -239,7 +241,7 @@ class PromptPreparer:
         if self.cache is not None:
             arrays = {"vq02": tokens.vq02, "vq06": tokens.vq06, "prompt_mel": prompt_mel, "spk_emb": spk_emb}
             self.cache.put(key, arrays, compute_seconds=time.perf_counter() - begin)
-        return PromptFeatures(key, tokens, prompt_mel, spk_emb)
+        return PromptFeatures(key, tokens, prompt_mel, spk_emb, "none" if self.cache is None else "miss")
 
     def cache_stats(self) -> dict[str, Any]:
         if self.cache is None:

@@ -6,7 +6,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine.types import AudioSink, CancelToken, CloneRequest, EditRequest, IterationLabel, Timings
+from engine.types import (
+    AudioSink,
+    CancelToken,
+    CloneRequest,
+    EditRequest,
+    IterationLabel,
+    PromptCacheResult,
+    Timings,
+)
 
 
 @dataclass
@@ -20,6 +28,7 @@ class RequestRun:
     cancel: CancelToken | None = None
     transcript: str | None = None  # of the request's audio, for the stream's headers
     segments: int | None = None  # how many text segments, when known up front
+    prompt_cache: list[PromptCacheResult] = field(default_factory=list)  # per generation's prompt, in order
 
 
 @dataclass

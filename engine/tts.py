@@ -269,10 +269,17 @@ class StepAudioEngine:
         synth = self.synthesizer
         if handle is None:
             handle = self.submit(run, prompt, label.seed)
-        if last and chain.sink is not None:
+        run.prompt_cache.append(prompt.features.cache)
+        if last and chain.sink is not None:  # started once the decode loop has accepted the prompt
             request = run.request
             info = StreamInfo(
-                run.seed, request.intensity, VOCODER_SR, chain.generations + 1, run.transcript, run.segments
+                run.seed,
+                request.intensity,
+                VOCODER_SR,
+                chain.generations + 1,
+                run.transcript,
+                run.segments,
+                prompt_cache=tuple(run.prompt_cache),
             )
             chain.sink.start(info)
             generated = synth.streamed(
@@ -321,6 +328,7 @@ class StepAudioEngine:
             timings=timings,
             cache_hits=hits,
             cache_misses=misses,
+            prompt_cache=list(run.prompt_cache),
             segments=[
                 SegmentSpan(k, seg.text, s, e, chain.seed, (seg.start, seg.end), chain.cut_short)
                 for k, ((seg, chain), (s, e)) in enumerate(zip(chains, spans, strict=False))

@@ -20,6 +20,8 @@ EditMode = Literal["emotion", "style", "speed", "paralinguistic", "denoise", "va
 Mode = Literal["clone", "emotion", "style", "speed", "paralinguistic", "denoise", "vad"]  # one enum in the schema
 EDIT_MODES: tuple[str, ...] = get_args(EditMode)
 
+PromptCacheResult = Literal["hit", "miss", "none"]  # a prompt's features: cached, computed, no cache
+
 MIN_SPEED, MAX_SPEED = 0.25, 4.0
 MAX_SEED = 2**31 - 1
 
@@ -158,7 +160,9 @@ class SynthesisResult:
     ``iterations`` holds each segment's outputs in order and ``audio`` joins the segments' last
     outputs (``engine.seams``), each located by its ``segments`` span. ``cache_hits`` /
     ``cache_misses`` count this request's prompt-cache lookups (not a difference of global
-    counters, which other workers move at the same time).
+    counters, which other workers move at the same time). ``prompt_cache`` says, for each prompt
+    the request prepared (one per generation, in order), whether its features were a cache
+    ``hit``, a ``miss``, or ``none`` (no cache): what the response's ``X-Step-Audio-Cache`` reports.
     """
 
     audio: np.ndarray  # float32 (n,) at sample_rate
@@ -174,6 +178,7 @@ class SynthesisResult:
     cache_misses: int = 0
     segments: list[SegmentSpan] = field(default_factory=list)  # a clone's text segments, in order
     cut_short: bool = False  # some generation ended at the length limit: part of the audio is missing
+    prompt_cache: list[PromptCacheResult] = field(default_factory=list)
 
 
 class CancelToken:
@@ -217,6 +222,7 @@ class StreamInfo:
     iterations: int  # the generations of one segment's chain (the last one is the streamed one)
     transcript: str | None = None
     segments: int | None = None  # how many segments the text was cut into; None while text still arrives
+    prompt_cache: tuple[PromptCacheResult, ...] = ()  # as SynthesisResult's: every prompt is ready by now
 
 
 class AudioSink(Protocol):

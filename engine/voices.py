@@ -12,8 +12,12 @@ windows). A reader reads the file through one open descriptor, so a replace or d
 open cannot disturb it. A listing skips a voice deleted between listing and reading it.
 
 Names match ``VOICE_NAME_RE`` (no dots, no slashes), so no name escapes the directory and no
-name collides with a temporary file (``.<name>.<pid>.<random>.tmp``). Voices stored by earlier
-versions (``<name>/audio.wav`` + ``<name>/voice.json``) are converted when the store opens.
+name collides with the temp files, which live in ``<voices_dir>/.tmp/`` (``fsutil.WriterTemps``:
+a writer killed mid-write leaves its file only until the next registration or start).
+
+A directory that cannot be written (read-only, full) is an expected state: the store still
+serves the voices it holds, and registering or deleting raises ``StorageError`` (a 503) with
+nothing stored changed.
 
 OpenAI's voice names resolve to the engine's built-in default voice unless an operator has
 registered a voice of the same name, which then wins.
@@ -27,8 +31,6 @@ import json
 import logging
 import os
 import re
-import secrets
-import shutil
 import threading
 import time
 import zipfile
@@ -41,8 +43,8 @@ import numpy as np
 import soundfile as sf
 
 from engine.types import AudioInput
-from errors import InvalidInputError, NotFoundError
-from token_cache import fsync_dir
+from errors import InvalidInputError, NotFoundError, StorageError
+from fsutil import WriterTemps
 
 logger = logging.getLogger(__name__)
 
@@ -52,11 +54,8 @@ OPENAI_VOICES: tuple[str, ...] = (
 )  # fmt: skip
 DEFAULT_VOICE_NAME = "default"
 VOICE_SUFFIX = ".npz"
-TEMP_SUFFIX = ".tmp"
-STALE_TEMP_SECONDS = 600.0  # a temporary file this old was left by a writer that died
+TEMP_DIR = ".tmp"  # a name no voice can have
 DEFAULT_VOICE_DIR = Path(__file__).resolve().parent / "default_voice"
-_LEGACY_AUDIO_FILE = "audio.wav"  # the layout before one file per voice
-_LEGACY_META_FILE = "voice.json"
 
 
 @dataclass(frozen=True)
@@ -98,11 +97,12 @@ class VoiceStore:
     """Registered voices on disk, plus the built-in default voice behind OpenAI's names."""
 
     def __init__(self, directory: Path, default_voice: Voice | None = None) -> None:
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory = Path(directory)  # made by the first registration: opening one writes nothing
         self.default_voice = default_voice
         self._lock = threading.Lock()
-        self._tidy()
+        self._temps = WriterTemps(self.directory / TEMP_DIR)
+        with contextlib.suppress(OSError):  # a read-only directory holds no temp files to remove
+            self._temps.reap()
 
     # --- registration -------------------------------------------------------------------
     def register(
@@ -132,13 +132,19 @@ class VoiceStore:
             os.unlink(self._path(name))
         except FileNotFoundError:
             raise NotFoundError(f"no registered voice named {name!r}") from None
+        except OSError as exc:
+            raise self._storage_error(f"the voice {name!r} cannot be deleted", exc) from exc
 
     # --- lookup ---------------------------------------------------------------------------
     def names(self) -> list[str]:
         """Registered voice names, sorted (temporary and foreign files skipped)."""
+        try:
+            entries = list(self.directory.iterdir())
+        except FileNotFoundError:  # nothing registered yet
+            return []
         return sorted(
             p.name.removesuffix(VOICE_SUFFIX)
-            for p in self.directory.iterdir()
+            for p in entries
             if p.name.endswith(VOICE_SUFFIX) and VOICE_NAME_RE.fullmatch(p.name.removesuffix(VOICE_SUFFIX))
         )
 
@@ -217,49 +223,18 @@ class VoiceStore:
         meta_bytes = np.frombuffer(json.dumps(meta, ensure_ascii=False).encode("utf-8"), dtype=np.uint8)
         np.savez(buf, samples=samples, meta=meta_bytes)
         target = self._path(name)
-        tmp = self.directory / f".{name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
         try:
-            with open(tmp, "wb") as f:
-                f.write(buf.getvalue())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        fsync_dir(self.directory)
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._temps.reap()
+            self._temps.replace(name, buf.getvalue(), target)
+        except OSError as exc:
+            raise self._storage_error(f"the voice {name!r} cannot be stored", exc) from exc
 
-    def _tidy(self) -> None:
-        """Convert voices of the old two-file layout and remove temporary files of dead writers."""
-        now = time.time()
-        for entry in self.directory.iterdir():
-            if entry.name.startswith("."):  # temporary files (and folders of earlier versions)
-                with contextlib.suppress(FileNotFoundError):
-                    if now - entry.stat().st_mtime <= STALE_TEMP_SECONDS:
-                        continue
-                    if entry.is_dir():
-                        shutil.rmtree(entry, ignore_errors=True)
-                    elif entry.name.endswith(TEMP_SUFFIX):
-                        entry.unlink()
-            elif entry.is_dir() and VOICE_NAME_RE.fullmatch(entry.name):
-                self._convert_legacy(entry)
-
-    def _convert_legacy(self, folder: Path) -> None:
-        """``<name>/{audio.wav,voice.json}`` (earlier versions) -> ``<name>.npz``; the folder is removed."""
-        name = folder.name
-        try:
-            meta = json.loads((folder / _LEGACY_META_FILE).read_text(encoding="utf-8"))
-            samples, sample_rate = sf.read(folder / _LEGACY_AUDIO_FILE, dtype="float32", always_2d=True)
-            with self._lock:
-                if not self._path(name).exists():  # a newer registration wins over the old copy
-                    created = meta.get("created")
-                    created = int(created) if isinstance(created, int | float) else int(time.time())
-                    self._write(
-                        name, np.ascontiguousarray(samples.T), int(sample_rate), str(meta["transcript"]), created
-                    )
-        except (OSError, ValueError, KeyError, TypeError, sf.LibsndfileError) as exc:
-            logger.warning("voice folder %s of an earlier version could not be converted (%s); left as is", folder, exc)
-            return
-        shutil.rmtree(folder, ignore_errors=True)
-        logger.info("converted voice %r to the one-file layout", name)
+    def _storage_error(self, what: str, exc: OSError) -> StorageError:
+        """The disk refused (read-only, full, no permission): a clear 503 naming what, and nothing changed."""
+        reason = exc.strerror or str(exc)
+        logger.warning("%s: the voices directory %s cannot be written (%s)", what, self.directory, reason)
+        return StorageError(
+            f"{what}: the voices directory cannot be written ({reason}); the stored voices are unchanged",
+            self.directory,
+        )

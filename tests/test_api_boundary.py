@@ -213,6 +213,22 @@ def test_a_full_queue_is_429_before_the_body_is_read(server: LiveServer, http: h
             t.join(30)
 
 
+def test_head_is_served_where_get_is_and_its_401_carries_the_envelopes_headers(server: LiveServer) -> None:
+    with httpx.Client(base_url=server.url, timeout=30) as anon:
+        get, head = anon.get("/metrics"), anon.head("/metrics")
+        assert anon.head("/healthz").status_code == 200  # liveness probes may use HEAD
+    assert get.status_code == head.status_code == 401
+    assert get.json()["error"]["type"] == "authentication_error" and get.json()["error"]["code"] == "invalid_api_key"
+    assert head.content == b""  # HTTP: an answer to HEAD has no body; its headers are the GET's
+    for name in ("content-type", "content-length", "www-authenticate"):
+        assert head.headers[name] == get.headers[name], name
+    assert int(head.headers["content-length"]) == len(get.content)
+    with httpx.Client(base_url=server.url, timeout=30, headers=AUTH) as http:
+        get, head = http.get("/metrics"), http.head("/metrics")
+    assert get.status_code == head.status_code == 200
+    assert head.content == b"" and head.headers["content-type"] == get.headers["content-type"]
+
+
 # --- long audio in few bytes, text that is not text -------------------------------------------
 
 
@@ -240,7 +256,7 @@ def test_a_flac_bomb_upload_is_413(http: httpx.Client) -> None:
         ({"input": "a", "voice": "alloy", "instructions": "\udc00"}, "instructions"),
         (
             {"input": "a", "voice": "alloy", "step_audio": {"edits": [{"mode": "paralinguistic", "text": "\ud800"}]}},
-            "step_audio.edits.0.text",
+            "step_audio.edits[0].text",
         ),
     ],
 )
@@ -271,9 +287,9 @@ def test_openapi_declares_every_answer_and_no_422(http: httpx.Client) -> None:
 def test_405_allow_lists_every_method_of_the_path(http: httpx.Client) -> None:
     r = http.put("/v1/voices", json={})
     assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
-    assert [m.strip() for m in r.headers["allow"].split(",")] == ["GET", "POST"]
+    assert [m.strip() for m in r.headers["allow"].split(",")] == ["GET", "HEAD", "POST"]
     r = http.post("/v1/voices/alloy")
-    assert r.status_code == 405 and [m.strip() for m in r.headers["allow"].split(",")] == ["DELETE", "GET"]
+    assert r.status_code == 405 and [m.strip() for m in r.headers["allow"].split(",")] == ["DELETE", "GET", "HEAD"]
 
 
 @pytest.mark.parametrize("voice_id", ["no-such-voice", "a.b", "..", "x" * 80, "%C3%A9"])

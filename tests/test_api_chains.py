@@ -174,7 +174,7 @@ CHAIN_REFUSALS = [
     ("untagged paralinguistic step", {"edits": [{"mode": "paralinguistic"}]}, 400, "step_audio.edits[0].text"),
     ("too many iterations", {"edits": [{"mode": "vad", "n_edit_iter": 9}]}, 400, "step_audio.edits[0].n_edit_iter"),
     ("edits and instructions", {"edits": [{"mode": "vad"}], "instructions": "happy"}, 400, "instructions"),
-    ("unknown step field", {"edits": [{"mode": "vad", "pitch": 2}]}, 400, "step_audio.edits.0.pitch"),
+    ("unknown step field", {"edits": [{"mode": "vad", "pitch": 2}]}, 400, "step_audio.edits[0].pitch"),
 ]  # fmt: skip
 
 

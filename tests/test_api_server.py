@@ -155,10 +155,17 @@ def test_chunked_audio_and_sse(http: httpx.Client, fmt: str) -> None:
     with http.stream("POST", "/v1/audio/speech", json={**body, "stream_format": "sse"}) as sse:
         assert sse.headers["content-type"].startswith("text/event-stream")
         events = [json.loads(line[6:]) for line in sse.iter_lines() if line.startswith("data: ")]
-    assert [e["type"] for e in events[:-1]] == ["speech.audio.delta"] * (len(events) - 1)
-    assert events[-1]["type"] == "speech.audio.done"
+    # the audio, then the one segment's caption, then done
+    assert [e["type"] for e in events] == ["speech.audio.delta"] * (len(events) - 2) + [
+        "speech.audio.segment",
+        "speech.audio.done",
+    ]
     assert events[-1]["usage"]["output_tokens"] == int(whole.headers["x-step-audio-audio-tokens"])
-    audio = b"".join(base64.b64decode(e["audio"]) for e in events[:-1])
+    assert events[-1]["segments"] == 1 and events[-1]["truncated"] is True  # the tiny LLM hits its cap
+    audio = b"".join(base64.b64decode(e["audio"]) for e in events[:-2])
+    caption = events[-2]
+    assert caption["index"] == 0 and caption["text"] == body["input"] and caption["start"] == 0
+    assert (caption["input_start"], caption["input_end"]) == (0, len(body["input"]))
     assert_audio(audio, fmt, whole.headers)
     if fmt != "mp3":  # the same stream, chunked or in events (an MP3 stream has no Xing frame either way)
         assert audio == chunked.content

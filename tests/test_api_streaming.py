@@ -92,10 +92,14 @@ def test_sse_pieces_are_the_engines_stream(http: httpx.Client, server: LiveServe
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         assert r.headers["x-step-audio-seed"] == "31"
         events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
-    assert [e["type"] for e in events] == ["speech.audio.delta"] * (len(events) - 1) + ["speech.audio.done"]
-    assert len(events) > 3, "a long generation arrives in several pieces"
+    deltas = [e for e in events if e["type"] == "speech.audio.delta"]
+    assert [e["type"] for e in events] == ["speech.audio.delta"] * len(deltas) + [
+        "speech.audio.segment",
+        "speech.audio.done",
+    ]
+    assert len(deltas) > 3, "a long generation arrives in several pieces"
     assert events[-1]["usage"]["output_tokens"] > 50
-    streamed = b"".join(base64.b64decode(e["audio"]) for e in events[:-1])
+    streamed = b"".join(base64.b64decode(e["audio"]) for e in deltas)
     assert _metric(http, "step_audio_stream_first_audio_generation_fraction_count") == before_n + 1
     fraction = _metric(http, "step_audio_stream_first_audio_generation_fraction_sum") - before_sum
     assert 0 < fraction <= 1, fraction
@@ -211,7 +215,7 @@ def test_the_last_step_of_a_chain_streams(http: httpx.Client, server: LiveServer
         assert r.headers["x-step-audio-edits"] == "emotion=happy"
         events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1]["type"] == "speech.audio.done"
-    streamed = b"".join(base64.b64decode(e["audio"]) for e in events[:-1])
+    streamed = b"".join(base64.b64decode(e["audio"]) for e in events if e["type"] == "speech.audio.delta")
 
     engine = server.app.state.step_audio.engine
     audio, transcript = engine.default_voice()

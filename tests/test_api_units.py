@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import threading
 import time
 from pathlib import Path
@@ -279,19 +278,6 @@ def test_failed_preparation_writes_nothing(tmp_path: Path) -> None:
     assert store.names() == [] and list(tmp_path.iterdir()) == []
 
 
-def test_voices_of_the_old_two_file_layout_are_converted(tmp_path: Path) -> None:
-    old = tmp_path / "narrator"
-    old.mkdir()
-    clip = _clip(0.4, 22050)
-    sf.write(old / "audio.wav", clip.samples.T, clip.sample_rate, subtype="FLOAT")
-    (old / "voice.json").write_text(json.dumps({"transcript": "Old words.", "sample_rate": 22050, "created": 7}))
-    store = VoiceStore(tmp_path)
-    voice = store.get("narrator")
-    assert (voice.transcript, voice.created, voice.audio.sample_rate) == ("Old words.", 7, 22050)
-    np.testing.assert_array_equal(voice.audio.samples, clip.samples)
-    assert not old.exists() and store.names() == ["narrator"]
-
-
 def test_a_damaged_voice_file_is_absent_not_an_error(tmp_path: Path) -> None:
     store = VoiceStore(tmp_path)
     store.register("good", _clip(), "fine")
@@ -337,7 +323,8 @@ def test_readers_see_whole_voices_while_one_is_replaced(tmp_path: Path) -> None:
     for t in threads:
         t.join()
     assert problems == [], problems[:5]
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp", "v.npz"]
+    assert not list((tmp_path / ".tmp").glob("*.tmp"))  # no temporary file left
 
 
 # --- URL guard ------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import cache_keys
 import token_cache
 from token_cache import TokenCache, content_key, fingerprint_of
 
@@ -125,8 +126,8 @@ def test_fingerprint_tracks_contents_settings_not_location(tmp_path: Path) -> No
 
 
 def test_fingerprint_of_large_file_hashes_edges_and_identity(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(token_cache, "FULL_HASH_LIMIT", 1024)
-    monkeypatch.setattr(token_cache, "EDGE_BYTES", 256)
+    monkeypatch.setattr(cache_keys, "FULL_HASH_LIMIT", 1024)
+    monkeypatch.setattr(cache_keys, "EDGE_BYTES", 256)
     big = tmp_path / "big.bin"
     data = bytearray(os.urandom(4096))
     big.write_bytes(data)
@@ -139,7 +140,7 @@ def test_fingerprint_of_large_file_hashes_edges_and_identity(tmp_path: Path, mon
     data[2000] ^= 0xFF  # the middle of a big file is covered by size + mtime only
     big.write_bytes(data)
     os.utime(big, ns=(1, 1))
-    token_cache._file_digest_memo.clear()
+    cache_keys._file_digest_memo.clear()
     assert fingerprint_of([big]) == fp_tail
     os.utime(big, ns=(2, 2))  # ... so an in-place replacement (new mtime) changes it
     assert fingerprint_of([big]) != fp_tail
@@ -310,17 +311,17 @@ def test_startup_reconciles_orphans_and_rows_without_files(tmp_path: Path) -> No
     orphan = _entry_file(tmp_path, _key(9))  # a file whose commit never happened
     orphan.parent.mkdir(parents=True, exist_ok=True)
     orphan.write_bytes(b"PK-partial")
-    stale = orphan.with_name(f".{orphan.stem}.123.456{token_cache.TEMP_SUFFIX}")  # a dead writer's temp
-    stale.write_bytes(b"half")
-    os.utime(stale, (1, 1))
-    fresh = orphan.with_name(f".{orphan.stem}.123.789{token_cache.TEMP_SUFFIX}")  # a live writer's temp
-    fresh.write_bytes(b"in flight")
+    temps = tmp_path / token_cache.NAMESPACE / token_cache.TEMP_DIR
+    dead = temps / f"123-dead.{_key(9)}.1{token_cache.TEMP_SUFFIX}"  # a writer that died: no lock file left
+    dead.write_bytes(b"half")
+    live_writer = TokenCache(tmp_path, 10**7, FP)  # another process, in the middle of a put
+    in_flight = live_writer._temps.write(_key(8), b"in flight")
     _entry_file(tmp_path, _key(1)).unlink()  # a row whose file is gone
     restarted = TokenCache(tmp_path, 10**7, FP)
-    assert not orphan.exists() and not stale.exists() and fresh.exists()
+    assert not orphan.exists() and not dead.exists() and in_flight.exists()
     assert set(_index_rows(tmp_path)) == {_key(0), _key(2)}
     assert restarted.stats().entries == 2
-    fresh.unlink()
+    live_writer.close()
     _assert_consistent(tmp_path)
 
 
@@ -641,7 +642,7 @@ def test_temp_files_of_killed_writers_are_removed_by_the_next_put(tmp_path: Path
             writer.join(timeout=30)
             if _temp_files(tmp_path):
                 break
-        left_behind.append(sum(p.stat().st_size for p in _temp_files(tmp_path)))
+        left_behind.append(len(_temp_files(tmp_path)))  # a kill right after the open leaves an empty one
         if round_ < KILLED_WRITERS - 1:
             survivor.put(_key(round_), _arrays(round_))  # any put cleans up after the dead
         else:
@@ -655,7 +656,7 @@ def test_temp_files_of_killed_writers_are_removed_by_the_next_put(tmp_path: Path
 def test_a_live_writers_temp_file_is_never_taken(tmp_path: Path) -> None:
     """Another cache object (here in the same process, as in another one) leaves a live writer's temp alone."""
     writer = TokenCache(tmp_path, 10**7, FP)
-    in_flight = writer._write_temp(_key(1), b"half written")  # a put of ``writer`` in progress
+    in_flight = writer._temps.write(_key(1), b"half written")  # a put of ``writer`` in progress
     other = TokenCache(tmp_path, 10**7, FP)
     other.put(_key(2), _arrays(2))
     assert in_flight.exists()

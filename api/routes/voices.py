@@ -6,16 +6,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, File, Form, Path, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from api.admission import queues_a_job
 from api.errors import ERROR_RESPONSES
 from api.inputs import decode_audio_bytes
+from api.limits import check_text
 from api.schemas import VoiceCard, VoiceList
 from api.state import AppState, Engine, ReadyEngine, State
 from engine.voices import DEFAULT_VOICE_NAME, OPENAI_VOICES, Voice, validate_voice_name
 from errors import InvalidInputError, NotFoundError
+
+VoiceId = Annotated[str, Path(description="A registered voice's name, or an OpenAI voice name.", examples=["alloy"])]
 
 router = APIRouter(prefix="/v1/voices", tags=["voices"], responses=ERROR_RESPONSES)  # the API key: api.admission
 
@@ -52,7 +55,11 @@ async def register_voice(
     name: Annotated[str, Form(description="1-64 letters, digits, '-' or '_'.")],
     file: Annotated[UploadFile, File(description="The reference clip (any common audio format).")],
     transcript: Annotated[
-        str | None, Form(description="What the clip says (Whisper fills it when auto-transcription is on).")
+        str | None,
+        Form(
+            description="What the clip says (Whisper fills it when auto-transcription is on); at most "
+            "--max-input-chars characters."
+        ),
     ] = None,
 ) -> VoiceCard:
     """Store a voice; its clip is tokenized once now, so later requests hit the cache."""
@@ -63,6 +70,7 @@ async def register_voice(
 async def add_voice(state: AppState, engine: Engine, name: str, data: bytes, transcript: str | None) -> Voice:
     """The one registration path (HTTP and web UI): checks, decode, transcription, tokenizing in the queue."""
     validate_voice_name(name)
+    check_text("transcript", transcript, state.settings.max_input_chars)
     if name == DEFAULT_VOICE_NAME:
         raise InvalidInputError(f"{name!r} is reserved for the built-in voice", param="name")
     text = (transcript or "").strip()
@@ -84,14 +92,14 @@ async def add_voice(state: AppState, engine: Engine, name: str, data: bytes, tra
 
 
 @router.get("/{voice_id}")
-async def get_voice(state: State, voice_id: str) -> VoiceCard:
+async def get_voice(state: State, voice_id: VoiceId) -> VoiceCard:
     with _by_id():
         voice = await run_in_threadpool(state.voices.resolve, voice_id)
     return _card(voice)
 
 
 @router.delete("/{voice_id}")
-async def delete_voice(state: State, voice_id: str) -> dict[str, object]:
+async def delete_voice(state: State, voice_id: VoiceId) -> dict[str, object]:
     with _by_id():
         await run_in_threadpool(state.voices.delete, voice_id)
     return {"id": voice_id, "object": "voice", "deleted": True}
