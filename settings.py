@@ -144,6 +144,12 @@ class Settings(BaseSettings):
         "of the LLM batch, so other requests get in beside it.",
     )
     segment_pause_ms: int = Field(250, ge=0, le=2000, description="Silence between two segments' audio.")
+    ws_idle_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="A speech WebSocket (/v1/audio/speech/stream) with no message for this long is closed "
+        "(an open utterance holds an inference worker while it waits for text).",
+    )
     max_upload_bytes: int = Field(25 * 1024**2, ge=1, description="Largest accepted audio upload.")
     max_body_bytes: int | None = Field(
         None,

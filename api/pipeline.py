@@ -18,7 +18,7 @@ HTTP response, the web UI into its players; both record the first audio and the 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,7 @@ import numpy as np
 
 from api.speech_requests import SpeechJob, api_param
 from api.state import AppState, Engine
+from engine.segments import Segment
 from engine.service import JobTiming
 from engine.types import CancelToken, CloneRequest, SegmentSpan, StreamInfo, SynthesisResult
 from errors import InvalidInputError, RequestCancelledError, StepAudioError
@@ -111,9 +112,12 @@ async def run_job(
     *,
     stream: bool,
     on_start: Callable[[], None] | None = None,
+    text: Iterable[Segment] | None = None,
 ) -> AsyncGenerator[JobEvent, None]:
     """The job's events (see the module docstring). ``on_start`` runs in the worker thread when the
-    job leaves the queue (the web UI's progress). Errors raise, their fields named as the API names them."""
+    job leaves the queue (the web UI's progress). ``text``: a clone's segments as they become known
+    (the WebSocket's ``SegmentFeed``) instead of its request's text. Errors raise, their fields named
+    as the API names them."""
     mode = job.mode
     metrics = state.metrics
     sink = LoopSink() if stream else None
@@ -124,7 +128,7 @@ async def run_job(
         if on_start is not None:
             on_start()
         if isinstance(request, CloneRequest):
-            return engine.clone(request, sink=sink, cancel=cancel)
+            return engine.clone(request, sink=sink, cancel=cancel, text=text)
         return engine.edit(request, sink=sink, cancel=cancel)
 
     work = asyncio.ensure_future(state.service.submit(mode, run, request=request, cancel=cancel))

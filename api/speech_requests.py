@@ -49,8 +49,19 @@ class SpeechJob:
         return "clone" if isinstance(self.request, CloneRequest) else self.request.mode
 
 
-async def build_request(state: AppState, engine: Engine, body: SpeechRequest, uploads: dict[str, bytes]) -> SpeechJob:
-    """Validate ``body`` (plus uploaded files by field name) and build the engine request."""
+async def build_request(
+    state: AppState,
+    engine: Engine,
+    body: SpeechRequest,
+    uploads: dict[str, bytes],
+    *,
+    text_arrives_later: bool = False,
+) -> SpeechJob:
+    """Validate ``body`` (plus uploaded files by field name) and build the engine request.
+
+    ``text_arrives_later``: a clone whose text comes afterwards, piece by piece (the WebSocket):
+    ``input`` is not required, and the text's segments go to the engine as they become known.
+    """
     check_request_text(state.settings, body)
     opts = body.step_audio
     variant = resolve_variant(body, list(engine.variants))
@@ -59,7 +70,7 @@ async def build_request(state: AppState, engine: Engine, body: SpeechRequest, up
     first, edits, text, report = _chain(state, engine, body)
     if opts.mode == "clone":
         request: CloneRequest | EditRequest = await _clone_request(
-            state, body, uploads, variant, text=text, edits=edits
+            state, body, uploads, variant, text=text, edits=edits, text_arrives_later=text_arrives_later
         )
     else:
         assert first is not None
@@ -175,9 +186,10 @@ async def _clone_request(
     *,
     text: str,
     edits: tuple[EditStep, ...],
+    text_arrives_later: bool = False,
 ) -> CloneRequest:
     opts = body.step_audio
-    if not text.strip():
+    if not text.strip() and not text_arrives_later:
         raise InvalidInputError("clone needs the text to speak in `input`", param="input")
     _refuse_unused(opts.input_audio_base64, opts.input_audio_url, uploads.get("input_audio"), "input_audio", "clone")
     prompt = await load_audio(

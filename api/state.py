@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
 from fastapi import Depends, Request
 
 from api.metrics import Metrics
+from engine.segments import Segment
 from engine.service import InferenceService
 from engine.types import AudioInput, AudioSink, CancelToken, CloneRequest, EditRequest, EditStep, SynthesisResult
 from engine.voices import VoiceStore
@@ -29,8 +30,17 @@ class Engine(Protocol):
     def transcribe(self, audio: AudioInput) -> str: ...
 
     def clone(
-        self, request: CloneRequest, *, sink: AudioSink | None = None, cancel: CancelToken | None = None
+        self,
+        request: CloneRequest,
+        *,
+        sink: AudioSink | None = None,
+        cancel: CancelToken | None = None,
+        text: Iterable[Segment] | None = None,
     ) -> SynthesisResult: ...
+    def segments(self, text: str) -> list[Segment]: ...
+    def count_tokens(self, text: str) -> int: ...
+    @property
+    def segment_max_tokens(self) -> int: ...
     def edit(
         self, request: EditRequest, *, sink: AudioSink | None = None, cancel: CancelToken | None = None
     ) -> SynthesisResult: ...

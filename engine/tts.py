@@ -123,6 +123,10 @@ class StepAudioEngine:
         """How ``text`` is cut into the segments a clone speaks (``engine.segments.split_text``)."""
         return split_text(text, count_tokens=self.preparer.count_tokens, max_tokens=self.segment_max_tokens)
 
+    def count_tokens(self, text: str) -> int:
+        """LLM text tokens of ``text`` (what the segment bound counts)."""
+        return self.preparer.count_tokens(text)
+
     def set_observer(self, observer: DecodeObserver | None) -> None:
         self.synthesizer.set_observer(observer)
 
