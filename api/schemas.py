@@ -121,6 +121,11 @@ class StepAudioOptions(_TextModel):
         description="Answer JSON with every output's audio (base64), labelled with its chain step, instead of "
         "the final audio.",
     )
+    normalize_text: bool = Field(
+        False,
+        description="Read numbers, dates, times, currency and units as words (Chinese and English text "
+        "normalization) before the model sees the text; off: the model reads the text as given, as the reference.",
+    )
 
 
 class VoiceRef(_TextModel):

@@ -219,6 +219,7 @@ async def _clone_request(
         seed=opts.seed,
         speed=body.speed,
         edits=edits,
+        normalize_text=opts.normalize_text,
     )
 
 
@@ -261,6 +262,7 @@ async def _edit_request(
         seed=opts.seed,
         speed=body.speed,
         edits=edits,
+        normalize_text=opts.normalize_text,
     )
 
 

@@ -29,6 +29,7 @@ from typing import Protocol
 
 from audio import VOCODER_SR
 from engine.chains import generation_seed, split_inline_tags
+from engine.normalize import normalize_text
 from engine.prompting import CloneVoice, PreparedPrompt, PromptPreparer
 from engine.runs import ChainRun, RequestRun
 from engine.seams import SeamWriter
@@ -119,8 +120,9 @@ class _Submitter:
 
     def _submit(self, k: int, segment: Segment) -> SegmentChain:
         engine, steps = self.engine, self.steps
-        inline = split_inline_tags(segment.text)
-        spoken = inline.spoken if inline is not None else segment.text
+        text = normalize_text(segment.text) if self.run.request.normalize_text else segment.text
+        inline = split_inline_tags(text)
+        spoken = inline.spoken if inline is not None else text
         if inline is not None:  # the tags are realised by a paralinguistic edit of this segment
             steps = (*engine.check_steps([EditStep("paralinguistic", text=inline.tagged)]), *steps)
         seed = generation_seed(self.run.seed, k)

@@ -20,10 +20,12 @@ import logging
 import secrets
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from audio import VOCODER_SR, AudioError
 from engine.chains import check_step, generation_seed
+from engine.normalize import normalize_text
 from engine.prompting import PreparedPrompt, PromptPreparer
 from engine.runs import ChainRun, RequestRun
 from engine.seams import DEFAULT_PAUSE_SECONDS, join_segments
@@ -174,6 +176,8 @@ class StepAudioEngine:
         start = time.perf_counter()
         run = self._start(request, sink, cancel)
         steps = self.check_steps((request.first_step, *request.edits))
+        if request.normalize_text:
+            steps = tuple(replace(s, text=normalize_text(s.text)) if s.text else s for s in steps)
         with count_lookups() as lookups:
             prepared = self.preparer.first_edit(request, steps, run.timings)
             run.transcript = prepared.transcript

@@ -63,6 +63,7 @@ class CloneRequest:
     seed: int | None = None
     speed: float = 1.0
     edits: tuple[EditStep, ...] = ()
+    normalize_text: bool = False  # read numbers, dates, currency and units as words (engine.normalize)
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ class EditRequest:
     seed: int | None = None
     speed: float = 1.0
     edits: tuple[EditStep, ...] = ()
+    normalize_text: bool = False
 
     @property
     def first_step(self) -> EditStep:
