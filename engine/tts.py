@@ -297,10 +297,6 @@ class StepAudioEngine:
             generated = synth.whole(handle, prompt, timings=run.timings)
         if generated.ending is Ending.LIMIT:
             chain.cut_short = True
-            logger.warning(
-                "a generation of %d ids ended at the length limit, not its stop id: its audio is cut short",
-                handle.steps_run,
-            )
         chain.codes = generated.codes
         chain.outputs.append(generated.audio)
         chain.labels.append(label)
@@ -324,6 +320,13 @@ class StepAudioEngine:
         else:
             audio, spans = join_segments([o[-1] for o in outputs], sample_rate=VOCODER_SR, pause_s=self.pause_s)
         timings.total = time.perf_counter() - start
+        cut = sum(c.cut_short for c in all_chains)
+        if cut:
+            logger.warning(
+                "%d of %d text segment(s) ended at the length limit, not their stop id: audio cut short",
+                cut,
+                len(all_chains),
+            )
         return SynthesisResult(
             audio=audio,
             sample_rate=VOCODER_SR,
