@@ -323,7 +323,7 @@ class StepAudioEngine:
         cut = sum(c.cut_short for c in all_chains)
         if cut:
             logger.warning(
-                "%d of %d text segment(s) ended at the length limit, not their stop id: audio cut short",
+                "%d of %d part(s) of a request ended at the length limit, not their stop id: audio cut short",
                 cut,
                 len(all_chains),
             )
