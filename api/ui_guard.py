@@ -12,9 +12,11 @@ started with ``launch()``). So every request under ``/ui/`` is decided here befo
    needs the login's session cookie (401): nothing that runs work is open without the key;
 3. wrong keys at the login are throttled per client address (``LoginThrottle``);
 4. a ``queue/join`` body (how the page runs an event) must name an event of the page with as
-   many inputs as it takes, and every file it names must be a regular file inside Gradio's
-   upload directory within the upload limit (``UploadedFiles``), checked with ``stat`` before
-   anything opens it;
+   many inputs as it takes, each a value its component can hold (the page's own controls never
+   send another: a number within its slider, one of a dropdown's current choices, ...), and every
+   file it names must be a regular file inside Gradio's upload directory within the upload limit
+   (``UploadedFiles``), checked with ``stat`` before anything opens it. What Gradio would fail on
+   later, in the event, with a traceback in the log, is a 400 here;
 5. what Gradio answers with an error status becomes the API's envelope (422 -> 400), and an
    exception escaping Gradio becomes a 400 logged on one line: no 500, no traceback, and the
    connection stays usable.
@@ -114,11 +116,12 @@ class _Fn(Protocol):
 
 
 class GradioApp(Protocol):
-    """What the guard reads of Gradio's mounted app (its login tokens, its event table, its queue)."""
+    """What the guard reads of Gradio's mounted app (its login tokens, its event table, its queue, its sessions)."""
 
     tokens: dict[str, str]
     cookie_id: str
     uploaded_file_dir: str
+    state_holder: Any
 
     def get_blocks(self) -> Any: ...
 
@@ -323,6 +326,27 @@ def _gradio_error(status: int, headers: list[tuple[bytes, bytes]], body: bytes) 
     return error_response(status, message, code=_CODES.get(status))
 
 
+def _input_problem(kind: str, block: Any, value: object) -> str | None:
+    """Why ``value`` is not one the page's ``kind`` of control sends (None when it is, or the kind is not judged)."""
+    if kind in ("Slider", "Number"):
+        if value is None and kind == "Number":
+            return None
+        if type(value) not in (int, float) or not math.isfinite(value):  # type: ignore[arg-type]
+            return "a finite number is required"
+        low, high = getattr(block, "minimum", None), getattr(block, "maximum", None)
+        if (low is not None and value < low) or (high is not None and value > high):
+            return f"the number must be within {low} and {high}"
+    elif kind == "Textbox" and not isinstance(value, str):  # an empty box sends ""
+        return "a string is required"
+    elif kind in ("Dropdown", "Radio") and value is not None and not getattr(block, "allow_custom_value", False):
+        choices = [choice for _, choice in getattr(block, "choices", [])]
+        if isinstance(value, (dict, list)) or value not in choices:
+            return "not one of the choices"
+    elif kind == "Audio" and value is not None and not isinstance(value, dict):
+        return "an uploaded file is required"
+    return None
+
+
 class UiGuard:
     """ASGI middleware on the API app that answers for everything under ``prefix`` before Gradio does."""
 
@@ -465,10 +489,23 @@ class UiGuard:
             raise InvalidInputError("trigger_id: an integer or null", param="trigger_id")
         if payload.get("batched") or payload.get("simple_format"):
             raise InvalidInputError("the page sends neither batched nor simple-format events")
+        self._check_inputs(session, fn, data)
         for ref in file_references([data, payload.get("event_data")]):
             self.files.check(ref.get("path"), "data")
             if ref.get("is_stream"):
                 raise InvalidInputError("data: the page sends no streamed inputs", param="data")
+
+    def _check_inputs(self, session: str, fn: _Fn, data: list[Any]) -> None:
+        """Each value one its component's control can send, judged on the session's copy (choices change)."""
+        holder = self.gradio.state_holder
+        state = holder[session] if session in holder else None  # noqa: SIM401  # no .get(); [] makes one
+        for i, (block, value) in enumerate(zip(fn.inputs, data, strict=True)):
+            if getattr(block, "stateful", False):
+                continue  # the server's own value is used, whatever the page sends
+            current = state.get(block._id, block) if state is not None else block
+            problem = _input_problem(type(current).__name__, current, value)
+            if problem:
+                raise InvalidInputError(f"data[{i}]: {problem}", param=f"data[{i}]")
 
     async def _login(self, scope: Scope, receive: Receive, send: Send) -> None:
         client = str((scope.get("client") or ("unknown",))[0])
