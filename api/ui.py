@@ -511,8 +511,8 @@ def build_blocks(ui: _Ui) -> gr.Blocks:
         async def clone(  # noqa: PLR0917  # Gradio passes the inputs positionally
             clip: str | None,
             voice: str | None,
-            transcript: str,
-            text: str,
+            transcript: str | None,  # a hidden text box sends null
+            text: str | None,
             variant: str,
             intensity: float,
             seed: str | None,
@@ -529,7 +529,7 @@ def build_blocks(ui: _Ui) -> gr.Blocks:
                 "step_audio": {
                     "mode": "clone",
                     "model_variant": variant,
-                    "prompt_text": transcript.strip() or None,
+                    "prompt_text": (transcript or "").strip() or None,
                     "intensity": intensity,
                     "seed": _seed(seed),
                 },
@@ -548,8 +548,8 @@ def build_blocks(ui: _Ui) -> gr.Blocks:
             audio: str | None,
             mode: str,
             edit_info: str | None,
-            tagged: str,
-            transcript: str,
+            tagged: str | None,
+            transcript: str | None,  # a hidden text box sends null
             n_iter: float,
             variant: str,
             intensity: float,
@@ -564,13 +564,13 @@ def build_blocks(ui: _Ui) -> gr.Blocks:
             data = await ui.read_clip(audio, "input_audio_file")
             body = {
                 "model": MODEL_ID,
-                "input": tagged if mode == "paralinguistic" else "",
+                "input": (tagged or "") if mode == "paralinguistic" else "",
                 "response_format": fmt,
                 "step_audio": {
                     "mode": mode,
                     "model_variant": variant,
                     "edit_info": edit_info if takes_edit_info(mode, ui.engine().tags()) else None,
-                    "audio_text": (transcript.strip() or None) if needs_audio_text(mode) else None,
+                    "audio_text": ((transcript or "").strip() or None) if needs_audio_text(mode) else None,
                     "n_edit_iter": int(n_iter),
                     "intensity": intensity,
                     "seed": _seed(seed),
@@ -608,11 +608,11 @@ def build_blocks(ui: _Ui) -> gr.Blocks:
         async def transcribe(path: str | None) -> str:
             return await ui.transcribe_clip(path)
 
-        async def register(name: str, clip: str | None, transcript: str) -> tuple[Any, ...]:
+        async def register(name: str | None, clip: str | None, transcript: str | None) -> tuple[Any, ...]:
             data = await ui.read_clip(clip, "file")
             if data is None:
                 raise gr.Error("give the voice's clip (upload or record)")
-            voice = await add_voice(ui.state, ui.engine(), name.strip(), data, transcript)
+            voice = await add_voice(ui.state, ui.engine(), (name or "").strip(), data, transcript)
             return (f"Registered **{voice.name}** ({voice.seconds:.1f} s): {voice.transcript}", *(await voices_view()))
 
         async def play(name: str | None) -> str:

@@ -336,7 +336,7 @@ def _input_problem(kind: str, block: Any, value: object) -> str | None:
         low, high = getattr(block, "minimum", None), getattr(block, "maximum", None)
         if (low is not None and value < low) or (high is not None and value > high):
             return f"the number must be within {low} and {high}"
-    elif kind == "Textbox" and not isinstance(value, str):  # an empty box sends ""
+    elif kind == "Textbox" and value is not None and not isinstance(value, str):  # a hidden box sends null
         return "a string is required"
     elif kind in ("Dropdown", "Radio") and value is not None and not getattr(block, "allow_custom_value", False):
         choices = [choice for _, choice in getattr(block, "choices", [])]

@@ -29,7 +29,7 @@ import soundfile as sf
 from api.ui_guard import PAGE_ROUTES, UploadedFiles
 from errors import InvalidInputError, TooLargeError
 from tests.api_live import LOOPBACK, LiveServer, test_settings
-from tests.ui_page import UiPage
+from tests.ui_page import PageError, UiPage
 
 REPO = Path(__file__).resolve().parents[1]
 VOICE_WAV = REPO / "engine" / "default_voice" / "voice.wav"
@@ -246,7 +246,7 @@ def test_a_clip_uploaded_through_the_page_still_clones_and_registers(page: UiPag
 
 @pytest.mark.parametrize(
     ("index", "value"),
-    [(3, None), (3, {"x": 1}), (4, "no-such-variant"), (5, "1.0"), (5, 99.0), (5, None), (7, "pcm"), (1, ["default"])],
+    [(3, 5), (3, {"x": 1}), (4, "no-such-variant"), (5, "1.0"), (5, 99.0), (5, None), (7, "pcm"), (1, ["default"])],
 )
 def test_an_input_the_page_cannot_send_is_a_400_not_a_traceback(
     page: UiPage, index: int, value: Any, capfd: pytest.CaptureFixture[str]
@@ -256,6 +256,18 @@ def test_an_input_the_page_cannot_send_is_a_400_not_a_traceback(
     response = page.join(page.fn_index("clone-run"), data)
     assert response.status_code == 400, response.text
     assert envelope(response, response.content)["param"] == f"data[{index}]"
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_null_from_a_hidden_text_box_is_what_the_page_sends_and_is_answered_without_a_traceback(
+    page: UiPage, capfd: pytest.CaptureFixture[str]
+) -> None:
+    clip = page.upload(VOICE_WAV)
+    # the edit tab's hidden boxes (tagged text, here the transcript too) send null, as the browser does
+    result = page.run("edit-run", clip, "denoise", None, None, None, 1, "base", 1.0, "2", "wav")
+    assert "iterations" in result[-2]
+    with pytest.raises(PageError, match="clone needs the text"):  # the API's sentence, not a crash
+        page.run("clone-run", None, "default", None, None, "base", 1.0, "", "wav")
     assert "Traceback" not in capfd.readouterr().err
 
 
