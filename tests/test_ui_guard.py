@@ -72,6 +72,13 @@ def page(server: LiveServer) -> Iterator[UiPage]:
 # --- the probe's requests --------------------------------------------------------------------
 
 PROBED = [
+    # the file read: the clone event called by name with a server path as its clip
+    (
+        "POST",
+        "/ui/gradio_api/call/clone",
+        b'{"data": [{"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}, "default", "", "Hi.", "base",'
+        b' 1.0, "", "wav"]}',
+    ),
     ("POST", "/ui/gradio_api/call/v2/0", b"{}"),  # KeyError: '/0'
     ("POST", "/ui/gradio_api/call/0", b'{"data": []}'),  # FnIndexInferError
     ("HEAD", "/ui/?deep_link=%C3%AB%40%3B7&page=i%C3%83%C2%B3", None),  # KeyError
