@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,24 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from bundles import write_bundle
 
     return write_bundle(tmp_path_factory.mktemp("tiny-bundle"), size="tiny", seed=0)
+
+
+def path_without(programs: set[str], shim: Path) -> str:
+    """A PATH with every program of this one but ``programs``: a machine that lacks them, for a subprocess.
+
+    ``shim`` gets a link to the first program of each name on PATH, so what a child process finds
+    is what it would find here, less ``programs``.
+    """
+    shim.mkdir(parents=True, exist_ok=True)
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        if not folder or not Path(folder).is_dir():
+            continue
+        for program in Path(folder).iterdir():
+            link = shim / program.name
+            if program.name in programs or link.exists() or link.is_symlink() or not os.access(program, os.X_OK):
+                continue
+            link.symlink_to(program)
+    return str(shim)
 
 
 def word_error_rate(reference: str, hypothesis: str) -> float:
