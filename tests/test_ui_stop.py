@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from api.app import DEMO_BUNDLE_DIR
+from api.demo import DEMO_BUNDLE_DIR
 from api.serve import GRACE_S, HARD_STOP_S
 from tests.test_api_entrypoint import free_port
 from tests.ui_page import UiPage
