@@ -1,19 +1,25 @@
-"""Shared test fixtures: where the reference fixtures live, and skipping cleanly without them."""
+"""Shared test fixtures: the reference fixtures (skipped cleanly without them), the tiny bundle, real
+speech and Whisper, and for the API modules an ``http`` client on the module's own ``server`` and
+the default voice as base64."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 REFERENCE_DIR = SHARED_DATA / "reference-fixtures"
+VOICE_WAV = REPO_ROOT / "engine" / "default_voice" / "voice.wav"
 
 
 @pytest.fixture(scope="session")
@@ -129,3 +135,16 @@ def example_prompt_pairs(tok: Any, long_groups: int) -> list[Any]:
         build_edit_prompt(tok, mode="emotion", edit_info="happy", audio_text="hello world", audio_token_str=audio(3)),
         build_edit_prompt(tok, mode="denoise", audio_token_str=audio(long_groups)),
     ]
+
+
+@pytest.fixture(scope="module")
+def http(server: Any) -> Iterator[httpx.Client]:
+    """A client of the requesting module's ``server`` fixture (a ``tests.api_live.LiveServer``)."""
+    with httpx.Client(base_url=server.url, timeout=300) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def voice_b64() -> str:
+    """The shipped default voice's WAV file as base64 (a clone prompt the API tests send)."""
+    return base64.b64encode(VOICE_WAV.read_bytes()).decode()
