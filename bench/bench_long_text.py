@@ -43,12 +43,14 @@ SEED = 2026
 TEXT = " ".join(
     [
         "The lighthouse keeper climbed the spiral stairs every evening, long before the sun went down.",
-        "He carried a small lamp, a worn leather notebook, and a thermos of sweet black tea that his daughter had made for him.",
+        "He carried a small lamp, a worn leather notebook, and a thermos of sweet black tea that his daughter had"
+        " made for him.",
         "From the top he could see the whole bay, the fishing boats, and the lights of the distant town.",
         "On clear nights the stars were so bright that he could read his notes without the lamp.",
         "But tonight the fog rolled in from the sea, thick and grey, and swallowed the harbor whole.",
         "He wound the great clockwork that turned the lens, and the beam swept slowly across the water.",
-        "Somewhere out there a ship was waiting for the light, its captain peering anxiously into the mist from the bridge.",
+        "Somewhere out there a ship was waiting for the light, its captain peering anxiously into the mist from"
+        " the bridge.",
         "The keeper wrote the time in his notebook, as he had done every night for thirty years.",
         "Then he heard it: the low horn of a freighter, closer than any ship should be on such a night.",
         "He rang the bell twice, then three times, the old signal that meant danger near the rocks.",
