@@ -170,3 +170,33 @@ def test_seams_fade_and_pause_and_the_writer_matches_the_join() -> None:
     np.testing.assert_array_equal(sink.audio, joined)
     one, _ = join_segments(parts[:1], sample_rate=SR)
     np.testing.assert_array_equal(one, parts[0])  # a single segment is left as it is
+
+
+def test_a_chain_after_a_long_clone_edits_each_segment_with_its_own_text(engine: StepAudioEngine, voice) -> None:
+    """clone + emotion over a long text = per segment k: clone(seed + k), then its edit (seed + k + 1) of that
+    clone's audio heard as that segment's text; the segments' edited audio joined."""
+    from audio import VOCODER_SR
+    from engine.synthesizer import pcm16_round_trip
+    from engine.types import EditRequest, EditStep
+
+    segments = engine.segments(TEXT)
+    edits = (EditStep("emotion", "happy"),)
+    result = engine.clone(request(voice, TEXT, seed=60, edits=edits))
+    assert [(label.segment, label.step) for label in result.labels] == [
+        (k, step) for k in range(len(segments)) for step in (0, 1)
+    ]
+    by_hand = []
+    for k, s in enumerate(segments):
+        cloned = engine.clone(request(voice, s.text, seed=60 + k))
+        edited = engine.edit(
+            EditRequest(
+                AudioInput(pcm16_round_trip(cloned.audio)[None], VOCODER_SR),
+                s.text,
+                "emotion",
+                "happy",
+                seed=60 + k + 1,
+            )
+        )
+        by_hand.append(edited.audio)
+    joined, _ = join_segments(by_hand, sample_rate=SR, pause_s=engine.pause_s)
+    np.testing.assert_array_equal(result.audio, joined)
