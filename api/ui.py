@@ -9,7 +9,7 @@ not a second gate: inference events have no Gradio concurrency limit, so the ser
 queue alone decides (a full queue is the API's 429 message).
 
 Live playback: a clone (and an edit's last iteration) streams from the engine through the same
-``AudioSink`` path as the API's streamed responses (``api.speech_jobs``) into Gradio's streaming
+``AudioSink`` path as the API's streamed responses (``api.pipeline``) into Gradio's streaming
 audio output, which plays while the LLM still generates; the complete result then fills the
 Output player. A page that leaves cancels the request, as a gone HTTP client does.
 
@@ -59,15 +59,15 @@ from api.demo import DEMO_NOTICE
 from api.errors import status_of, validation_message
 from api.inputs import decode_audio_bytes
 from api.logs import RecentLogHandler
+from api.pipeline import Finished, JobEvent, Started, run_job
 from api.routes.system import cache_stats, clear_cache
 from api.routes.voices import add_voice, list_voices
 from api.schemas import MODEL_ID, SpeechRequest
-from api.speech_jobs import LoopSink, record_answered, record_run, submit_job
 from api.speech_requests import build_request
 from api.state import AppState, Engine
 from api.ui_guard import GradioApp, LoginThrottle, UiGuard, UploadedFiles
 from engine import chains
-from engine.types import EDIT_MODES, AudioInput, CloneRequest, EditRequest, EditStep, SynthesisResult
+from engine.types import EDIT_MODES, AudioInput, CloneRequest, EditRequest, EditStep, StreamInfo, SynthesisResult
 from errors import StepAudioError
 from llm.sampling import MAX_INTENSITY, MIN_INTENSITY
 from settings import ResponseFormat
@@ -144,53 +144,70 @@ class _Ui:
     async def speak(
         self, body: dict[str, Any], uploads: dict[str, bytes], progress: gr.Progress
     ) -> AsyncGenerator[bytes | _Spoken, None]:
-        """Validate like the API, queue in the service, report the wait, stream, count in ``/metrics``.
+        """Validate like the API, then run the job through the API's own pipeline (``api.pipeline``).
 
         Yields WAV chunks of the audio as the engine makes it (when ``live``), then the finished
-        run. A page that goes away cancels or closes this generator: that cancels the job, which
-        leaves the queue or, running, has its cancel token set, as for a gone HTTP client.
+        run. The pipeline counts every outcome but a complete answer (an error with its status, a
+        page that went away as 499); this records the first audio and the answer, as the route does.
+        A page that goes away cancels or closes this generator, which closes the pipeline's: that
+        cancels the job, which leaves the queue or, running, has its cancel token set.
         """
         engine = self.engine()
         request = SpeechRequest.model_validate(body)
         mode = request.step_audio.mode
         metrics = self.state.metrics
         t0 = time.perf_counter()
-        started = threading.Event()
         try:
-            speech_job = await build_request(self.state, engine, request, uploads)
-            sink = LoopSink() if self.live else None
-            work = asyncio.ensure_future(
-                submit_job(self.state, engine, mode, speech_job, sink=sink, on_start=started.set)
-            )
-            service = self.state.service
-            try:
-                await asyncio.sleep(0)  # let the task enqueue the job, so the count below includes it
-                watch: list[asyncio.Future[Any]] = [work] if sink is None else [work, sink.started]
-                while not any(f.done() for f in watch):
-                    waited = time.perf_counter() - t0
-                    if started.is_set():
-                        progress((round(waited), None), desc="running", unit="s")
-                    else:
-                        ahead = max(service.queued - 1 + service.running, 0)
-                        progress(0.0, desc=f"waiting in the server queue: {ahead} request(s) ahead")
-                    await asyncio.wait(watch, timeout=PROGRESS_POLL_S, return_when=asyncio.FIRST_COMPLETED)
-                if sink is not None and sink.started.done():
-                    sample_rate = sink.started.result().sample_rate
-                    async for pieces in sink.pieces(work):
-                        yield await run_in_threadpool(encode_audio, np.concatenate(pieces), "wav", sample_rate)
-            except BaseException:  # the page went away (cancelled or closed): stop the job like the API does
-                work.cancel()
-                raise
-            result, timing = work.result()
+            job = await build_request(self.state, engine, request, uploads)
         except StepAudioError as exc:
-            metrics.requests.labels(mode, str(status_of(exc))).inc()
+            metrics.record_status(mode, exc)
             raise
-        except (asyncio.CancelledError, GeneratorExit):
-            metrics.requests.labels(mode, "499").inc()
+        started = threading.Event()
+        events = run_job(self.state, engine, job, stream=self.live, on_start=started.set)
+        async with contextlib.aclosing(events):
+            event = await self._first_event(events, started, t0, progress)
+            info: StreamInfo | None = None
+            streamed = False
+            while not isinstance(event, Finished):
+                if isinstance(event, Started):
+                    info = event.info
+                else:
+                    assert info is not None  # the pipeline starts a stream before its audio
+                    chunk = await run_in_threadpool(encode_audio, np.concatenate(event.pieces), "wav", info.sample_rate)
+                    if not streamed:
+                        streamed = True
+                        metrics.record_first_audio(mode, "streamed", t0)
+                    yield chunk
+                event = await anext(events)
+            if not streamed:
+                metrics.record_first_audio(mode, "whole", t0)
+            metrics.record_answered(mode, t0)
+            yield _Spoken(job.request, event.result, event.timing.queue_wait_s, event.timing.run_s)
+
+    async def _first_event(
+        self, events: AsyncGenerator[JobEvent, None], started: threading.Event, t0: float, progress: gr.Progress
+    ) -> JobEvent:
+        """The pipeline's first event; until it comes, the progress overlay says where the job is.
+
+        Polled, never ``wait_for``: a timeout must not cancel the pipeline's step (that would stop
+        the job). The first report comes after one poll: by then the job is in the queue (the
+        pipeline submits it on its first step), and a job that starts at once shows no wait.
+        """
+        service = self.state.service
+        step = asyncio.ensure_future(anext(events))
+        try:
+            while not (await asyncio.wait([step], timeout=PROGRESS_POLL_S))[0]:
+                if started.is_set():
+                    progress((round(time.perf_counter() - t0), None), desc="running", unit="s")
+                else:
+                    ahead = max(service.queued - 1 + service.running, 0)
+                    progress(0.0, desc=f"waiting in the server queue: {ahead} request(s) ahead")
+        except BaseException:  # the page went away: the cancelled step stops the job (and counts a 499)
+            step.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await step
             raise
-        record_run(self.state, mode, result, timing)
-        record_answered(self.state, mode, t0)
-        yield _Spoken(speech_job.request, result, timing.queue_wait_s, timing.run_s)
+        return step.result()
 
     async def transcribe_clip(self, path: str | None) -> str:
         """Whisper on an uploaded clip, through the queue (the same model the API uses)."""
