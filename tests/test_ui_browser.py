@@ -35,7 +35,10 @@ def server(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.INFO)  # the log panel shows INFO lines, as the server started by api_server.py logs them
-    settings = test_settings(tiny_bundle, tmp_path_factory.mktemp("ui-cache"), enable_auto_transcribe=False)
+    # one worker: a test holds it to show a request waiting in the queue
+    settings = test_settings(
+        tiny_bundle, tmp_path_factory.mktemp("ui-cache"), enable_auto_transcribe=False, inference_workers=1
+    )
     try:
         with LiveServer(settings) as live:
             yield live

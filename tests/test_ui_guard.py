@@ -26,7 +26,7 @@ import httpx
 import pytest
 import soundfile as sf
 
-from api.ui_guard import PAGE_ROUTES, UploadedFiles
+from api.ui import PAGE_ROUTES, UploadedFiles
 from errors import InvalidInputError, TooLargeError
 from tests.api_live import LOOPBACK, LiveServer, test_settings
 from tests.ui_page import PageError, UiPage

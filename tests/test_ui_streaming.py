@@ -176,3 +176,19 @@ def test_without_ffmpeg_the_page_has_no_live_player(tmp_path: Path, monkeypatch:
     components = client.get("/ui/config").json()["components"]
     live = [c for c in components if c.get("props", {}).get("elem_id") in ("clone-live", "edit-live")]
     assert len(live) == 2 and all(c["props"]["visible"] is False for c in live)
+
+
+@needs_ffmpeg
+def test_a_long_text_shows_each_spoken_segment_while_it_plays(tiny_bundle: Path, tmp_path: Path) -> None:
+    """The Clone tab's line under the output says which segment of a long text has been spoken."""
+    text = "The first part is here. A second part follows it. And a third part ends the text."
+    settings = test_settings(tiny_bundle, tmp_path / "cache", enable_auto_transcribe=False, segment_max_tokens=8)
+    with LiveServer(settings, max_new_tokens=20) as live, UiPage(live.url) as page:
+        segments = live.app.state.step_audio.engine.segments(text)
+        assert len(segments) >= 3
+        event = page.submit("clone-run", None, "default", "", text, "base", 1.0, "5", "wav")
+        final = event.result()
+        lines = [out[2] for out in event.outputs() if isinstance(out[2], str) and "spoken" in out[2]]
+    assert lines[0].startswith(f"**segment 1 of {len(segments)}** spoken: {segments[0].text}")
+    assert any(line.startswith(f"**segment {len(segments)} of {len(segments)}**") for line in lines)
+    assert f"**segments** {len(segments)}" in final[2]  # the summary of the finished run
