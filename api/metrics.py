@@ -43,92 +43,69 @@ class _LiveCollector(Collector):
 
 
 class Metrics:
+    """Every series of one app, in its own registry; requests record through the ``record_*`` methods."""
+
     def __init__(self, live: Callable[[], dict[str, Any]]) -> None:
         self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter(
-            "step_audio_requests", "Speech requests by mode and HTTP status.", ["mode", "status"], registry=r
+        self.requests = self._counter("step_audio_requests", "Speech requests by mode and HTTP status.", "status")
+        self.latency = self._histogram("step_audio_request_latency_seconds", "Time from request to the last byte.")
+        self.ttfb = self._histogram(
+            "step_audio_time_to_first_byte_seconds", "Time from request to the first audio byte."
         )
-        self.latency = Histogram(
-            "step_audio_request_latency_seconds",
-            "Time from request to the last byte.",
-            ["mode"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.ttfb = Histogram(
-            "step_audio_time_to_first_byte_seconds",
-            "Time from request to the first audio byte.",
-            ["mode"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.ttfa = Histogram(
+        self.ttfa = self._histogram(
             "step_audio_time_to_first_audio_seconds",
             "Time from request to the first audio byte, by mode and delivery (streamed: the streaming "
             "vocoder, while the LLM generates; whole: after the whole generation).",
-            ["mode", "delivery"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            "delivery",
         )
-        self.stream_start = Histogram(
+        self.stream_start = self._histogram(
             "step_audio_stream_first_audio_generation_fraction",
             "Share of a streamed request's LLM ids already sampled when its first audio left "
             "(below 1: audio was on its way while the LLM still generated).",
-            ["mode"],
             buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0),
-            registry=r,
         )
-        self.rtf = Histogram(
+        self.rtf = self._histogram(
             "step_audio_real_time_factor",
             "Inference seconds per second of audio produced (lower is faster).",
-            ["mode"],
             buckets=_RTF_BUCKETS,
-            registry=r,
         )
-        self.queue_wait = Histogram(
-            "step_audio_queue_wait_seconds",
-            "Time a request waited for an inference worker.",
-            ["mode"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+        self.queue_wait = self._histogram(
+            "step_audio_queue_wait_seconds", "Time a request waited for an inference worker."
         )
-        self.audio_seconds = Counter("step_audio_audio_seconds", "Seconds of audio produced.", ["mode"], registry=r)
-        self.cache_lookups = Counter(
+        self.audio_seconds = self._counter("step_audio_audio_seconds", "Seconds of audio produced.")
+        self.cache_lookups = self._counter(
             "step_audio_request_cache_lookups",
             "Prompt-token cache lookups seen by requests, by mode and result (hit, miss).",
-            ["mode", "result"],
-            registry=r,
+            "result",
         )
-        self.truncated = Counter(
+        self.truncated = self._counter(
             "step_audio_truncated_requests",
             "Requests with a generation that ended at the length limit instead of its stop id (audio cut short).",
-            ["mode"],
-            registry=r,
         )
-        r.register(_LiveCollector(live))
-        # Continuous batching (llm.decode calls on_admit / on_step on its loop thread).
-        self.llm_batch_size = Histogram(
-            "step_audio_llm_batch_size",
-            "Requests sharing each LLM decode step.",
-            ["variant"],
-            buckets=_BATCH_BUCKETS,
-            registry=r,
+        self.registry.register(_LiveCollector(live))
+        # Continuous batching (llm.decode calls on_admit / on_step on its loop thread), by LLM variant.
+        self.llm_batch_size = self._histogram(
+            "step_audio_llm_batch_size", "Requests sharing each LLM decode step.", by="variant", buckets=_BATCH_BUCKETS
         )
-        self.llm_queue_wait = Histogram(
+        self.llm_queue_wait = self._histogram(
             "step_audio_llm_queue_wait_seconds",
             "Time a generation waited for room in its LLM's running batch.",
-            ["variant"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            by="variant",
         )
-        self.llm_tokens = Counter("step_audio_llm_tokens", "Audio tokens generated.", ["variant"], registry=r)
-        self.llm_decode_seconds = Counter(
+        self.llm_tokens = self._counter("step_audio_llm_tokens", "Audio tokens generated.", by="variant")
+        self.llm_decode_seconds = self._counter(
             "step_audio_llm_decode_seconds",
             "Time spent in decode steps; tokens / seconds is the decode rate in tokens/s.",
-            ["variant"],
-            registry=r,
+            by="variant",
         )
+
+    def _counter(self, name: str, doc: str, *labels: str, by: str = "mode") -> Counter:
+        return Counter(name, doc, [by, *labels], registry=self.registry)
+
+    def _histogram(
+        self, name: str, doc: str, *labels: str, by: str = "mode", buckets: tuple[float, ...] = _LATENCY_BUCKETS
+    ) -> Histogram:
+        return Histogram(name, doc, [by, *labels], buckets=buckets, registry=self.registry)
 
     # --- one speech request (api.pipeline, api.responses, the web UI) ------------------------------
     def record_status(self, mode: str, outcome: int | StepAudioError) -> None:
