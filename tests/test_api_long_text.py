@@ -22,7 +22,7 @@ import pytest
 
 from audio import PCM16_SCALE
 from engine.seams import FADE_SECONDS, join_segments
-from tests.api_live import LiveServer, test_settings
+from tests.api_live import LiveServer, live_server
 
 SR = 24000
 SENTENCES = [
@@ -34,22 +34,16 @@ SEED = 77
 
 @pytest.fixture(scope="module")
 def server(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    settings = test_settings(
+    yield from live_server(
         tiny_bundle,
-        tmp_path_factory.mktemp("long-text-cache"),
+        tmp_path_factory,
+        "long-text-cache",
+        max_new_tokens=20,
         enable_auto_transcribe=False,
         segment_max_tokens=40,
         inference_workers=2,
         ui=False,
     )
-    with LiveServer(settings, max_new_tokens=20) as live:
-        yield live
-
-
-@pytest.fixture(scope="module")
-def http(server: LiveServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=600) as c:
-        yield c
 
 
 def body(text: str, seed: int, **extra: object) -> dict:

@@ -17,7 +17,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from tests.api_live import LiveServer, test_settings
+from tests.api_live import LiveServer, live_server, test_settings
 
 WORDS_PER_S = 15  # about 20 tokens/s
 TEXT = " ".join(f"Sentence number {k} tells a short story about the weather on day {k}." for k in range(1, 9))
@@ -26,16 +26,16 @@ KEY = "stream-test-key"
 
 @pytest.fixture(scope="module")
 def server(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    settings = test_settings(
+    yield from live_server(
         tiny_bundle,
-        tmp_path_factory.mktemp("ws-cache"),
+        tmp_path_factory,
+        "ws-cache",
+        max_new_tokens=40,
         enable_auto_transcribe=False,
         segment_max_tokens=16,
         ws_idle_timeout_s=30,
         ui=False,
     )
-    with LiveServer(settings, max_new_tokens=40) as live:
-        yield live
 
 
 def ws_url(server: LiveServer) -> str:

@@ -25,8 +25,9 @@ import pytest
 
 from api.audio_io import to_s16le
 from bundles import write_bundle
-from engine.types import CloneRequest, EditStep, SegmentSpan, StreamInfo
+from engine.types import CloneRequest, EditStep
 from tests.api_live import LiveServer, live_server, test_settings
+from tests.sinks import Collect
 from tests.test_api_units import FORMATS, decode
 
 LONG = 150  # ids per generation: 3.6 s of audio, several streaming chunks
@@ -63,20 +64,6 @@ def decode_stream(data: bytes, fmt: str) -> tuple[np.ndarray, int]:
         return np.concatenate([f.to_ndarray().reshape(-1) for f in container.decode(stream)]), stream.rate
 
 
-class _Collect:
-    def __init__(self) -> None:
-        self.pieces: list[np.ndarray] = []
-
-    def start(self, info: StreamInfo) -> None:
-        pass
-
-    def put(self, piece: np.ndarray) -> None:
-        self.pieces.append(piece)
-
-    def segment(self, span: SegmentSpan) -> None:
-        pass
-
-
 def test_sse_pieces_are_the_engines_stream(http: httpx.Client, server: LiveServer) -> None:
     before_sum = _metric(http, "step_audio_stream_first_audio_generation_fraction_sum")
     before_n = _metric(http, "step_audio_stream_first_audio_generation_fraction_count")
@@ -99,7 +86,7 @@ def test_sse_pieces_are_the_engines_stream(http: httpx.Client, server: LiveServe
     # the pieces are the engine's streamed output for this request, byte for byte
     engine = server.app.state.step_audio.engine
     audio, transcript = engine.default_voice()
-    sink = _Collect()
+    sink = Collect()
     engine.clone(CloneRequest(audio, transcript, "A long streamed sentence.", seed=31), sink=sink)
     assert streamed == to_s16le(np.concatenate(sink.pieces))
 
@@ -214,7 +201,7 @@ def test_the_last_step_of_a_chain_streams(http: httpx.Client, server: LiveServer
     request = CloneRequest(
         audio, transcript, "A long streamed sentence.", seed=61, edits=(EditStep("emotion", "happy"),)
     )
-    sink = _Collect()
+    sink = Collect()
     result = engine.clone(request, sink=sink)
     assert streamed == to_s16le(np.concatenate(sink.pieces))  # only the last step's audio, as it was made
     whole = engine.clone(request)

@@ -16,42 +16,16 @@ import torch
 
 from engine.build import build_engine
 from engine.tts import StepAudioEngine
-from engine.types import AudioInput, CancelToken, CloneRequest, EditRequest, SegmentSpan, StreamInfo
+from engine.types import AudioInput, CancelToken, CloneRequest, EditRequest
 from engine.voices import load_default_voice
 from errors import RequestCancelledError
 from llm.decode import generate
 from model_loader import ModelRegistry, resolve_bundle
 from settings import Settings
+from tests.sinks import Collect
 from vocoder.stream import Token2WavStream
 
 MAX_NEW_TOKENS = 120  # 24 groups: several streaming chunks (15, 24, 48 token frames ...)
-
-
-class Collect:
-    """An AudioSink that keeps what it is given (optionally cancelling after the first piece)."""
-
-    def __init__(self, cancel_after_first: CancelToken | None = None) -> None:
-        self.info: StreamInfo | None = None
-        self.pieces: list[np.ndarray] = []
-        self.spans: list[SegmentSpan] = []
-        self._cancel = cancel_after_first
-
-    def start(self, info: StreamInfo) -> None:
-        assert self.info is None, "start is called once"
-        self.info = info
-
-    def put(self, piece: np.ndarray) -> None:
-        assert self.info is not None, "audio before start"
-        self.pieces.append(piece)
-        if self._cancel is not None:
-            self._cancel.set()
-
-    def segment(self, span: SegmentSpan) -> None:
-        self.spans.append(span)
-
-    @property
-    def audio(self) -> np.ndarray:
-        return np.concatenate(self.pieces) if self.pieces else np.zeros(0, np.float32)
 
 
 @pytest.fixture(scope="module")

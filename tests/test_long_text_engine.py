@@ -18,42 +18,19 @@ import torch
 from engine.build import build_engine
 from engine.seams import FADE_SECONDS, SeamWriter, join_segments
 from engine.tts import StepAudioEngine
-from engine.types import AudioInput, CancelToken, CloneRequest, SegmentSpan, StreamInfo
+from engine.types import AudioInput, CancelToken, CloneRequest, StreamInfo
 from engine.voices import load_default_voice
 from errors import RequestCancelledError
 from llm.decode import StepStats
 from model_loader import ModelRegistry, resolve_bundle
 from settings import Settings
+from tests.sinks import Collect
 
 TEXT = (
     "The first sentence is short. Here comes a second one, a little longer than the first. "
     "A third sentence follows it. And the fourth one closes the paragraph."
 )
 SR = 24000
-
-
-class Collect:
-    def __init__(self, cancel_after_first: CancelToken | None = None) -> None:
-        self.info: StreamInfo | None = None
-        self.pieces: list[np.ndarray] = []
-        self.spans: list[SegmentSpan] = []
-        self._cancel = cancel_after_first
-
-    def start(self, info: StreamInfo) -> None:
-        assert self.info is None
-        self.info = info
-
-    def put(self, piece: np.ndarray) -> None:
-        self.pieces.append(piece)
-        if self._cancel is not None:
-            self._cancel.set()
-
-    def segment(self, span: SegmentSpan) -> None:
-        self.spans.append(span)
-
-    @property
-    def audio(self) -> np.ndarray:
-        return np.concatenate(self.pieces) if self.pieces else np.zeros(0, np.float32)
 
 
 class Steps:
@@ -162,6 +139,7 @@ def test_seams_fade_and_pause_and_the_writer_matches_the_join() -> None:
     np.testing.assert_array_equal(joined[spans[2][0] + fade :], parts[2][fade:])
     sink = Collect()
     writer = SeamWriter(sink, sample_rate=SR, pause_s=0.1)
+    writer.start(StreamInfo(0, 1.0, SR, 1))
     for k, part in enumerate(parts):
         writer.begin(k)
         for piece in np.array_split(part, 7):  # any split into pieces gives the same samples
