@@ -20,6 +20,7 @@ RANKS = {
     "audio": 1,
     "cache_index": 1,
     "settings": 1,
+    "object_store": 1,
     "token_cache": 2,
     "tokenizer": 3,
     "llm": 3,
