@@ -22,6 +22,7 @@ RANKS = {
     "settings": 1,
     "object_store": 1,
     "token_cache": 2,
+    "shared_cache": 3,
     "tokenizer": 3,
     "llm": 3,
     "vocoder": 3,
