@@ -26,7 +26,7 @@ from api.limits import body_limit
 from api.metrics import Metrics
 from api.middleware import HeadAsGetMiddleware, HeaderMiddleware
 from api.openapi import contract_openapi
-from api.routes import speech, system, voices
+from api.routes import audio_voices, speech, system, voices
 from api.state import AppState, Engine
 from engine.service import InferenceService
 from engine.voices import DEFAULT_VOICE_NAME, Voice, VoiceStore
@@ -103,6 +103,7 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory | None = Non
     app.include_router(system.router)
     app.include_router(speech.router)
     app.include_router(voices.router)
+    app.include_router(audio_voices.router)
     app.openapi = lambda: contract_openapi(app)  # type: ignore[method-assign]
     ui_open: tuple[frozenset[str], tuple[str, ...]] = (frozenset(), ())
     if settings.ui:
