@@ -15,6 +15,7 @@ import uvicorn
 from api.app import create_app
 from api.demo import DEMO_NOTICE
 from api.logs import LOG_FORMAT
+from api.uvicorn_options import HTTP, LOOP
 from settings import Settings
 
 logger = logging.getLogger("api_server")
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         port=settings.api_port,
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=10,
+        loop=LOOP,  # not uvloop/httptools even where the ray extra installed them
+        http=HTTP,
     )
     return 0
 
