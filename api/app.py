@@ -66,6 +66,10 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory | None = Non
                 "Token-cache hits / lookups since start.",
                 hits / (hits + misses) if hits + misses else 0.0,
             )
+            shared = stats.get("shared")
+            if isinstance(shared, dict):  # --store-url: the level every replica shares (shared_cache)
+                values["step_audio_cache_shared_hits"] = ("Prompt-cache hits in the shared store.", shared["hits"])
+                values["step_audio_cache_shared_errors"] = ("Shared-store failures (skipped).", shared["errors"])
         return values
 
     state = AppState(
