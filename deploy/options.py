@@ -82,7 +82,10 @@ class AppArgs(BaseModel):
 
     @field_validator("server")
     @classmethod
-    def _no_secrets(cls, server: dict[str, Any]) -> dict[str, Any]:
+    def _known_settings_no_secrets(cls, server: dict[str, Any]) -> dict[str, Any]:
+        unknown = set(server) - set(Settings.model_fields)
+        if unknown:  # Settings ignores unknown names (environment variables): a typo here must not
+            raise ValueError(f"unknown server settings: {', '.join(sorted(unknown))} (api_server.py's, snake_case)")
         secret = SECRET_FIELDS & set(server)
         if secret:
             raise ValueError(f"{', '.join(sorted(secret))} comes from the environment (STEP_AUDIO_API_KEY), not args")
