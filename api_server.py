@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import logging
 
-import uvicorn
-
 from api.app import create_app
 from api.demo import DEMO_NOTICE
 from api.logs import LOG_FORMAT
-from api.uvicorn_options import HTTP, LOOP
+from api.serve import serve
 from settings import Settings
 
 logger = logging.getLogger("api_server")
@@ -36,15 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(settings)
     if settings.ui:
         logger.info("web UI: http://localhost:%d/ui (--no-ui turns it off)", settings.api_port)
-    uvicorn.run(
-        app,
-        host=settings.api_host,
-        port=settings.api_port,
-        log_level=settings.log_level.lower(),
-        timeout_graceful_shutdown=10,
-        loop=LOOP,  # not uvloop/httptools even where the ray extra installed them
-        http=HTTP,
-    )
+    # a stop signal ends the process within api.serve.HARD_STOP_S, whatever a request is doing
+    serve(app, host=settings.api_host, port=settings.api_port, log_level=settings.log_level.lower())
     return 0
 
 

@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,68 +46,26 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory | None = Non
     check_storage(settings, voices_dir)
     voice_store = open_voice_store(settings, voices_dir)
     service = InferenceService(queue_size=settings.queue_size, workers=settings.inference_workers)
-    state: AppState
-
-    def live_metrics() -> dict[str, Any]:
-        values: dict[str, Any] = {
-            "step_audio_queue_depth": ("Requests waiting for a worker.", service.queued),
-            "step_audio_requests_running": ("Requests being computed.", service.running),
-            "step_audio_ready": ("1 once the models are loaded.", int(state.engine is not None)),
-        }
-        if state.engine is not None:
-            try:
-                stats = state.engine.cache_stats()
-            except Exception:  # scraping never fails on the engine's bookkeeping
-                stats = {}
-            hits, misses = int(stats.get("hits", 0)), int(stats.get("misses", 0))
-            values["step_audio_cache_hits"] = ("Token-cache hits since start.", hits)
-            values["step_audio_cache_misses"] = ("Token-cache misses since start.", misses)
-            values["step_audio_cache_hit_ratio"] = (
-                "Token-cache hits / lookups since start.",
-                hits / (hits + misses) if hits + misses else 0.0,
-            )
-            shared = stats.get("shared")
-            if isinstance(shared, dict):  # --store-url: the level every replica shares (shared_cache)
-                values["step_audio_cache_shared_hits"] = ("Prompt-cache hits in the shared store.", shared["hits"])
-                values["step_audio_cache_shared_errors"] = ("Shared-store failures (skipped).", shared["errors"])
-        return values
-
     state = AppState(
         settings=settings,
         service=service,
         voices=VoiceStore(voice_store),
-        metrics=Metrics(live_metrics),
+        metrics=Metrics(lambda: live_values(state)),
         started_at=time.time(),
     )
-
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        service.start()
-        loader = threading.Thread(target=_load_engine, args=(state, engine_factory), name="model-loader", daemon=True)
-        loader.start()
-        try:
-            yield
-        finally:
-            service.stop()
-            if state.engine is not None:  # the LLM decode loops
-                state.engine.close()
-
     # with an API key the schema is served behind it (below) and the browser UIs are off
     hidden: dict[str, Any] = {"openapi_url": None, "docs_url": None, "redoc_url": None} if settings.api_key else {}
     app = FastAPI(
         title="Step-Audio-EditX speech server",
         version="1.0",
         description="OpenAI-compatible voice cloning and speech editing with Step-Audio-EditX.",
-        lifespan=lifespan,
+        lifespan=_lifespan(state, engine_factory),
         **hidden,
     )
     app.state.step_audio = state
     install_error_handlers(app)
-    app.include_router(system.health_router)
-    app.include_router(system.router)
-    app.include_router(speech.router)
-    app.include_router(voices.router)
-    app.include_router(audio_voices.router)
+    for router in (system.health_router, system.router, speech.router, voices.router, audio_voices.router):
+        app.include_router(router)
     app.openapi = lambda: contract_openapi(app)  # type: ignore[method-assign]
     ui_open: tuple[frozenset[str], tuple[str, ...]] = (frozenset(), ())
     if settings.ui:
@@ -120,6 +78,32 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory | None = Non
         async def openapi() -> dict[str, Any]:
             return app.openapi()
 
+    _add_middlewares(app, state, ui_open)
+    return app
+
+
+def _lifespan(state: AppState, factory: EngineFactory | None) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """Workers up and the models loading in the background at start; at stop the decode loops end
+    first (running generations fail at once), then the workers are joined."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        state.service.start()
+        loader = threading.Thread(target=_load_engine, args=(state, factory), name="model-loader", daemon=True)
+        loader.start()
+        try:
+            yield
+        finally:
+            if state.engine is not None:
+                state.engine.close()
+            state.service.stop()
+
+    return lifespan
+
+
+def _add_middlewares(app: FastAPI, state: AppState, ui_open: tuple[frozenset[str], tuple[str, ...]]) -> None:
+    """Admission (key, queue room, body size) in front of every route; HEAD as GET inside it."""
+    settings = state.settings
     queued = frozenset(
         (method, route.path)
         for route in iter_route_contexts(app.routes)
@@ -134,7 +118,7 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory | None = Non
         # the web UI cannot send a Bearer header: with a key it asks for it on its own login page
         open_paths=OPEN_PATHS | ui_open[0],
         open_prefixes=ui_open[1],
-        service=service,
+        service=state.service,
         queued_routes=queued,
         # the largest valid request fits (one base64 clip, every text at its limit); more is refused unread
         max_body_bytes=body_limit(settings),
@@ -142,7 +126,33 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory | None = Non
     )
     if settings.demo:
         app.add_middleware(HeaderMiddleware, name=DEMO_HEADER, value=DEMO_NOTICE)
-    return app
+
+
+def live_values(state: AppState) -> dict[str, Any]:
+    """The gauges read when Prometheus scrapes: queue, running jobs, readiness, the cache's totals."""
+    service = state.service
+    values: dict[str, Any] = {
+        "step_audio_queue_depth": ("Requests waiting for a worker.", service.queued),
+        "step_audio_requests_running": ("Requests being computed.", service.running),
+        "step_audio_ready": ("1 once the models are loaded.", int(state.engine is not None)),
+    }
+    if state.engine is not None:
+        try:
+            stats = state.engine.cache_stats()
+        except Exception:  # scraping never fails on the engine's bookkeeping
+            stats = {}
+        hits, misses = int(stats.get("hits", 0)), int(stats.get("misses", 0))
+        values["step_audio_cache_hits"] = ("Token-cache hits since start.", hits)
+        values["step_audio_cache_misses"] = ("Token-cache misses since start.", misses)
+        values["step_audio_cache_hit_ratio"] = (
+            "Token-cache hits / lookups since start.",
+            hits / (hits + misses) if hits + misses else 0.0,
+        )
+        shared = stats.get("shared")
+        if isinstance(shared, dict):  # --store-url: the level every replica shares (shared_cache)
+            values["step_audio_cache_shared_hits"] = ("Prompt-cache hits in the shared store.", shared["hits"])
+            values["step_audio_cache_shared_errors"] = ("Shared-store failures (skipped).", shared["errors"])
+    return values
 
 
 def check_storage(settings: Settings, voices_dir: Path) -> None:

@@ -14,10 +14,12 @@ audio output, which plays while the LLM still generates; the complete result the
 Output player. A page that leaves cancels the request, as a gone HTTP client does.
 
 Offline by construction: analytics off before Gradio is imported, the default theme's fonts are
-shipped with Gradio, no server-side rendering (no Node), no run history. Files: Gradio serves
-only its own upload/cache directories (no ``allowed_paths``), and the URL form of its file route
-(``/ui/gradio_api/file=https://...``, which would make the server fetch a remote URL) is refused.
-With ``--api-key`` Gradio's login page asks for the key.
+shipped with Gradio, no server-side rendering (no Node), no run history. Gradio serves only its
+own upload/cache directories (no ``allowed_paths``). Every request under ``/ui/`` passes
+``api.ui_guard.UiGuard`` first: only the routes the page uses, the key's login (throttled) in
+front of every route that runs work, files only from Gradio's upload directory, Gradio's errors in
+the API's envelope. The events are private (no programmatic Gradio API, no API docs): programs
+use the HTTP API.
 """
 
 from __future__ import annotations
@@ -50,11 +52,11 @@ from fastapi import FastAPI
 from fastapi.responses import RedirectResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.routing import Mount
 
 from api.audio_io import encode_audio
 from api.demo import DEMO_NOTICE
-from api.errors import error_response, status_of, validation_message
+from api.errors import status_of, validation_message
 from api.inputs import decode_audio_bytes
 from api.logs import RecentLogHandler
 from api.routes.system import cache_stats, clear_cache
@@ -63,9 +65,10 @@ from api.schemas import MODEL_ID, SpeechRequest
 from api.speech_jobs import LoopSink, record_answered, record_run, submit_job
 from api.speech_requests import build_request
 from api.state import AppState, Engine
+from api.ui_guard import GradioApp, LoginThrottle, UiGuard, UploadedFiles
 from engine import chains
 from engine.types import EDIT_MODES, AudioInput, CloneRequest, EditRequest, EditStep, SynthesisResult
-from errors import StepAudioError, TooLargeError
+from errors import StepAudioError
 from llm.sampling import MAX_INTENSITY, MIN_INTENSITY
 from settings import ResponseFormat
 
@@ -78,6 +81,8 @@ PROGRESS_POLL_S = 0.25
 LOG_POLL_S = 1.0
 LOG_PANEL_LINES = 200
 READY_WAIT_S = 900.0  # a page opened while the models load waits this long for them
+_JOIN_OVERHEAD_BYTES = 1 << 20  # an event's JSON beyond its texts: file references, numbers, choices
+_JOIN_BYTES_PER_CHAR = 24  # a text field's character as JSON at worst (an escaped surrogate pair), a few fields
 # Gradio's textbox keeps its scroll position on updates; the panel follows the newest line instead
 _SCROLL_LOG_JS = (
     "() => { const t = document.querySelector('#server-log textarea'); if (t) t.scrollTop = t.scrollHeight; }"
@@ -104,7 +109,7 @@ class _Spoken:
 
 @dataclass
 class _Ui:
-    """What the event handlers share: the app state, the log ring, a private output folder.
+    """What the event handlers share: the app state, the log ring, a private output folder, the uploads.
 
     ``live``: whether results also play while they are generated. Gradio's streaming player
     encodes the pieces with the ``ffmpeg`` program; without it the page plays complete results.
@@ -113,6 +118,7 @@ class _Ui:
     state: AppState
     logs: RecentLogHandler
     out_dir: Path
+    files: UploadedFiles
     live: bool = False
 
     # --- plumbing ---------------------------------------------------------------------
@@ -125,14 +131,15 @@ class _Ui:
         path.write_bytes(encode_audio(samples, fmt, sample_rate))  # type: ignore[arg-type]
         return str(path)
 
-    def read_clip(self, path: str | None, param: str) -> bytes | None:
-        """An uploaded or recorded clip's bytes, refused past the upload limit before reading."""
+    async def read_clip(self, path: str | None, param: str) -> bytes | None:
+        """An uploaded or recorded clip's bytes: only an upload of the page, never past the limit.
+
+        The guard checked the request already; this checks the path Gradio hands over again, on the
+        opened file, off the event loop, so no handler can be made to read another server file.
+        """
         if not path:
             return None
-        limit = self.state.settings.max_upload_bytes
-        if Path(path).stat().st_size > limit:
-            raise TooLargeError(f"{param}: the upload is larger than {limit} bytes", param=param)
-        return Path(path).read_bytes()
+        return await run_in_threadpool(self.files.read, path, param)
 
     async def speak(
         self, body: dict[str, Any], uploads: dict[str, bytes], progress: gr.Progress
@@ -190,7 +197,7 @@ class _Ui:
         engine = self.engine()
         if not engine.auto_transcribe:
             raise gr.Error("auto-transcription is off on this server (start it with --enable-auto-transcribe)")
-        data = self.read_clip(path, "audio")
+        data = await self.read_clip(path, "audio")
         if data is None:
             raise gr.Error("give a clip to transcribe first")
         audio: AudioInput = await decode_audio_bytes(data, settings=self.state.settings, param="audio")
@@ -501,8 +508,8 @@ def build_blocks(ui: _Ui) -> gr.Blocks:
         async def clone(  # noqa: PLR0917  # Gradio passes the inputs positionally
             clip: str | None,
             voice: str | None,
-            transcript: str,
-            text: str,
+            transcript: str | None,  # a hidden text box sends null
+            text: str | None,
             variant: str,
             intensity: float,
             seed: str | None,
@@ -510,7 +517,7 @@ def build_blocks(ui: _Ui) -> gr.Blocks:
             progress: gr.Progress = gr.Progress(),  # noqa: B008  # Gradio's documented idiom
         ) -> AsyncGenerator[tuple[Any, ...], None]:
             """Clone: the clip (or the voice) speaks the text; it plays while it is made when ``live``."""
-            uploads = {"prompt_audio": data} if (data := ui.read_clip(clip, "prompt_audio_file")) else {}
+            uploads = {"prompt_audio": data} if (data := await ui.read_clip(clip, "prompt_audio_file")) else {}
             body = {
                 "model": MODEL_ID,
                 "input": text or "",
@@ -519,7 +526,7 @@ def build_blocks(ui: _Ui) -> gr.Blocks:
                 "step_audio": {
                     "mode": "clone",
                     "model_variant": variant,
-                    "prompt_text": transcript.strip() or None,
+                    "prompt_text": (transcript or "").strip() or None,
                     "intensity": intensity,
                     "seed": _seed(seed),
                 },
@@ -538,8 +545,8 @@ def build_blocks(ui: _Ui) -> gr.Blocks:
             audio: str | None,
             mode: str,
             edit_info: str | None,
-            tagged: str,
-            transcript: str,
+            tagged: str | None,
+            transcript: str | None,  # a hidden text box sends null
             n_iter: float,
             variant: str,
             intensity: float,
@@ -551,16 +558,16 @@ def build_blocks(ui: _Ui) -> gr.Blocks:
 
             Only the last iteration plays while it is made: the earlier ones are its input.
             """
-            data = ui.read_clip(audio, "input_audio_file")
+            data = await ui.read_clip(audio, "input_audio_file")
             body = {
                 "model": MODEL_ID,
-                "input": tagged if mode == "paralinguistic" else "",
+                "input": (tagged or "") if mode == "paralinguistic" else "",
                 "response_format": fmt,
                 "step_audio": {
                     "mode": mode,
                     "model_variant": variant,
                     "edit_info": edit_info if takes_edit_info(mode, ui.engine().tags()) else None,
-                    "audio_text": (transcript.strip() or None) if needs_audio_text(mode) else None,
+                    "audio_text": ((transcript or "").strip() or None) if needs_audio_text(mode) else None,
                     "n_edit_iter": int(n_iter),
                     "intensity": intensity,
                     "seed": _seed(seed),
@@ -598,11 +605,11 @@ def build_blocks(ui: _Ui) -> gr.Blocks:
         async def transcribe(path: str | None) -> str:
             return await ui.transcribe_clip(path)
 
-        async def register(name: str, clip: str | None, transcript: str) -> tuple[Any, ...]:
-            data = ui.read_clip(clip, "file")
+        async def register(name: str | None, clip: str | None, transcript: str | None) -> tuple[Any, ...]:
+            data = await ui.read_clip(clip, "file")
             if data is None:
                 raise gr.Error("give the voice's clip (upload or record)")
-            voice = await add_voice(ui.state, ui.engine(), name.strip(), data, transcript)
+            voice = await add_voice(ui.state, ui.engine(), (name or "").strip(), data, transcript)
             return (f"Registered **{voice.name}** ({voice.seconds:.1f} s): {voice.transcript}", *(await voices_view()))
 
         async def play(name: str | None) -> str:
@@ -631,7 +638,9 @@ def build_blocks(ui: _Ui) -> gr.Blocks:
             return "\n".join(ui.logs.lines()[-LOG_PANEL_LINES:]), version
 
         # --- wiring ---------------------------------------------------------------------
-        # concurrency_limit=None on every event: the service's queue is the one gate, not Gradio's
+        # concurrency_limit=None on every event: the service's queue is the one gate, not Gradio's.
+        # private: only the page runs its events (no Gradio API or API docs; programs use /v1).
+        event: dict[str, Any] = {"concurrency_limit": None, "api_visibility": "private"}
         edit_extras = [e_info, e_tagged, e_transcript]
         voice_outputs = [v_table, v_pick, c_voice]
         cache_outputs = [k_entries, k_bytes, k_hits, k_misses, k_ratio]
@@ -640,72 +649,44 @@ def build_blocks(ui: _Ui) -> gr.Blocks:
         blocks.load(
             _guarded(on_load),
             outputs=[status, c_variant, e_variant, c_transcribe, e_transcribe, *edit_extras, *voice_outputs],
-            concurrency_limit=None,
+            **event,
         )
         c_run.click(
             _guarded_stream(clone),
             inputs=[c_clip, c_voice, c_transcript, c_text, c_variant, c_intensity, c_seed, c_format],
             outputs=[c_live, c_out, c_info, last_output],
-            api_name="clone",
-            concurrency_limit=None,
-        ).success(_guarded(cache_view), outputs=cache_outputs, show_progress="hidden", concurrency_limit=None)
+            **event,
+        ).success(_guarded(cache_view), outputs=cache_outputs, show_progress="hidden", **event)
         e_run.click(
             _guarded_stream(edit),
             inputs=[e_audio, e_mode, e_info, e_tagged, e_transcript, e_iter, e_variant, e_intensity, e_seed, e_format],
             outputs=[e_live, *e_outs, e_result, last_output],
-            api_name="edit",
-            concurrency_limit=None,
-        ).success(_guarded(cache_view), outputs=cache_outputs, show_progress="hidden", concurrency_limit=None)
-        e_mode.change(edit_controls, inputs=e_mode, outputs=edit_extras, concurrency_limit=None)
-        e_use_last.click(_guarded(use_last), inputs=last_output, outputs=e_audio, concurrency_limit=None)
-        c_transcribe.click(_guarded(transcribe), inputs=c_clip, outputs=c_transcript, concurrency_limit=None)
-        e_transcribe.click(_guarded(transcribe), inputs=e_audio, outputs=e_transcript, concurrency_limit=None)
+            **event,
+        ).success(_guarded(cache_view), outputs=cache_outputs, show_progress="hidden", **event)
+        e_mode.change(edit_controls, inputs=e_mode, outputs=edit_extras, **event)
+        e_use_last.click(_guarded(use_last), inputs=last_output, outputs=e_audio, **event)
+        c_transcribe.click(_guarded(transcribe), inputs=c_clip, outputs=c_transcript, **event)
+        e_transcribe.click(_guarded(transcribe), inputs=e_audio, outputs=e_transcript, **event)
         v_register.click(
-            _guarded(register),
-            inputs=[v_name, v_clip, v_transcript],
-            outputs=[v_message, *voice_outputs],
-            api_name="register_voice",
-            concurrency_limit=None,
+            _guarded(register), inputs=[v_name, v_clip, v_transcript], outputs=[v_message, *voice_outputs], **event
         )
-        v_play.click(_guarded(play), inputs=v_pick, outputs=v_audio, concurrency_limit=None)
-        v_delete.click(_guarded(delete), inputs=v_pick, outputs=[v_message, *voice_outputs], concurrency_limit=None)
-        cache_tab.select(_guarded(cache_view), outputs=cache_outputs, show_progress="minimal", concurrency_limit=None)
-        k_refresh.click(
-            _guarded(cache_view),
-            outputs=cache_outputs,
-            api_name="cache_stats",
-            show_progress="minimal",
-            concurrency_limit=None,
+        v_play.click(_guarded(play), inputs=v_pick, outputs=v_audio, **event)
+        v_delete.click(_guarded(delete), inputs=v_pick, outputs=[v_message, *voice_outputs], **event)
+        cache_tab.select(_guarded(cache_view), outputs=cache_outputs, show_progress="minimal", **event)
+        k_refresh.click(_guarded(cache_view), outputs=cache_outputs, show_progress="minimal", **event)
+        k_clear.click(_guarded(clear), outputs=cache_outputs, **event)
+        log_timer.tick(log_tick, inputs=log_seen, outputs=[log_box, log_seen], show_progress="hidden", **event).then(
+            None, js=_SCROLL_LOG_JS, show_progress="hidden"
         )
-        k_clear.click(_guarded(clear), outputs=cache_outputs, concurrency_limit=None)
-        log_timer.tick(
-            log_tick, inputs=log_seen, outputs=[log_box, log_seen], show_progress="hidden", concurrency_limit=None
-        ).then(None, js=_SCROLL_LOG_JS, show_progress="hidden")
     return typing.cast(gr.Blocks, blocks)  # Gradio's context manager is untyped
 
 
-class _NoRemoteFiles:
-    """Refuses Gradio's URL form of its file route, which would make this server fetch any public URL."""
-
-    def __init__(self, app: ASGIApp, *, prefix: str) -> None:
-        self.app = app
-        self.prefix = prefix
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith(self.prefix):
-            target = scope["path"][len(self.prefix) :].lower().lstrip("/")
-            if target.startswith(("http:", "https:")):
-                response = error_response(403, "the web UI serves only its own files", code="forbidden")
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
 def mount_ui(app: FastAPI, state: AppState) -> tuple[frozenset[str], tuple[str, ...]]:
-    """Mount the UI at ``/ui`` and redirect ``/`` to it; the log handler lives as long as the app runs.
+    """Mount the UI at ``/ui`` behind its guard and redirect ``/`` to it; the log handler lives as long as the app.
 
     Returns the paths and path prefixes that answer without a Bearer key (``/``, the UI): a browser
-    cannot send one, so with ``--api-key`` the UI's own login page asks for the key instead.
+    cannot send one, so with ``--api-key`` the UI's own login page asks for the key instead, and
+    the guard lets no route that runs work answer before that login.
     """
     settings = state.settings
     logs = RecentLogHandler()
@@ -713,7 +694,8 @@ def mount_ui(app: FastAPI, state: AppState) -> tuple[frozenset[str], tuple[str, 
     live = shutil.which("ffmpeg") is not None
     if not live:
         logger.info("web UI: no ffmpeg program on PATH, so results play once complete (no live playback)")
-    blocks = build_blocks(_Ui(state=state, logs=logs, out_dir=out_dir, live=live))
+    files = UploadedFiles(gr.utils.get_upload_folder(), settings.max_upload_bytes)
+    blocks = build_blocks(_Ui(state=state, logs=logs, out_dir=out_dir, files=files, live=live))
     key = settings.api_key.get_secret_value() if settings.api_key else None
 
     def check_key(_user: str, password: str) -> bool:
@@ -733,7 +715,19 @@ def mount_ui(app: FastAPI, state: AppState) -> tuple[frozenset[str], tuple[str, 
         mcp_server=False,
         show_error=False,  # only our own messages (gr.Error) reach the page, never an exception's text
     )
-    app.add_middleware(_NoRemoteFiles, prefix=f"{UI_PATH}/gradio_api/file=")
+    # A mounted app never "launches", and Gradio checks that inputs come from its upload folder only
+    # for launched ones: turn its own check on too (the guard and read_clip check before it).
+    blocks.has_launched = True
+    gradio_app = typing.cast(GradioApp, next(r.app for r in app.routes if isinstance(r, Mount) and r.path == UI_PATH))
+    app.add_middleware(
+        UiGuard,
+        prefix=UI_PATH,
+        gradio=gradio_app,
+        files=files,
+        max_join_bytes=_JOIN_OVERHEAD_BYTES + _JOIN_BYTES_PER_CHAR * settings.max_input_chars,
+        login=key is not None,
+        throttle=LoginThrottle(),
+    )
 
     @app.get("/", include_in_schema=False)
     async def to_ui() -> RedirectResponse:

@@ -24,7 +24,7 @@ from llm.prompts import PromptPair
 from llm.scheduler import Scheduler
 
 AUDIO_IDS = (AUDIO_ID_OFFSET, AUDIO_ID_OFFSET + N_MIXED_CODES)
-HOLD_TIMEOUT_S = 600.0
+HOLD_TIMEOUT_S = 600.0  # a held loop goes on by itself after this, whatever happened to its holder
 
 
 class StepRecorder:
@@ -33,6 +33,7 @@ class StepRecorder:
     def __init__(self, inner: DecodeObserver | None = None, *, hold: bool = False) -> None:
         self.inner = inner
         self.steps: list[StepStats] = []
+        self.waits: list[float] = []  # each admission's queue wait
         self.holding = threading.Event()  # set while the loop waits in its first step
         self._release = threading.Event()
         if not hold:
@@ -42,6 +43,7 @@ class StepRecorder:
         self._release.set()
 
     def on_admit(self, variant: str, queue_wait_s: float) -> None:
+        self.waits.append(queue_wait_s)
         if self.inner is not None:
             self.inner.on_admit(variant, queue_wait_s)
 

@@ -116,7 +116,7 @@ class DecodeLoop:
         self.bytes_per_token = kv_bytes_per_token(model)
         self.device = model_device(model)
         self.steps = 0  # decode steps run since start (forwards after prefill)
-        self.running: list[Generation] = []
+        self.batch: list[Generation] = []  # the running requests, in the order of their cache rows
         self.logits: torch.Tensor | None = None  # (rows, vocab) next-token logits of the running rows
         self.changed = threading.Condition()  # guards ``_waiting`` and ``closed``; notified when work arrives
         self.closed = False
@@ -178,8 +178,12 @@ class DecodeLoop:
         return len(self._waiting)
 
     @property
+    def running(self) -> int:
+        return len(self.batch)
+
+    @property
     def busy(self) -> bool:
-        return bool(self._waiting or self.running)
+        return bool(self._waiting or self.batch)
 
     def kv_cache_bytes(self) -> int:
         """Bytes the running batch's KV cache holds now."""
@@ -195,7 +199,7 @@ class DecodeLoop:
         """End every waiting and running request with ``error`` (the loop is closing)."""
         with self.changed:
             waiting, self._waiting = list(self._waiting), deque()
-        for gen in (*waiting, *self.running):
+        for gen in (*waiting, *self.batch):
             gen.end(Status.FAILED, error)
         self._reset()
 
@@ -215,18 +219,18 @@ class DecodeLoop:
         """One step: ``admit``, then sample one id per running request, apply them, one forward."""
         begin = time.perf_counter()
         self.admit()
-        if not self.running:
+        if not self.batch:
             return
-        requests, rows, width = len(self.running), self._cache.rows, self._cache.width
+        requests, rows, width = len(self.batch), self._cache.rows, self._cache.width
         try:
             ids = self._sample()
             ended = self._apply(ids)
-            kept = [token for gen, token in zip(self.running, ids, strict=True) if gen not in ended]
+            kept = [token for gen, token in zip(self.batch, ids, strict=True) if gen not in ended]
             self._leave(ended)
             self._run_forward(kept)
         except Exception as exc:  # a failed step fails the requests in it; the loop goes on
-            logger.exception("decode step failed; failing %d request(s)", len(self.running))
-            for gen in self.running:
+            logger.exception("decode step failed; failing %d request(s)", len(self.batch))
+            for gen in self.batch:
                 gen.end(Status.FAILED, exc)
             self._reset()
         stats = StepStats(requests, rows, width + 1, time.perf_counter() - begin)
@@ -238,8 +242,8 @@ class DecodeLoop:
 
     def _decide(self) -> _Plan:
         """Cancelled running requests leave; waiting ones join in FIFO order while they fit."""
-        cancel = [gen for gen in self.running if gen.cancel_requested]
-        staying = [gen for gen in self.running if not gen.cancel_requested]
+        cancel = [gen for gen in self.batch if gen.cancel_requested]
+        staying = [gen for gen in self.batch if not gen.cancel_requested]
         admit: list[Generation] = []
         with self.changed:
             while self._waiting and self._fits(self._waiting[0], [*staying, *admit]):
@@ -269,18 +273,18 @@ class DecodeLoop:
         except Exception as exc:
             logger.exception("prefill failed")
             gen.end(Status.FAILED, exc)
-            if self._cache.rows != sum(len(g.rows) for g in self.running):  # failed mid-merge: start over
-                for other in self.running:
+            if self._cache.rows != sum(len(g.rows) for g in self.batch):  # failed mid-merge: start over
+                for other in self.batch:
                     other.end(Status.FAILED, exc)
                 self._reset()
             return
         gen.status = Status.RUNNING
-        self.running.append(gen)
+        self.batch.append(gen)
 
     def first_rows(self) -> list[int]:
         """The cache row of each running request's conditional ids (its unconditional row follows)."""
         firsts, row = [], 0
-        for gen in self.running:
+        for gen in self.batch:
             firsts.append(row)
             row += len(gen.rows)
         return firsts
@@ -290,15 +294,15 @@ class DecodeLoop:
         return sample_requests(
             self.logits,
             self.first_rows(),
-            [g.spec for g in self.running],
-            [g.history for g in self.running],
-            [g.generator for g in self.running if g.generator is not None],  # set when it joined
+            [g.spec for g in self.batch],
+            [g.history for g in self.batch],
+            [g.generator for g in self.batch if g.generator is not None],  # set when it joined
         )
 
     def _apply(self, ids: Sequence[int]) -> list[Generation]:
         """Append each request's id and say which requests end with it (stop id, budget, cancel)."""
         ended = []
-        for gen, token in zip(self.running, ids, strict=True):
+        for gen, token in zip(self.batch, ids, strict=True):
             gen.append(token)
             if token in STOP_IDS:
                 gen.status = Status.STOPPED
@@ -317,7 +321,7 @@ class DecodeLoop:
             return
         firsts = self.first_rows()
         keep_rows = [
-            firsts[j] + k for j, gen in enumerate(self.running) if gen not in leaving for k in range(len(gen.rows))
+            firsts[j] + k for j, gen in enumerate(self.batch) if gen not in leaving for k in range(len(gen.rows))
         ]
         for gen in leaving:
             gen.end(status or gen.status)
@@ -327,25 +331,25 @@ class DecodeLoop:
                 self.variant,
                 time.perf_counter() - gen.enqueued_at,
                 gen.status.value,
-                len(self.running),
+                len(self.batch),
             )
-        self.running = [gen for gen in self.running if gen not in leaving]
+        self.batch = [gen for gen in self.batch if gen not in leaving]
         self._cache.leave(keep_rows)
         if self.logits is not None:
             self.logits = self.logits[torch.tensor(keep_rows, dtype=torch.long, device=self.logits.device)]
 
     def _run_forward(self, ids: Sequence[int]) -> None:
         """One forward of the running rows, each fed its request's new id; its logits are the next step's."""
-        if not self.running:
+        if not self.batch:
             self.logits = None
             return
-        feed = [token for gen, token in zip(self.running, ids, strict=True) for _ in gen.rows]
+        feed = [token for gen, token in zip(self.batch, ids, strict=True) for _ in gen.rows]
         inputs = torch.tensor(feed, dtype=torch.long, device=self.device)[:, None]
         self.logits = self._forward(inputs, self._cache.mask(1), self._cache)
         self.steps += 1
 
     def _reset(self) -> None:
-        self.running, self.logits = [], None
+        self.batch, self.logits = [], None
         self._cache = RowKVCache(num_layers(self.model), 0)
 
 

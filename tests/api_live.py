@@ -6,14 +6,17 @@ The engine is the real one (``engine.build.build_engine``) on the tiny bundle th
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from api.loopback import LOOPBACK, READY_TIMEOUT_S, LoopbackServer
 from settings import Settings
 
-__all__ = ["LOOPBACK", "MAX_NEW_TOKENS", "READY_TIMEOUT_S", "LiveServer", "test_settings"]
+__all__ = ["LOOPBACK", "MAX_NEW_TOKENS", "READY_TIMEOUT_S", "LiveServer", "live_server", "test_settings"]
 
 MAX_NEW_TOKENS = 25  # five groups of 5 codes: 0.6 s of audio per generation
 
@@ -45,3 +48,17 @@ class LiveServer(LoopbackServer):
         super().__init__(
             settings, engine_factory=partial(build_engine, max_new_tokens=max_new_tokens), wait_ready=wait_ready
         )
+
+
+def live_server(
+    bundle: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    name: str,
+    *,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    **overrides: Any,
+) -> Iterator[LiveServer]:
+    """A module's ``server`` fixture body: a live server over ``bundle`` with a fresh cache called ``name``."""
+    settings = test_settings(bundle, tmp_path_factory.mktemp(name), **overrides)
+    with LiveServer(settings, max_new_tokens=max_new_tokens) as live:
+        yield live

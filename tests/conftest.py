@@ -1,18 +1,25 @@
-"""Shared test fixtures: where the reference fixtures live, and skipping cleanly without them."""
+"""Shared test fixtures: the reference fixtures (skipped cleanly without them), the tiny bundle, real
+speech and Whisper, and for the API modules an ``http`` client on the module's own ``server`` and
+the default voice as base64."""
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 REFERENCE_DIR = SHARED_DATA / "reference-fixtures"
+VOICE_WAV = REPO_ROOT / "engine" / "default_voice" / "voice.wav"
 
 
 @pytest.fixture(scope="session")
@@ -77,6 +84,24 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_bundle(tmp_path_factory.mktemp("tiny-bundle"), size="tiny", seed=0)
 
 
+def path_without(programs: set[str], shim: Path) -> str:
+    """A PATH with every program of this one but ``programs``: a machine that lacks them, for a subprocess.
+
+    ``shim`` gets a link to the first program of each name on PATH, so what a child process finds
+    is what it would find here, less ``programs``.
+    """
+    shim.mkdir(parents=True, exist_ok=True)
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        if not folder or not Path(folder).is_dir():
+            continue
+        for program in Path(folder).iterdir():
+            link = shim / program.name
+            if program.name in programs or link.exists() or link.is_symlink() or not os.access(program, os.X_OK):
+                continue
+            link.symlink_to(program)
+    return str(shim)
+
+
 def word_error_rate(reference: str, hypothesis: str) -> float:
     """Word-level Levenshtein distance over the reference length (case and punctuation ignored)."""
     ref, hyp = (re.findall(r"[a-z0-9']+", t.lower()) for t in (reference, hypothesis))
@@ -110,3 +135,16 @@ def example_prompt_pairs(tok: Any, long_groups: int) -> list[Any]:
         build_edit_prompt(tok, mode="emotion", edit_info="happy", audio_text="hello world", audio_token_str=audio(3)),
         build_edit_prompt(tok, mode="denoise", audio_token_str=audio(long_groups)),
     ]
+
+
+@pytest.fixture(scope="module")
+def http(server: Any) -> Iterator[httpx.Client]:
+    """A client of the requesting module's ``server`` fixture (a ``tests.api_live.LiveServer``)."""
+    with httpx.Client(base_url=server.url, timeout=300) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def voice_b64() -> str:
+    """The shipped default voice's WAV file as base64 (a clone prompt the API tests send)."""
+    return base64.b64encode(VOICE_WAV.read_bytes()).decode()

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.api_live import LOOPBACK, LiveServer, test_settings
+from tests.api_live import LOOPBACK, LiveServer, live_server
 from tests.test_audio import flac_bomb
 
 KEY = "boundary-key"
@@ -32,9 +32,10 @@ CHUNK = 1 << 16
 
 @pytest.fixture(scope="module")
 def server(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    settings = test_settings(
+    yield from live_server(
         tiny_bundle,
-        tmp_path_factory.mktemp("boundary-cache"),
+        tmp_path_factory,
+        "boundary-cache",
         api_key=KEY,
         max_upload_bytes=MAX_UPLOAD,
         max_audio_seconds=60.0,
@@ -42,8 +43,6 @@ def server(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         inference_workers=1,
         enable_auto_transcribe=False,
     )
-    with LiveServer(settings) as live:
-        yield live
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import openai
 import pytest
 import soundfile as sf
 
-from tests.api_live import LiveServer, test_settings
+from tests.api_live import LiveServer, live_server
 
 REPO = Path(__file__).resolve().parents[1]
 VOICE_WAV = REPO / "engine" / "default_voice" / "voice.wav"
@@ -31,26 +31,14 @@ NOT_AUDIO = base64.b64encode(b"not audio at all, never decoded" * 8).decode()
 
 @pytest.fixture(scope="module")
 def server(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    settings = test_settings(
+    yield from live_server(
         tiny_bundle,
-        tmp_path_factory.mktemp("chains-cache"),
+        tmp_path_factory,
+        "chains-cache",
         enable_auto_transcribe=False,  # every transcript flows along the chain: Whisper is never needed
         max_chain_steps=MAX_STEPS,
         max_chain_generations=MAX_GENERATIONS,
     )
-    with LiveServer(settings) as live:
-        yield live
-
-
-@pytest.fixture(scope="module")
-def http(server: LiveServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=120) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def voice_b64() -> str:
-    return base64.b64encode(VOICE_WAV.read_bytes()).decode()
 
 
 def b64(data: bytes) -> str:

@@ -25,7 +25,7 @@ import openai
 import pytest
 import soundfile as sf
 
-from tests.api_live import LiveServer, test_settings
+from tests.api_live import LiveServer, live_server
 from tests.conftest import word_error_rate
 from tests.test_api_units import FORMATS, decode
 
@@ -48,32 +48,20 @@ EDITS = [
 
 @pytest.fixture(scope="module")
 def server(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    settings = test_settings(
+    yield from live_server(
         tiny_bundle,
-        tmp_path_factory.mktemp("api-cache"),
+        tmp_path_factory,
+        "api-cache",
         max_upload_bytes=MAX_UPLOAD,
         max_input_chars=MAX_CHARS,
         allow_audio_urls=True,
-        inference_workers=2,  # requests overlap in the engine (each stage has its own lock)
+        inference_workers=2,  # requests overlap in the engine (tokenizing, vocoding, the batched LLM)
     )
-    with LiveServer(settings) as live:
-        yield live
 
 
 @pytest.fixture(scope="module")
 def client(server: LiveServer) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def http(server: LiveServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=120) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def voice_b64() -> str:
-    return base64.b64encode(VOICE_WAV.read_bytes()).decode()
 
 
 def expected_samples(headers: httpx.Headers) -> int:

@@ -26,7 +26,7 @@ import pytest
 from api.audio_io import to_s16le
 from bundles import write_bundle
 from engine.types import CloneRequest, EditStep, StreamInfo
-from tests.api_live import LiveServer, test_settings
+from tests.api_live import LiveServer, live_server, test_settings
 from tests.test_api_units import FORMATS, decode
 
 LONG = 150  # ids per generation: 3.6 s of audio, several streaming chunks
@@ -36,15 +36,7 @@ SAMPLES_PER_GROUP = 2880
 
 @pytest.fixture(scope="module")
 def server(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    settings = test_settings(tiny_bundle, tmp_path_factory.mktemp("stream-cache"), inference_workers=2)
-    with LiveServer(settings, max_new_tokens=LONG) as live:
-        yield live
-
-
-@pytest.fixture(scope="module")
-def http(server: LiveServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=300) as c:
-        yield c
+    yield from live_server(tiny_bundle, tmp_path_factory, "stream-cache", max_new_tokens=LONG, inference_workers=2)
 
 
 def _body(seed: int, fmt: str = "pcm", **extra: object) -> dict:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import av
 import httpx
@@ -128,15 +131,31 @@ def test_service_runs_jobs_off_the_loop_under_inference_mode() -> None:
     asyncio.run(main())
 
 
+@contextlib.asynccontextmanager
+async def gated_service(queue_size: int) -> AsyncIterator[tuple[InferenceService, threading.Event]]:
+    """A started one-worker service and the gate its held jobs wait on (opened and stopped on exit)."""
+    service = InferenceService(queue_size=queue_size)
+    service.start()
+    gate = threading.Event()
+    try:
+        yield service, gate
+    finally:
+        gate.set()
+        service.stop()
+
+
+async def hold_the_worker(service: InferenceService, gate: threading.Event) -> asyncio.Future[Any]:
+    """A job that keeps the one worker busy until ``gate`` opens; returns once it runs."""
+    running = asyncio.ensure_future(service.submit("clone", gate.wait))
+    while service.running == 0:
+        await asyncio.sleep(0.01)
+    return running
+
+
 def test_service_full_queue_is_busy_at_once_and_cancel_frees_the_place() -> None:
     async def main() -> None:
-        service = InferenceService(queue_size=1)
-        service.start()
-        gate = threading.Event()
-        try:
-            running = asyncio.ensure_future(service.submit("clone", gate.wait))
-            while service.running == 0:
-                await asyncio.sleep(0.01)
+        async with gated_service(queue_size=1) as (service, gate):
+            running = await hold_the_worker(service, gate)
             queued = asyncio.ensure_future(service.submit("clone", lambda: "second"))
             await asyncio.sleep(0.05)
             assert service.queued == 1
@@ -151,9 +170,6 @@ def test_service_full_queue_is_busy_at_once_and_cancel_frees_the_place() -> None
             gate.set()
             assert (await again)[0] == "fourth"
             assert (await running)[0] is True
-        finally:
-            gate.set()
-            service.stop()
 
     asyncio.run(main())
 
@@ -163,17 +179,12 @@ def test_retry_after_comes_from_measured_job_times() -> None:
     job_s = 0.3
 
     async def main() -> None:
-        service = InferenceService(queue_size=4)
-        service.start()
-        gate = threading.Event()
-        try:
+        async with gated_service(queue_size=4) as (service, gate):
             assert service.job_seconds() == 0.0  # nothing measured yet
             for _ in range(2):
                 await service.submit("clone", lambda: time.sleep(job_s))
             assert job_s <= service.job_seconds() < job_s + 0.2
-            holders = [asyncio.ensure_future(service.submit("clone", gate.wait))]
-            while service.running == 0:
-                await asyncio.sleep(0.01)
+            holders = [await hold_the_worker(service, gate)]
             holders += [asyncio.ensure_future(service.submit("clone", gate.wait)) for _ in range(4)]
             await asyncio.sleep(0.05)
             with pytest.raises(BusyError) as busy:
@@ -182,29 +193,18 @@ def test_retry_after_comes_from_measured_job_times() -> None:
             assert drain <= busy.value.retry_after < drain + 1.0, busy.value.retry_after
             gate.set()
             await asyncio.gather(*holders)
-        finally:
-            gate.set()
-            service.stop()
 
     asyncio.run(main())
 
 
 def test_retry_after_before_any_job_finished_uses_the_running_job() -> None:
     async def main() -> None:
-        service = InferenceService(queue_size=1)
-        service.start()
-        gate = threading.Event()
-        try:
-            running = asyncio.ensure_future(service.submit("clone", gate.wait))
-            while service.running == 0:
-                await asyncio.sleep(0.01)
+        async with gated_service(queue_size=1) as (service, gate):
+            running = await hold_the_worker(service, gate)
             await asyncio.sleep(0.3)
             assert 0.3 <= service.job_seconds() < 1.0  # a measured lower bound, not a guess
             gate.set()
             await running
-        finally:
-            gate.set()
-            service.stop()
 
     asyncio.run(main())
 

@@ -393,8 +393,8 @@ def test_engines_on_one_registry_share_the_stages(
     mine, theirs = transcribing_engine.preparer, engine.preparer
     assert mine.tokenizer is theirs.tokenizer and mine.cache is theirs.cache is not None
     assert transcribing_engine.synthesizer.token2wav is engine.synthesizer.token2wav
-    llm = transcribing_engine.synthesizer.schedulers["base"].loop.model
-    assert llm is engine.synthesizer.schedulers["base"].loop.model
+    llm = transcribing_engine.synthesizer.schedulers["base"].model
+    assert llm is engine.synthesizer.schedulers["base"].model
     assert transcribing_engine.auto_transcribe and whisper.loaded
 
 

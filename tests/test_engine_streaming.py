@@ -76,7 +76,7 @@ def _codes(engine: StepAudioEngine, request: CloneRequest) -> np.ndarray:
     synth = engine.synthesizer
     opts = synth.options
     (result,) = generate(
-        synth.schedulers[request.variant].loop.model,
+        synth.schedulers[request.variant].model,
         [prepared.pair],
         intensity=request.intensity,
         seed=request.seed,

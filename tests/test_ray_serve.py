@@ -47,6 +47,7 @@ from bundles import write_bundle
 from deploy.options import AppArgs, ReplicaOptions
 from deploy.ray_serve import SPEECH_APP, LocalCluster, speech_app
 from tests.ray_apps import WEBSOCKET_PATH
+from tests.ui_page import UiPage
 
 pytestmark = pytest.mark.slow
 
@@ -245,7 +246,6 @@ def test_a_full_replica_answers_with_the_apps_own_429(cluster: Cluster) -> None:
 
 
 def test_websockets_and_the_web_ui_pass_through_the_proxy(cluster: Cluster) -> None:
-    from gradio_client import Client, handle_file
     from websockets.sync.client import connect
 
     with connect(cluster.url.replace("http", "ws") + WEBSOCKET_PATH) as socket_:
@@ -255,11 +255,8 @@ def test_websockets_and_the_web_ui_pass_through_the_proxy(cluster: Cluster) -> N
         root = http.get("/")
         assert root.status_code == 307 and root.headers["location"] == "/ui/"
         assert http.get("/ui/").status_code == 200
-    ui = Client(f"{cluster.url}/ui/", verbose=False, analytics_enabled=False)
-    try:  # Gradio's calls come in two requests: both reach the one UI replica
-        message, *_ = ui.predict("ui_voice", handle_file(str(VOICE_WAV)), VOICE_TEXT, api_name="/register_voice")
-    finally:
-        ui.close()
+    with UiPage(cluster.url) as page:  # the page's calls come in two requests: both reach the one UI replica
+        message, *_ = page.run("voice-register", "ui_voice", page.upload(VOICE_WAV), VOICE_TEXT)
     assert "ui_voice" in message
     cluster.voices.append("ui_voice")
     with httpx.Client(base_url=cluster.url, timeout=120) as http:  # the UI's voice, in the shared store

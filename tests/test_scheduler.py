@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench.decode_timing import StepRecorder
 from errors import InvalidInputError, NotReadyError
 from llm.batching import GROWTH_BLOCK, RowKVCache, kv_bytes_per_token, peak_kv_bytes
 from llm.decode import DecodeLoop, StepStats, generate
@@ -44,29 +45,9 @@ def pairs(tiny_bundle: Path) -> list[PromptPair]:
     return example_prompt_pairs(tok, long_groups=12)
 
 
-class Recorder:
-    """A DecodeObserver keeping every step and admission; with ``hold`` it keeps the loop in its
+class Recorder(StepRecorder):
+    """The benchmarks' step recorder: every step and admission, and with ``hold`` the loop held in its
     first step until ``release`` (so requests submitted meanwhile join together)."""
-
-    def __init__(self, *, hold: bool = False) -> None:
-        self.steps: list[StepStats] = []
-        self.waits: list[float] = []
-        self.holding = threading.Event()
-        self._release = threading.Event()
-        if not hold:
-            self._release.set()
-
-    def release(self) -> None:
-        self._release.set()
-
-    def on_admit(self, variant: str, queue_wait_s: float) -> None:
-        self.waits.append(queue_wait_s)
-
-    def on_step(self, variant: str, stats: StepStats) -> None:
-        self.steps.append(stats)
-        if not self._release.is_set():
-            self.holding.set()
-            self._release.wait(TIMEOUT_S)
 
 
 @pytest.fixture

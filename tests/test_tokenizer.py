@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -19,7 +20,7 @@ from audio import AudioError, prepare_prompt, resample
 from audio_codes import AUDIO_ID_OFFSET, VQ02_CODES
 from bundles.tokenizer_bundle import FUNASR_MODEL_ID, write_tokenizer_bundle
 from errors import InvalidInputError, ModelLoadError
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, path_without
 from tokenizer import (
     VQ06_PIECE_SAMPLES,
     AudioTokens,
@@ -278,23 +279,31 @@ def test_resampled_input_sees_the_same_signal(tok):
 FUNASR_NOTICE = "ffmpeg"  # funasr's import notice and pydub's warning both name it
 
 
-def _run_python(code: str) -> str:
-    """stdout + stderr of a fresh interpreter (the import happens once per process)."""
+def _run_python(code: str, path: str) -> str:
+    """stdout + stderr of a fresh interpreter (the import happens once per process) with ``path`` as PATH."""
     done = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=True
+        [sys.executable, "-c", code],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+        env={**os.environ, "PATH": path},
     )
     return done.stdout + done.stderr
 
 
 @pytest.mark.slow
-def test_loading_and_running_the_tokenizer_prints_no_funasr_notice(tiny_tokenizer_dir: Path) -> None:
-    bare = _run_python("import funasr")
+def test_loading_and_running_the_tokenizer_prints_no_funasr_notice(tiny_tokenizer_dir: Path, tmp_path: Path) -> None:
+    no_ffmpeg = path_without({"ffmpeg", "ffprobe", "avconv", "avprobe"}, tmp_path / "bin")  # the notice's condition
+    bare = _run_python("import funasr", no_ffmpeg)
     if FUNASR_NOTICE not in bare.lower():
         pytest.skip("this funasr/pydub prints no ffmpeg notice on import: nothing to silence")
     ours = _run_python(
         "import numpy as np\n"
         "from tokenizer import StepAudioTokenizer\n"
         f"tok = StepAudioTokenizer({str(tiny_tokenizer_dir)!r})\n"
-        "tok.wav2token(np.random.default_rng(0).uniform(-0.3, 0.3, 16000).astype(np.float32), 16000)\n"
+        "tok.wav2token(np.random.default_rng(0).uniform(-0.3, 0.3, 16000).astype(np.float32), 16000)\n",
+        no_ffmpeg,
     )
     assert FUNASR_NOTICE not in ours.lower(), ours

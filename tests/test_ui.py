@@ -1,12 +1,13 @@
 """The web UI without a browser: one queue with the API, file serving, the key, --no-ui, error messages, the log ring.
 
-The queue test drives the UI through Gradio's own client protocol (``gradio_client``, the same
-calls the page makes) against the real server on the tiny bundle.
+The queue test drives the UI with the page's own protocol (``tests.ui_page``: the requests a
+browser sends) against the real server on the tiny bundle.
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import threading
 import time
@@ -18,8 +19,6 @@ import httpx
 import pytest
 import soundfile as sf
 from fastapi.testclient import TestClient
-from gradio_client import Client, handle_file
-from gradio_client.exceptions import AppError
 from pydantic import ValidationError
 
 from api.app import create_app
@@ -30,6 +29,7 @@ from errors import BusyError, InvalidInputError, TooLargeError
 from settings import Settings
 from tests.api_live import LiveServer, test_settings
 from tests.conftest import word_error_rate
+from tests.ui_page import PageError, UiPage
 
 REPO = Path(__file__).resolve().parents[1]
 VOICE_WAV = REPO / "engine" / "default_voice" / "voice.wav"
@@ -55,12 +55,10 @@ def server(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 
 @pytest.fixture
-def ui_client(server: LiveServer) -> Iterator[Client]:
-    """Gradio's own client: the calls the page makes, without a browser."""
-    # analytics_enabled=False: the client's default would post telemetry to the internet
-    client = Client(f"{server.url}/ui/", verbose=False, analytics_enabled=False)
-    yield client
-    client.close()
+def page(server: LiveServer) -> Iterator[UiPage]:
+    """A page session without a browser: the requests the page sends."""
+    with UiPage(server.url) as session:
+        yield session
 
 
 def test_a_ui_request_waits_behind_api_requests_in_the_one_queue(server: LiveServer) -> None:
@@ -78,11 +76,8 @@ def test_a_ui_request_waits_behind_api_requests_in_the_one_queue(server: LiveSer
         finished.append("api")
 
     def ui_request() -> None:
-        client = Client(f"{server.url}/ui/", verbose=False, analytics_enabled=False)
-        try:
-            results["ui"] = client.predict(None, "default", "", TEXT, "base", 1.0, "2", "wav", api_name="/clone")
-        finally:
-            client.close()
+        with UiPage(server.url) as session:
+            results["ui"] = session.run("clone-run", None, "default", "", TEXT, "base", 1.0, "2", "wav")
         finished.append("ui")
 
     api_thread = threading.Thread(target=api_request, daemon=True)
@@ -104,18 +99,19 @@ def test_a_ui_request_waits_behind_api_requests_in_the_one_queue(server: LiveSer
     assert finished == ["api", "ui"]  # first in, first out across both front ends
     response = results["api"]
     assert isinstance(response, httpx.Response) and response.status_code == 200
-    _, audio_path, summary = results["ui"]  # type: ignore[misc]  # (live player, output, summary)
-    samples, sample_rate = sf.read(audio_path)
+    _, audio, summary, _ = results["ui"]  # type: ignore[misc]  # (live player, output, summary, last output)
+    with UiPage(server.url) as session:
+        samples, sample_rate = sf.read(io.BytesIO(session.fetch(audio)))
     assert sample_rate == 24000 and len(samples) > 0
     assert "**seed** 2" in summary
 
 
-def test_transcribe_button_fills_the_transcript_with_whisper(ui_client: Client) -> None:
-    heard = ui_client.predict(handle_file(str(VOICE_WAV)), api_name="/transcribe")
+def test_transcribe_button_fills_the_transcript_with_whisper(page: UiPage) -> None:
+    (heard,) = page.run("clone-transcribe", page.upload(VOICE_WAV))
     assert word_error_rate(VOICE_TEXT, heard) <= 0.2, heard
 
 
-def test_voices_register_list_play_delete_share_the_api_store(ui_client: Client, server: LiveServer) -> None:
+def test_voices_register_list_play_delete_share_the_api_store(page: UiPage, server: LiveServer) -> None:
     def names(table: dict) -> list[str]:
         table = table.get("value", table)  # an update of the table, or the table itself
         return [row[0] for row in table["data"]]
@@ -123,21 +119,19 @@ def test_voices_register_list_play_delete_share_the_api_store(ui_client: Client,
     def api_names() -> list[str]:
         return [v["id"] for v in httpx.get(f"{server.url}/v1/voices", timeout=30).json()["data"]]
 
-    message, table, _, _ = ui_client.predict(
-        "ui-voice", handle_file(str(VOICE_WAV)), VOICE_TEXT, api_name="/register_voice"
-    )
+    message, table, _, _ = page.run("voice-register", "ui-voice", page.upload(VOICE_WAV), VOICE_TEXT)
     assert "ui-voice" in message
     assert "ui-voice" in names(table)
     assert "ui-voice" in api_names()  # one voice store behind the UI and the API
-    played = ui_client.predict("ui-voice", api_name="/play")
-    samples, sample_rate = sf.read(played)
+    (played,) = page.run("voice-play", "ui-voice")
+    samples, sample_rate = sf.read(io.BytesIO(page.fetch(played)))
     expected, expected_rate = sf.read(VOICE_WAV)
     assert sample_rate == expected_rate and len(samples) == len(expected)
-    message, table, _, _ = ui_client.predict("ui-voice", api_name="/delete")
+    message, table, _, _ = page.run("voice-delete", "ui-voice")
     assert "Deleted" in message and "ui-voice" not in names(table)
     assert "ui-voice" not in api_names()
-    with pytest.raises(AppError, match=r"letters, digits"):  # the API's name rule, as the page shows it
-        ui_client.predict("bad name!", handle_file(str(VOICE_WAV)), VOICE_TEXT, api_name="/register_voice")
+    with pytest.raises(PageError, match=r"letters, digits"):  # the API's name rule, as the page shows it
+        page.run("voice-register", "bad name!", page.upload(VOICE_WAV), VOICE_TEXT)
 
 
 def test_root_redirects_to_the_ui(server: LiveServer) -> None:

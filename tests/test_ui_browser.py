@@ -89,7 +89,10 @@ def test_clone_with_the_default_voice_gives_playable_audio(page: Any) -> None:
     assert "variant base" in info and "intensity 1" in info
 
 
-@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="Gradio's streaming player needs ffmpeg")
+@pytest.mark.skipif(
+    shutil.which("ffmpeg") is None,
+    reason="no ffmpeg program on PATH: Gradio's streaming player encodes with it (.ci/run installs it)",
+)
 def test_the_clone_played_live_in_the_page(page: Any) -> None:
     """The live player got the stream and played it (autoplay), as long as the complete output.
 

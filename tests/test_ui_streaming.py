@@ -1,7 +1,7 @@
 """Live playback in the web UI: audio reaches the page while the engine still generates it.
 
-Driven through Gradio's own client protocol (the calls the page makes) against the real server
-on the tiny bundle. The evidence is server-side and does not depend on this machine's speed: on
+Driven with the page's own protocol (``tests.ui_page``: the requests a browser sends) against
+the real server on the tiny bundle. The evidence is server-side and does not depend on this machine's speed: on
 a bundle whose LLM never stops before its cap (``eos=False``), the page's player already has a
 segment of audio to fetch while the job is still running, and leaving the page then stops a
 generation that would otherwise have run to ``NEVER_ENDING`` ids (the generation's own log line
@@ -25,12 +25,12 @@ import httpx
 import pytest
 import soundfile as sf
 from fastapi.testclient import TestClient
-from gradio_client import Client, handle_file
 
 from api.app import create_app
 from bundles import write_bundle
 from settings import Settings
 from tests.api_live import LiveServer, test_settings
+from tests.ui_page import UiPage
 
 REPO = Path(__file__).resolve().parents[1]
 VOICE_WAV = REPO / "engine" / "default_voice" / "voice.wav"
@@ -39,12 +39,10 @@ LONG = 150  # ids per generation: several streamed pieces
 NEVER_ENDING = 5000  # 2 min of audio: no generation here reaches it before its page leaves
 AAC_SLACK_S = 0.2  # the AAC encoder's priming and last-frame padding
 
-needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="Gradio's streaming player needs ffmpeg")
-
-
-def _client(server: LiveServer) -> Client:
-    # download_files=False: outputs keep their URLs on the server, so the test fetches what the page fetches
-    return Client(f"{server.url}/ui/", verbose=False, analytics_enabled=False, download_files=False)
+needs_ffmpeg = pytest.mark.skipif(
+    shutil.which("ffmpeg") is None,
+    reason="no ffmpeg program on PATH: Gradio's streaming player encodes with it (.ci/run installs it)",
+)
 
 
 def _metric(url: str, name: str, **labels: str) -> float:
@@ -73,9 +71,10 @@ def _segments(playlist_url: str) -> list[tuple[float, str]]:
     return [(float(seconds), f"{base}/{name}") for seconds, name in found]
 
 
-def _live_url(update: Any) -> str:
+def _live_url(server: LiveServer, update: Any) -> str:
     assert isinstance(update, dict) and update.get("is_stream"), update
-    return str(update["url"])
+    url = str(update["url"])
+    return url if url.startswith("http") else f"{server.url}{url}"
 
 
 @pytest.fixture(scope="module")
@@ -101,14 +100,13 @@ def test_a_clone_plays_while_generating_and_leaving_the_page_stops_it(
     caplog.set_level(logging.INFO, logger="llm.decode")
     service = endless.app.state.step_audio.service
     gone_before = _metric(endless.url, "step_audio_requests_total", mode="clone", status="499")
-    client = _client(endless)
-    try:
-        job = client.submit(None, "default", "", TEXT, "base", 1.0, "5", "wav", api_name="/clone")
+    with UiPage(endless.url) as page:
+        job = page.submit("clone-run", None, "default", "", TEXT, "base", 1.0, "5", "wav")
         deadline = time.monotonic() + 120
         while not job.outputs() and time.monotonic() < deadline:
             time.sleep(0.02)
         assert job.outputs(), "no live update arrived"
-        playlist = _live_url(job.outputs()[0][0])
+        playlist = _live_url(endless, job.outputs()[0][0])
         segments: list[tuple[float, str]] = []
         while not segments and time.monotonic() < deadline:
             segments = _segments(playlist)
@@ -116,12 +114,10 @@ def test_a_clone_plays_while_generating_and_leaving_the_page_stops_it(
         # the page can fetch real audio now, and the job that makes it is still running
         assert _decoded_seconds(httpx.get(segments[0][1], timeout=30).content) > 0
         assert service.running == 1 and not job.done()
-        job.cancel()  # the page goes away (Gradio cancels the event, as when the tab closes)
+        job.cancel()  # the page stops the event (what it sends when the user leaves or stops it)
         while service.running and time.monotonic() < deadline:
             time.sleep(0.01)
         assert service.running == 0
-    finally:
-        client.close()
     lines = [m for rec in caplog.records if (m := rec.getMessage()).startswith("generated ")]
     assert len(lines) == 1, lines
     generated = int(re.match(r"generated (\d+) ids", lines[0]).group(1))  # type: ignore[union-attr]
@@ -135,22 +131,19 @@ def test_a_streamed_clone_ends_with_the_whole_audio_downloadable_and_counted(ser
     ok_before = _metric(url, "step_audio_requests_total", mode="clone", status="200")
     latency_before = _metric(url, "step_audio_request_latency_seconds_count", mode="clone")
     audio_before = _metric(url, "step_audio_audio_seconds_total", mode="clone")
-    client = _client(server)
-    try:
-        job = client.submit(None, "default", "", TEXT, "base", 1.0, "9", "wav", api_name="/clone")
-        live, out, summary = job.result(timeout=300)  # the page's State output is not the client's
+    with UiPage(server.url) as page:
+        job = page.submit("clone-run", None, "default", "", TEXT, "base", 1.0, "9", "wav")
+        live, out, summary, _ = job.result()  # (live player, output, summary, the last output's state)
         updates = job.outputs()
-    finally:
-        client.close()
+        final = page.fetch(out)
     assert len(updates) > 2, "the audio arrived in several live pieces before the result"
-    assert all(_live_url(u[0]) == _live_url(updates[0][0]) for u in updates[:-1])  # one stream
+    assert all(_live_url(server, u[0]) == _live_url(server, updates[0][0]) for u in updates[:-1])  # one stream
     assert isinstance(live, dict) and live.get("__type__") == "update"  # the result leaves the stream as it is
-    final = httpx.get(out["url"], timeout=30)
-    samples, sample_rate = sf.read(io.BytesIO(final.content))
+    samples, sample_rate = sf.read(io.BytesIO(final))
     seconds = len(samples) / sample_rate
     assert sample_rate == 24000 and seconds > 0 and "**seed** 9" in summary
     # the live stream carried all of it: the player's whole-stream file decodes to the same length
-    streamed = httpx.get(_live_url(updates[0][0]).replace("playlist.m3u8", "playlist-file"), timeout=30)
+    streamed = httpx.get(_live_url(server, updates[0][0]).replace("playlist.m3u8", "playlist-file"), timeout=30)
     assert abs(_decoded_seconds(streamed.content) - seconds) <= AAC_SLACK_S
     # the UI's request counts in the API's request series
     assert _metric(url, "step_audio_requests_total", mode="clone", status="200") == ok_before + 1
@@ -162,31 +155,16 @@ def test_a_streamed_clone_ends_with_the_whole_audio_downloadable_and_counted(ser
 
 @needs_ffmpeg
 def test_an_edit_streams_only_its_last_iteration(server: LiveServer) -> None:
-    client = _client(server)
-    try:
-        job = client.submit(
-            handle_file(str(VOICE_WAV)),
-            "denoise",  # no edit_info: the page fills those choices on load, which this client does not run
-            None,
-            "",
-            "",
-            2,
-            "base",
-            1.0,
-            "4",
-            "wav",
-            api_name="/edit",
-        )
-        result = job.result(timeout=300)
+    with UiPage(server.url) as page:
+        # denoise: no edit_info (the page fills those choices on load, which this session does not run)
+        job = page.submit("edit-run", page.upload(VOICE_WAV), "denoise", None, "", "", 2, "base", 1.0, "4", "wav")
+        result = job.result()
         updates = job.outputs()
-    finally:
-        client.close()
-    first, last = result[1], result[2]
-    lengths = []
-    for out in (first["value"], last["value"]):
-        samples, sample_rate = sf.read(io.BytesIO(httpx.get(out["url"], timeout=30).content))
-        lengths.append(len(samples) / sample_rate)
-    streamed = httpx.get(_live_url(updates[0][0]).replace("playlist.m3u8", "playlist-file"), timeout=30)
+        lengths = []
+        for out in (result[1], result[2]):
+            samples, sample_rate = sf.read(io.BytesIO(page.fetch(out["value"])))
+            lengths.append(len(samples) / sample_rate)
+    streamed = httpx.get(_live_url(server, updates[0][0]).replace("playlist.m3u8", "playlist-file"), timeout=30)
     seconds = _decoded_seconds(streamed.content)
     assert abs(seconds - lengths[1]) <= AAC_SLACK_S, (seconds, lengths)
     assert seconds < sum(lengths) - AAC_SLACK_S, (seconds, lengths)  # not the first iteration's audio too
