@@ -7,7 +7,7 @@ import pytest
 pytest.importorskip("ray.serve")
 
 from deploy.options import AppArgs, ReplicaOptions
-from deploy.ray_serve import deployment_options, parse, ui_app, ui_args
+from deploy.ray_serve import deployment_options, parse, speech_app, ui_app, ui_args
 
 
 def test_serve_lets_through_more_than_the_app_admits() -> None:
@@ -49,8 +49,10 @@ def test_the_web_ui_runs_on_exactly_one_replica() -> None:
     args = AppArgs(replica=ReplicaOptions(min_replicas=2, max_replicas=8))
     assert ui_args(args).replica.replicas == 1 and not ui_args(args).replica.autoscaling
     assert ui_args(args).replica.metrics_port == args.replica.metrics_port + 100  # beside the speech replicas'
-    deployment = ui_app(args.model_dump(mode="json"))
-    assert deployment._bound_deployment.num_replicas == 1
+    ui = ui_app(args.model_dump(mode="json"))._bound_deployment
+    assert ui.num_replicas == 1 and ui._deployment_config.autoscaling_config is None
+    speech = speech_app(args.model_dump(mode="json"))._bound_deployment  # the check can fail: this one scales
+    assert speech._deployment_config.autoscaling_config is not None
 
 
 def test_the_command_keeps_secrets_out_of_the_args(monkeypatch: pytest.MonkeyPatch) -> None:
