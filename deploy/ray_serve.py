@@ -21,13 +21,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import signal
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
@@ -157,6 +158,7 @@ class LocalCluster:
     num_cpus: int | None = None
     num_gpus: int | None = None
     temp_dir: str | None = None
+    _made_temp_dir: str | None = field(default=None, init=False, repr=False)
 
     @property
     def url(self) -> str:
@@ -177,7 +179,7 @@ class LocalCluster:
                 include_dashboard=False,
                 object_store_memory=LOCAL_OBJECT_STORE_BYTES,
                 # Unix sockets live under it: a long path passes their 107-byte limit
-                _temp_dir=self.temp_dir or tempfile.mkdtemp(prefix="ray", dir="/tmp"),
+                _temp_dir=self.temp_dir or self._make_temp_dir(),
                 logging_level=logging.WARNING,
             )
         else:
@@ -207,6 +209,13 @@ class LocalCluster:
         finally:
             if self.address is None:
                 ray.shutdown()
+            if self._made_temp_dir is not None:  # the session's logs and sockets, made for this cluster
+                shutil.rmtree(self._made_temp_dir, ignore_errors=True)
+                self._made_temp_dir = None
+
+    def _make_temp_dir(self) -> str:
+        self._made_temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+        return self._made_temp_dir
 
 
 # --------------------------------------------------------------------------- the command
