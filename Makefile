@@ -3,7 +3,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXTRAS ?= cpu,quant,dev
+# ray: the scale-out tests start a local Ray cluster and an S3-compatible server (docs/scale-out.md)
+EXTRAS ?= cpu,quant,dev,ray
 
 .PHONY: install run test lint typecheck layers fuzz bench gpu-check clean
 

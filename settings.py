@@ -180,6 +180,13 @@ class Settings(BaseSettings):
     allow_audio_urls: bool = Field(False, description="Accept *_audio_url inputs (public hosts only).")
     url_timeout_s: float = Field(10.0, gt=0, description="Time limit for fetching an audio URL.")
     voices_dir: Path | None = Field(None, description="Registered voices (default: <cache-dir>/voices).")
+    store_url: str | None = Field(
+        None,
+        pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9._/-]*)?$",
+        description="Keep the voices and a shared level of the prompt cache in an S3-compatible object store, "
+        "s3://bucket/prefix (endpoint from AWS_ENDPOINT_URL_S3, credentials from the environment), so every "
+        "replica of a scaled-out deployment sees them (docs/scale-out.md). Unset: voices in --voices-dir.",
+    )
     log_level: str = Field("INFO", description="Python logging level.")
 
     @classmethod

@@ -37,7 +37,16 @@ from fsutil import TEMP_SUFFIX, WriterTemps, fsync_dir, unlink_quietly
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TEMP_SUFFIX", "CacheStats", "LookupTally", "TokenCache", "content_key", "count_lookups", "fingerprint_of"]
+__all__ = [
+    "TEMP_SUFFIX",
+    "CacheStats",
+    "LookupTally",
+    "TokenCache",
+    "content_key",
+    "count_lookups",
+    "fingerprint_of",
+    "tally_lookup",
+]
 
 NAMESPACE = "wav2token"  # sub-directory of the cache directory owned by this cache
 INDEX_NAME = "index.sqlite3"
@@ -169,7 +178,7 @@ class TokenCache:
             else:
                 self._hits += 1
                 self._time_saved += saved
-        _tally(hit=result is not None)
+        tally_lookup(hit=result is not None)
         return result
 
     def put(self, key: str, arrays: Mapping[str, Any], compute_seconds: float | None = None) -> None:
@@ -435,7 +444,8 @@ def count_lookups() -> Iterator[LookupTally]:
         _LOOKUPS.reset(token)
 
 
-def _tally(*, hit: bool) -> None:
+def tally_lookup(*, hit: bool) -> None:
+    """Count one lookup in the enclosing ``count_lookups`` block (a cache in front of this one counts its own)."""
     tally = _LOOKUPS.get()
     if tally is not None:
         if hit:

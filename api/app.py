@@ -26,11 +26,12 @@ from api.limits import body_limit
 from api.metrics import Metrics
 from api.middleware import HeadAsGetMiddleware, HeaderMiddleware
 from api.openapi import contract_openapi
-from api.routes import speech, speech_stream, system, voices
+from api.routes import audio_voices, speech, speech_stream, system, voices
 from api.state import AppState, Engine
 from engine.service import InferenceService
 from engine.voices import DEFAULT_VOICE_NAME, Voice, VoiceStore
 from fsutil import probe_writable
+from object_store import ObjectStore, StoreError, open_store
 from settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -43,11 +44,12 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory | None = Non
     """A new app around ``settings``; ``engine_factory`` defaults to ``engine.build.build_engine``."""
     voices_dir = settings.voices_dir or settings.cache_dir / "voices"
     check_storage(settings, voices_dir)
+    voice_store = open_voice_store(settings, voices_dir)
     service = InferenceService(queue_size=settings.queue_size, workers=settings.inference_workers)
     state = AppState(
         settings=settings,
         service=service,
-        voices=VoiceStore(voices_dir),
+        voices=VoiceStore(voice_store),
         metrics=Metrics(lambda: live_values(state)),
         started_at=time.time(),
     )
@@ -62,7 +64,8 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory | None = Non
     )
     app.state.step_audio = state
     install_error_handlers(app)
-    for router in (system.health_router, system.router, speech.router, speech_stream.router, voices.router):
+    routers = (system.health_router, system.router, speech.router, speech_stream.router, voices.router)
+    for router in (*routers, audio_voices.router):
         app.include_router(router)
     app.openapi = lambda: contract_openapi(app)  # type: ignore[method-assign]
     ui_open: tuple[frozenset[str], tuple[str, ...]] = (frozenset(), ())
@@ -146,6 +149,10 @@ def live_values(state: AppState) -> dict[str, Any]:
             "Token-cache hits / lookups since start.",
             hits / (hits + misses) if hits + misses else 0.0,
         )
+        shared = stats.get("shared")
+        if isinstance(shared, dict):  # --store-url: the level every replica shares (shared_cache)
+            values["step_audio_cache_shared_hits"] = ("Prompt-cache hits in the shared store.", shared["hits"])
+            values["step_audio_cache_shared_errors"] = ("Shared-store failures (skipped).", shared["errors"])
     return values
 
 
@@ -172,12 +179,35 @@ def check_storage(settings: Settings, voices_dir: Path) -> None:
             "the stored voices can be used, but POST and DELETE /v1/voices answer 503",
         ),
     )
-    for directory, store, setting, consequence in checks:
+    # with --store-url the voices live in the object store (open_voice_store), not in a directory
+    for directory, store, setting, consequence in checks[:1] if settings.store_url else checks:
         reason = probe_writable(directory)
         if reason is not None:
             logger.warning(
                 "the %s directory %s (%s) cannot be written (%s): %s", store, directory, setting, reason, consequence
             )
+
+
+def open_voice_store(settings: Settings, voices_dir: Path) -> ObjectStore:
+    """``--voices-dir``, or ``voices/`` in the object store of ``--store-url``; one start-up line says
+    which, and whether the object store answers (a store that is down is a state the server runs in:
+    speech in the default voice and clips with their transcripts work; registering answers 503)."""
+    if not settings.store_url:
+        return open_store(None, voices_dir)
+    root = open_store(settings.store_url, voices_dir)
+    store = root.child("voices")
+    try:
+        store.list_keys()
+    except StoreError as exc:
+        logger.warning(
+            "the object store %s (--store-url / STEP_AUDIO_STORE_URL) is %s: speech in the default voice "
+            "works, registered voices and POST /v1/voices answer 503 until it answers",
+            exc.location,
+            exc.reason,
+        )
+    else:
+        logger.info("voices and the shared prompt cache live in %s", root.location)
+    return store
 
 
 def _load_engine(state: AppState, factory: EngineFactory | None) -> None:

@@ -14,6 +14,7 @@ import httpx
 import uvicorn
 
 from api.app import EngineFactory, create_app
+from api.uvicorn_options import HTTP, LOOP
 from settings import Settings
 
 LOOPBACK = "127.0.0.1"
@@ -39,7 +40,15 @@ class LoopbackServer:
         self.settings = settings
         self.app = create_app(settings, engine_factory=engine_factory)
         self.server = uvicorn.Server(
-            uvicorn.Config(self.app, host=LOOPBACK, port=0, log_level="warning", timeout_graceful_shutdown=5)
+            uvicorn.Config(
+                self.app,
+                host=LOOPBACK,
+                port=0,
+                log_level="warning",
+                timeout_graceful_shutdown=5,
+                loop=LOOP,
+                http=HTTP,
+            )
         )
         self.thread = threading.Thread(target=self.server.run, name="uvicorn-loopback", daemon=True)
         self.wait_ready = wait_ready

@@ -19,6 +19,8 @@ from types import FrameType
 import uvicorn
 from starlette.types import ASGIApp
 
+from api.uvicorn_options import HTTP, LOOP
+
 GRACE_S = 10  # open connections get this long to finish after a stop signal
 HARD_STOP_S = 20.0  # ... and the process is gone this long after it, graceful or not
 _STARTUP_FAILURE = 3  # uvicorn.run's exit status when the server could not start
@@ -56,7 +58,15 @@ def serve(
     hard_stop_s: float = HARD_STOP_S,
 ) -> None:
     """``uvicorn.run`` for one process, with the hard stop (``sys.exit(3)`` if it could not start)."""
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace_s)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=grace_s,
+        loop=LOOP,  # not uvloop/httptools even where the ray extra installed them
+        http=HTTP,
+    )
     server = BoundedStopServer(config, hard_stop_s=hard_stop_s)
     server.run()
     if not server.started:

@@ -9,11 +9,14 @@ from engine.prompting import PromptPreparer, prompt_cache_fingerprint
 from engine.synthesizer import SamplingOptions, Synthesizer
 from engine.tts import StepAudioEngine
 from llm.scheduler import Scheduler
+from object_store import open_store
+from shared_cache import with_shared_level
 from vocoder.frontend import frontend_fingerprint
 
 if TYPE_CHECKING:
     from engine.transcribe import Transcriber
     from settings import Settings
+    from shared_cache import RecordCache
 
 DEMO_MAX_NEW_TOKENS = 250  # random weights rarely sample EOS: cap demo generations at 6 s of audio
 
@@ -37,11 +40,8 @@ def build_engine(
         settings.funasr_model_id, dither=settings.funasr_dither, onnx_threads=settings.onnx_threads
     )
     vocoder = registry.get_vocoder(settings.onnx_threads)
-    cache = registry.get_prompt_cache(
-        settings.cache_dir,
-        settings.cache_max_bytes,
-        prompt_cache_fingerprint(tokenizer.fingerprint, frontend_fingerprint(vocoder.speaker_encoder)),
-    )
+    fingerprint = prompt_cache_fingerprint(tokenizer.fingerprint, frontend_fingerprint(vocoder.speaker_encoder))
+    cache = _prompt_cache(settings, registry, fingerprint)
     preparer = PromptPreparer(
         tokenizer=tokenizer,
         text_tokenizer=registry.get_text_tokenizer(),
@@ -68,6 +68,18 @@ def build_engine(
         segment_max_tokens=settings.segment_max_tokens,
         segments_in_flight=settings.segments_in_flight,
         pause_s=settings.segment_pause_ms / 1000,
+    )
+
+
+def _prompt_cache(settings: Settings, registry: model_loader.ModelRegistry, fingerprint: str) -> RecordCache | None:
+    """This host's cache, backed by the shared store's level when the deployment has one (shared_cache)."""
+    local = registry.get_prompt_cache(settings.cache_dir, settings.cache_max_bytes, fingerprint)
+    if not settings.store_url:
+        return local
+    url = settings.store_url
+    return registry.get_or_load(
+        f"shared_cache:{url}:{fingerprint}",
+        lambda: with_shared_level(local, open_store(url, settings.cache_dir), fingerprint),
     )
 
 

@@ -33,7 +33,7 @@ from vocoder.frontend import prompt_features
 if TYPE_CHECKING:
     from engine.transcribe import Transcriber
     from llm.text_tokenizer import StepTextTokenizer
-    from token_cache import TokenCache
+    from shared_cache import RecordCache
     from tokenizer import StepAudioTokenizer
     from vocoder.frontend import SpeakerEncoder
 
@@ -102,7 +102,7 @@ class PromptPreparer:
         tokenizer: StepAudioTokenizer,
         text_tokenizer: StepTextTokenizer,
         speaker_encoder: SpeakerEncoder,
-        cache: TokenCache | None = None,
+        cache: RecordCache | None = None,
         transcriber: Transcriber | None = None,
         max_audio_seconds: float = 30.0,
     ) -> None:

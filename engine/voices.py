@@ -1,23 +1,27 @@
-"""Named voices: a reference clip plus its transcript, kept on disk across restarts.
+"""Named voices: a reference clip plus its transcript, kept across restarts in an ``ObjectStore``.
 
-Layout: one file per voice, ``<voices_dir>/<name>.npz`` (an uncompressed numpy archive read with
+Layout: one object per voice, ``<name>.npz`` (an uncompressed numpy archive read with
 ``allow_pickle=False``): ``samples`` (float32 ``(channels, n)``, exactly the samples registered)
-and ``meta`` (UTF-8 JSON: transcript, sample rate, seconds, creation time).
+and ``meta`` (UTF-8 JSON: transcript, sample rate, seconds, creation time, and for voices made
+through OpenAI's Custom Voices API their name and consent). On local disk (the default) that is
+``<voices_dir>/<name>.npz``; with ``--store-url s3://bucket/prefix`` it is
+``prefix/voices/<name>.npz``, so every replica of a deployment serves every voice.
 
-Why one file: a voice is replaced by writing a temporary file beside it and ``os.replace``-ing
-it over the old one, which is atomic, so a reader that opens the name gets the whole old voice
-or the whole new one, never half of each, and never finds the name missing while it is being
-re-registered (the old layout, a directory of two files swapped by two renames, had both
-windows). A reader reads the file through one open descriptor, so a replace or delete after the
-open cannot disturb it. A listing skips a voice deleted between listing and reading it.
+Why one object: a voice is replaced whole (a temp file renamed over the old one, or one S3 PUT),
+so a reader gets the whole old voice or the whole new one, never half of each, and never finds
+the name missing while it is being re-registered; a listing never shows a voice being written.
+A listing skips a voice deleted between listing and reading it. Nothing is cached in the
+process: every lookup reads the store, so a voice deleted or replaced through another replica
+is gone or new here at once.
 
-Names match ``VOICE_NAME_RE`` (no dots, no slashes), so no name escapes the directory and no
-name collides with the temp files, which live in ``<voices_dir>/.tmp/`` (``fsutil.WriterTemps``:
-a writer killed mid-write leaves its file only until the next registration or start).
+Names match ``VOICE_NAME_RE`` (no dots, no slashes), so no name escapes the store and no name
+collides with a local store's temp files, which live in ``<voices_dir>/.tmp/``
+(``fsutil.WriterTemps``: a writer killed mid-write leaves its file only until the next
+registration or start).
 
-A directory that cannot be written (read-only, full) is an expected state: the store still
-serves the voices it holds, and registering or deleting raises ``StorageError`` (a 503) with
-nothing stored changed.
+A store that cannot be written (a read-only or full disk, an object store that is down) is an
+expected state: registering or deleting raises ``StorageError`` (a 503) with nothing stored
+changed; a local store still serves the voices it holds.
 
 OpenAI's voice names resolve to the engine's built-in default voice unless an operator has
 registered a voice of the same name, which then wins.
@@ -29,13 +33,12 @@ import contextlib
 import io
 import json
 import logging
-import os
 import re
 import threading
 import time
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -44,7 +47,7 @@ import soundfile as sf
 
 from engine.types import AudioInput
 from errors import InvalidInputError, NotFoundError, StorageError
-from fsutil import WriterTemps
+from object_store import Backoff, CorruptObjectError, LocalDirStore, ObjectStore, StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +57,6 @@ OPENAI_VOICES: tuple[str, ...] = (
 )  # fmt: skip
 DEFAULT_VOICE_NAME = "default"
 VOICE_SUFFIX = ".npz"
-TEMP_DIR = ".tmp"  # a name no voice can have
 DEFAULT_VOICE_DIR = Path(__file__).resolve().parent / "default_voice"
 
 
@@ -65,6 +67,7 @@ class Voice:
     transcript: str
     builtin: bool = False
     created: int | None = None
+    meta: dict[str, str] = field(default_factory=dict, compare=False)  # OpenAI's name, the consent, ...
 
     @property
     def seconds(self) -> float:
@@ -94,15 +97,14 @@ def validate_voice_name(name: str) -> str:
 
 
 class VoiceStore:
-    """Registered voices on disk, plus the built-in default voice behind OpenAI's names."""
+    """Registered voices in a store (a directory by default), plus the built-in default voice behind OpenAI's names."""
 
-    def __init__(self, directory: Path, default_voice: Voice | None = None) -> None:
-        self.directory = Path(directory)  # made by the first registration: opening one writes nothing
+    def __init__(self, store: Path | ObjectStore, default_voice: Voice | None = None) -> None:
+        # a directory is made by the first registration: opening one writes nothing
+        self.store: ObjectStore = LocalDirStore(store) if isinstance(store, Path) else store
         self.default_voice = default_voice
         self._lock = threading.Lock()
-        self._temps = WriterTemps(self.directory / TEMP_DIR)
-        with contextlib.suppress(OSError):  # a read-only directory holds no temp files to remove
-            self._temps.reap()
+        self._outage = Backoff()  # an unreachable store: OpenAI's names fall back to the default at once
 
     # --- registration -------------------------------------------------------------------
     def register(
@@ -111,8 +113,12 @@ class VoiceStore:
         audio: AudioInput,
         transcript: str,
         prepare: Callable[[AudioInput], None] | None = None,
+        meta: dict[str, str] | None = None,
     ) -> Voice:
-        """Store a voice (replacing one of the same name); ``prepare`` tokenizes the clip once."""
+        """Store a voice (replacing one of the same name); ``prepare`` tokenizes the clip once.
+
+        ``meta`` is kept with the voice (string values: OpenAI's display name, the consent id).
+        """
         validate_voice_name(name)
         transcript = transcript.strip()
         if not transcript:
@@ -121,31 +127,32 @@ class VoiceStore:
             prepare(audio)  # fails on audio the engine cannot use, before anything is written
         created = int(time.time())
         samples = np.ascontiguousarray(audio.samples, dtype=np.float32)
+        extra = dict(meta or {})
         with self._lock:
-            self._write(name, samples, audio.sample_rate, transcript, created)
+            self._write(name, samples, audio.sample_rate, transcript, created=created, extra=extra)
         logger.info("registered voice %r (%.2f s)", name, audio.seconds)
-        return Voice(name=name, audio=audio, transcript=transcript, created=created)
+        return Voice(name=name, audio=audio, transcript=transcript, created=created, meta=extra)
 
     def delete(self, name: str) -> None:
         validate_voice_name(name)
         try:
-            os.unlink(self._path(name))
-        except FileNotFoundError:
-            raise NotFoundError(f"no registered voice named {name!r}") from None
-        except OSError as exc:
+            existed = self.store.delete(f"{name}{VOICE_SUFFIX}")
+        except StoreError as exc:
             raise self._storage_error(f"the voice {name!r} cannot be deleted", exc) from exc
+        if not existed:
+            raise NotFoundError(f"no registered voice named {name!r}")
 
     # --- lookup ---------------------------------------------------------------------------
     def names(self) -> list[str]:
         """Registered voice names, sorted (temporary and foreign files skipped)."""
         try:
-            entries = list(self.directory.iterdir())
-        except FileNotFoundError:  # nothing registered yet
-            return []
+            keys = self.store.list_keys()
+        except StoreError as exc:
+            raise self._storage_error("the voices cannot be listed", exc, reading=True) from exc
         return sorted(
-            p.name.removesuffix(VOICE_SUFFIX)
-            for p in entries
-            if p.name.endswith(VOICE_SUFFIX) and VOICE_NAME_RE.fullmatch(p.name.removesuffix(VOICE_SUFFIX))
+            k.removesuffix(VOICE_SUFFIX)
+            for k in keys
+            if k.endswith(VOICE_SUFFIX) and VOICE_NAME_RE.fullmatch(k.removesuffix(VOICE_SUFFIX))
         )
 
     def voices(self) -> list[Voice]:
@@ -160,9 +167,14 @@ class VoiceStore:
         """A registered voice by name (NotFoundError when absent or unreadable)."""
         validate_voice_name(name)
         try:
-            data = self._path(name).read_bytes()  # one open: a later replace cannot mix versions
-        except FileNotFoundError:
-            raise NotFoundError(f"no registered voice named {name!r}") from None
+            data = self.store.get(f"{name}{VOICE_SUFFIX}")
+        except StoreError as exc:
+            raise self._storage_error(f"the voice {name!r} cannot be read", exc, reading=True) from exc
+        except CorruptObjectError as exc:
+            logger.warning("voice %r is damaged (%s); treating it as absent", name, exc)
+            raise NotFoundError(f"no registered voice named {name!r} (its file is damaged)") from None
+        if data is None:
+            raise NotFoundError(f"no registered voice named {name!r}")
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as npz:
                 samples = np.asarray(npz["samples"], dtype=np.float32)
@@ -180,6 +192,7 @@ class VoiceStore:
             audio=AudioInput(samples, sample_rate),
             transcript=transcript,
             created=int(created) if isinstance(created, int | float) else None,
+            meta={k: v for k, v in meta.items() if k not in _OWN_META and isinstance(v, str)},
         )
 
     def available(self) -> list[str]:
@@ -194,25 +207,33 @@ class VoiceStore:
 
         Unknown names are a bad request (400) that lists the names available.
         """
-        if isinstance(name, str) and VOICE_NAME_RE.fullmatch(name):
-            with contextlib.suppress(NotFoundError):
-                return self.get(name)
-        if self.default_voice is not None and name in (DEFAULT_VOICE_NAME, *OPENAI_VOICES):
+        fallback = self.default_voice is not None and name in (DEFAULT_VOICE_NAME, *OPENAI_VOICES)
+        if isinstance(name, str) and VOICE_NAME_RE.fullmatch(name) and not (fallback and self._outage.skipping()):
+            try:
+                voice = self.get(name)
+            except NotFoundError:
+                pass
+            except StorageError:
+                if not fallback:
+                    raise
+                # the store is down: OpenAI's names still speak, in the built-in voice
+                self._outage.failed()
+            else:
+                self._outage.succeeded()
+                return voice
+        if fallback and self.default_voice is not None:
             return self.default_voice
         available = self.available()
         hint = ", ".join(available) if available else "none (register one with POST /v1/voices)"
         raise InvalidInputError(f"unknown voice {name!r}; available voices: {hint}", param="voice")
 
     # --- storage --------------------------------------------------------------------------
-    def _path(self, name: str) -> Path:
-        path = (self.directory / f"{name}{VOICE_SUFFIX}").resolve()
-        if path.parent != self.directory.resolve():  # belt and braces beside the regex
-            raise InvalidInputError(f"invalid voice name {name!r}", param="name")
-        return path
-
-    def _write(self, name: str, samples: np.ndarray, sample_rate: int, transcript: str, created: int) -> None:
-        """Write the voice's file durably under a temporary name, then rename it over the old one."""
+    def _write(
+        self, name: str, samples: np.ndarray, sample_rate: int, transcript: str, *, created: int, extra: dict[str, str]
+    ) -> None:
+        """Write the voice as one object: the store replaces it whole or not at all."""
         meta = {
+            **extra,
             "name": name,
             "transcript": transcript,
             "sample_rate": int(sample_rate),
@@ -222,19 +243,24 @@ class VoiceStore:
         buf = io.BytesIO()
         meta_bytes = np.frombuffer(json.dumps(meta, ensure_ascii=False).encode("utf-8"), dtype=np.uint8)
         np.savez(buf, samples=samples, meta=meta_bytes)
-        target = self._path(name)
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            self._temps.reap()
-            self._temps.replace(name, buf.getvalue(), target)
-        except OSError as exc:
+            self.store.put(f"{name}{VOICE_SUFFIX}", buf.getvalue())
+        except StoreError as exc:
             raise self._storage_error(f"the voice {name!r} cannot be stored", exc) from exc
 
-    def _storage_error(self, what: str, exc: OSError) -> StorageError:
-        """The disk refused (read-only, full, no permission): a clear 503 naming what, and nothing changed."""
-        reason = exc.strerror or str(exc)
-        logger.warning("%s: the voices directory %s cannot be written (%s)", what, self.directory, reason)
-        return StorageError(
-            f"{what}: the voices directory cannot be written ({reason}); the stored voices are unchanged",
-            self.directory,
-        )
+    def _storage_error(self, what: str, exc: StoreError, *, reading: bool = False) -> StorageError:
+        """The store refused or is unreachable: a clear 503 saying what, and nothing changed.
+
+        The log names the store (a directory, a bucket); the client's message does not.
+        """
+        if self.store.shared:
+            where = f"the voice store is {exc.reason}"
+        else:
+            where = f"the voices directory cannot be {'read' if reading else 'written'} ({exc.detail})"
+        logger.warning("%s: %s [%s]", what, where, exc.location)
+        unchanged = "" if reading else "; the stored voices are unchanged"
+        directory = None if self.store.shared else Path(exc.location)
+        return StorageError(f"{what}: {where}{unchanged}", directory)
+
+
+_OWN_META = frozenset({"name", "transcript", "sample_rate", "seconds", "created"})

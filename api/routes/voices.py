@@ -67,8 +67,18 @@ async def register_voice(
     return _card(await add_voice(state, engine, name, data, transcript))
 
 
-async def add_voice(state: AppState, engine: Engine, name: str, data: bytes, transcript: str | None) -> Voice:
-    """The one registration path (HTTP and web UI): checks, decode, transcription, tokenizing in the queue."""
+async def add_voice(
+    state: AppState,
+    engine: Engine,
+    name: str,
+    data: bytes,
+    transcript: str | None,
+    *,
+    file_param: str = "file",
+    meta: dict[str, str] | None = None,
+) -> Voice:
+    """The one registration path (HTTP, OpenAI's Custom Voices, the web UI): checks, decode,
+    transcription, tokenizing in the queue. ``meta`` is kept with the voice."""
     validate_voice_name(name)
     check_text("transcript", transcript, state.settings.max_input_chars)
     if name == DEFAULT_VOICE_NAME:
@@ -79,13 +89,13 @@ async def add_voice(state: AppState, engine: Engine, name: str, data: bytes, tra
             "a voice needs the transcript of its clip (or a server started with --enable-auto-transcribe)",
             param="transcript",
         )
-    audio = await decode_audio_bytes(data, settings=state.settings, param="file")
+    audio = await decode_audio_bytes(data, settings=state.settings, param=file_param)
 
     def register() -> Voice:
         heard = text or engine.transcribe(audio).strip()
         if not heard:
             raise InvalidInputError("no speech was recognised in the clip; give its transcript", param="transcript")
-        return state.voices.register(name, audio, heard, prepare=engine.prepare_voice)
+        return state.voices.register(name, audio, heard, prepare=engine.prepare_voice, meta=meta)
 
     voice, _ = await state.service.submit("voice", register)
     return voice
