@@ -2,9 +2,7 @@
 
 Each replica runs ``api.app.create_app`` with the real engine on the tiny bundle, as
 ``tests.api_live.LiveServer`` does in one process; the only differences are the generation cap
-(from ``STEP_AUDIO_TEST_MAX_NEW_TOKENS``: the replicas inherit the test's environment) and, while
-the app has no WebSocket route of its own, a minimal one, so the tests can show that Serve's
-proxy carries the app's WebSocket routes.
+(from ``STEP_AUDIO_TEST_MAX_NEW_TOKENS``: the replicas inherit the test's environment).
 """
 
 from __future__ import annotations
@@ -12,24 +10,13 @@ from __future__ import annotations
 import os
 from functools import partial
 
-from fastapi import FastAPI, WebSocket
+from fastapi import FastAPI
 
 from api.app import create_app as create_real_app
 from engine.build import build_engine
 from settings import Settings
 
-WEBSOCKET_PATH = "/v1/test/websocket"
-
 
 def create_app(settings: Settings) -> FastAPI:
     cap = int(os.environ.get("STEP_AUDIO_TEST_MAX_NEW_TOKENS", "25"))
-    app = create_real_app(settings, engine_factory=partial(build_engine, max_new_tokens=cap))
-
-    @app.websocket(WEBSOCKET_PATH)
-    async def echo(socket: WebSocket) -> None:
-        await socket.accept()
-        text = await socket.receive_text()
-        await socket.send_text(f"{text} from {os.getpid()}")
-        await socket.close()
-
-    return app
+    return create_real_app(settings, engine_factory=partial(build_engine, max_new_tokens=cap))

@@ -46,7 +46,6 @@ from ray import serve
 from bundles import write_bundle
 from deploy.options import AppArgs, ReplicaOptions
 from deploy.ray_serve import SPEECH_APP, LocalCluster, speech_app
-from tests.ray_apps import WEBSOCKET_PATH
 from tests.ui_page import UiPage
 
 pytestmark = pytest.mark.slow
@@ -248,9 +247,19 @@ def test_a_full_replica_answers_with_the_apps_own_429(cluster: Cluster) -> None:
 def test_websockets_and_the_web_ui_pass_through_the_proxy(cluster: Cluster) -> None:
     from websockets.sync.client import connect
 
-    with connect(cluster.url.replace("http", "ws") + WEBSOCKET_PATH) as socket_:
-        socket_.send("ping")
-        assert socket_.recv(timeout=10).startswith("ping from ")
+    with connect(cluster.url.replace("http", "ws") + "/v1/audio/speech/stream") as socket_:  # text in, speech out
+        socket_.send(json.dumps({"type": "session.config", "voice": "alloy", "response_format": "pcm"}))
+        socket_.send(json.dumps({"type": "input.text", "text": "Through the proxy. "}))
+        socket_.send(json.dumps({"type": "input.text", "text": "And back again."}))
+        socket_.send(json.dumps({"type": "input.done"}))
+        frames, events = 0, []
+        while not events or events[-1]["type"] not in ("session.done", "error"):
+            message = socket_.recv(timeout=120)
+            if isinstance(message, bytes):
+                frames += len(message)
+            else:
+                events.append(json.loads(message))
+    assert events[-1]["type"] == "session.done" and events[-1]["total_sentences"] == 2 and frames > 0
     with httpx.Client(base_url=cluster.url, timeout=60) as http:
         root = http.get("/")
         assert root.status_code == 307 and root.headers["location"] == "/ui/"
