@@ -137,11 +137,12 @@ class Settings(BaseSettings):
         "speech; docs/long-text.md), generated side by side and joined in order.",
     )
     segments_in_flight: int = Field(
-        4,
+        8,
         ge=1,
         le=16,
         description="Most segments of one request generating at once: a long text takes at most this many rows "
-        "of the LLM batch, so other requests get in beside it.",
+        "(half the default batch) of the LLM batch, so other requests get in beside it; lower favours many "
+        "concurrent users, higher the fastest long answers.",
     )
     segment_pause_ms: int = Field(250, ge=0, le=2000, description="Silence between two segments' audio.")
     ws_idle_timeout_s: float = Field(

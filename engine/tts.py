@@ -58,7 +58,7 @@ from token_cache import count_lookups
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SEGMENTS_IN_FLIGHT = 4
+DEFAULT_SEGMENTS_IN_FLIGHT = 8
 
 
 class StepAudioEngine:
