@@ -216,6 +216,29 @@ def test_a_voice_registered_once_is_spoken_by_both_replicas_and_its_prompt_is_sh
     assert len(client.audio.speech.create(model="tts-1", voice={"id": voice.id}, input="SDK.").content) > 0
 
 
+def test_the_sdk_lists_and_deletes_voices_through_the_proxy(cluster: Cluster) -> None:
+    """A voice created, listed (OpenAI's list is a plain GET: the SDK has no list method) and deleted through
+    the proxy: every replica then refuses it, and its consent goes too."""
+    client = cluster.sdk()
+    consent = client.audio.voice_consents.create(
+        name="short-lived", language="en-US", recording=("c.wav", clip(0.5), "audio/wav")
+    )
+    voice = client.audio.voices.create(
+        name="short-lived",
+        consent=consent.id,
+        audio_sample=("s.wav", clip(1.0, 5), "audio/wav"),
+        extra_body={"transcript": VOICE_TEXT},
+    )
+    with httpx.Client(base_url=cluster.url, timeout=120) as http:
+        assert voice.id in [v["id"] for v in http.get("/v1/audio/voices").json()["data"]]
+        assert client.audio.voices.delete(voice.id).deleted
+        for _ in range(6):  # whichever replica answers, the voice is gone from the shared store
+            r = speak(http, {**SPEAK, "voice": {"id": voice.id}})
+            assert r.status_code == 400 and "unknown voice" in r.json()["error"]["message"]
+        assert voice.id not in [v["id"] for v in http.get("/v1/audio/voices").json()["data"]]
+    assert client.audio.voice_consents.delete(consent.id).deleted
+
+
 @pytest.mark.parametrize("stream_format", ["audio", "sse"])
 def test_streams_arrive_in_pieces_while_the_replica_still_generates(cluster: Cluster, stream_format: str) -> None:
     pieces: list[bytes] = []
