@@ -143,10 +143,15 @@ class DecodeLoop:
         ``seed`` None draws a fresh one (``handle.seed``). ``max_length`` counts the prompt.
         NotReadyError once the loop is closed.
         """
-        spec = SamplingSpec(float(intensity), float(temperature), top_k, bool(do_sample))
+        # checked as given: float() first would turn a wrong type into a bare TypeError or ValueError
         check_generation_args(
-            prompt, spec, max_length=max_length, max_new_tokens=max_new_tokens, vocab_size=self._vocab
+            prompt,
+            SamplingSpec(intensity, temperature, top_k, bool(do_sample)),
+            max_length=max_length,
+            max_new_tokens=max_new_tokens,
+            vocab_size=self._vocab,
         )
+        spec = SamplingSpec(float(intensity), float(temperature), top_k, bool(do_sample))
         budget = max_length - len(prompt.cond)
         if max_new_tokens is not None:
             budget = min(budget, max_new_tokens)

@@ -308,6 +308,16 @@ def test_bad_arguments_raise_at_submit(model, pairs, sched):
         sched.submit(PromptPair(cond=[], uncond=[1]))
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "param"), [({"intensity": "abc"}, "intensity"), ({"temperature": None}, "temperature")]
+)
+def test_wrong_typed_sampling_arguments_are_invalid_input(model, pairs, sched, kwargs, param):
+    """Checked as given, not after float(): a string or None is the caller's mistake (a 4xx), not a crash."""
+    with pytest.raises(InvalidInputError) as err:
+        sched.submit(pairs[0], **kwargs)
+    assert err.value.param == param
+
+
 def test_a_failing_observer_fails_no_generation(model, pairs):
     class Broken:
         def on_admit(self, variant: str, queue_wait_s: float) -> None:
