@@ -156,7 +156,6 @@ class DecodeLoop:
         if max_new_tokens is not None:
             budget = min(budget, max_new_tokens)
         gen = Generation(
-            prompt=prompt,
             spec=spec,
             seed=resolve_seed(seed),
             budget=budget,

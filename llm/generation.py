@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from llm.prompts import PromptPair
 from llm.sampling import REPETITION_WINDOW, Ending, GenerationResult, SamplingSpec, postprocess
 
 
@@ -42,7 +41,6 @@ _ENDINGS = {Status.STOPPED: Ending.STOP, Status.LIMIT: Ending.LIMIT, Status.CANC
 class Generation:
     """One request in the loop. Written by the loop's thread; read by its handle on any thread."""
 
-    prompt: PromptPair
     spec: SamplingSpec
     seed: int
     budget: int  # ids it may generate: min(max_new_tokens, max_length - prompt)
