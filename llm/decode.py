@@ -53,7 +53,6 @@ from llm.sampling import (
     DEFAULT_MAX_LENGTH,
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_K,
-    REPETITION_WINDOW,
     STOP_IDS,
     GenerationResult,
     SamplingSpec,
@@ -160,7 +159,6 @@ class DecodeLoop:
             seed=resolve_seed(seed),
             budget=budget,
             rows=request_rows(prompt, spec.guided),
-            history=list(prompt.cond[-REPETITION_WINDOW:]),
         )
         with self.changed:
             if self.closed:

@@ -50,9 +50,16 @@ class Generation:
     error: BaseException | None = None
     enqueued_at: float = field(default_factory=time.perf_counter)
     generated: list[int] = field(default_factory=list)
-    history: list[int] = field(default_factory=list)  # last ids of the conditional row, for the repetition rule
     generator: torch.Generator | None = None
     progress: threading.Condition = field(default_factory=threading.Condition)  # wakes readers of ``generated``
+
+    @property
+    def history(self) -> list[int]:
+        """The last ids of the conditional row (prompt, then generated), for the repetition rule.
+
+        Only the tails are joined, so reading it costs no copy of the whole row per step.
+        """
+        return (self.rows[0][-REPETITION_WINDOW:] + self.generated[-REPETITION_WINDOW:])[-REPETITION_WINDOW:]
 
     def longest_row(self) -> int:
         return max(len(r) for r in self.rows) + len(self.generated)
@@ -61,7 +68,6 @@ class Generation:
         with self.progress:
             self.generated.append(token)
             self.progress.notify_all()
-        self.history = [*self.history[1 - REPETITION_WINDOW :], token]
 
     def end(self, status: Status, error: BaseException | None = None) -> None:
         with self.progress:
