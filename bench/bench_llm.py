@@ -36,7 +36,7 @@ import torch
 
 from bench.decode_timing import AUDIO_IDS, audio_prompts, time_decode
 from bundles.llm_bundle import llm_config_dict, write_llm_bundle
-from llm.batching import LastLogits, RowKVCache, left_pad, num_layers
+from llm.batching import LastLogits, RowKVCache, model_device, prefill
 from llm.config import Step1Config
 from llm.model import Step1ForCausalLM
 from llm.scheduler import Scheduler
@@ -84,13 +84,9 @@ def decode_speed(model: torch.nn.Module, batch: int, context: int, steps: int) -
 def model_step_s(model: torch.nn.Module, rows: int, context: int, steps: int) -> float:
     """Median seconds of one decode forward of ``rows`` rows (the loop's ``LastLogits`` on its
     ``RowKVCache``), without sampling or bookkeeping."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     forward = LastLogits(model)
-    cache = RowKVCache(num_layers(model), rows)
-    prompts = audio_prompts(rows, context)
-    ids, mask = left_pad([p.cond for p in prompts], device)
-    forward(ids, mask, cache)
-    cache.lengths = [len(p.cond) for p in prompts]
+    _, cache = prefill(model, forward, [p.cond for p in audio_prompts(rows, context)])
     token = torch.full((rows, 1), AUDIO_IDS[0] + 7, dtype=torch.long, device=device)
     times = []
     for _ in range(steps):
