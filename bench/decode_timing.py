@@ -21,6 +21,7 @@ from audio_codes import AUDIO_ID_OFFSET, N_MIXED_CODES
 from llm.decode import DecodeObserver, StepStats
 from llm.generation import GenerationHandle
 from llm.prompts import PromptPair
+from llm.sampling import SamplingSpec
 from llm.scheduler import Scheduler
 
 AUDIO_IDS = (AUDIO_ID_OFFSET, AUDIO_ID_OFFSET + N_MIXED_CODES)
@@ -123,5 +124,5 @@ def time_decode(
     finally:
         recorder.release()
         scheduler.observer = recorder.inner
-    rows = len(prompts) * (2 if intensity != 1.0 else 1)
+    rows = len(prompts) * (2 if SamplingSpec(intensity=intensity).guided else 1)
     return DecodeTiming(batch=len(prompts), rows=rows, ids=ids, wall_s=wall, steps=recorder.steps)
