@@ -15,7 +15,9 @@ import threading
 from functools import lru_cache
 from typing import Any
 
-_TAG = re.compile(r"(\[[^\[\]\n]{1,38}\])")
+from engine.segments import TAG_PATTERN
+
+_TAG = re.compile(f"({TAG_PATTERN})")  # captured: split keeps the tags, at the odd indices
 _lock = threading.Lock()
 
 

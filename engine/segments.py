@@ -55,7 +55,9 @@ SLOWEST_TOKENS_PER_SECOND = 3.1
 MAX_SEGMENT_TOKENS = 80
 # "[Laughter]", "[Sichuanese]", any bracketed run of at most 40 characters on one line
 MAX_TAG_CHARS = 40
-_TAG = re.compile(rf"\[[^\[\]\n]{{1,{MAX_TAG_CHARS - 2}}}\]")
+# One tag; engine.normalize builds its regex from this too, so both agree on what a tag is.
+TAG_PATTERN = rf"\[[^\[\]\n]{{1,{MAX_TAG_CHARS - 2}}}\]"
+_TAG = re.compile(TAG_PATTERN)
 
 # Cut-point levels, best first; a segment ends at the latest cut of the best level that fits.
 SENTENCE, CLAUSE, WORD = 0, 1, 2
