@@ -68,7 +68,6 @@ class SeamWriter:
 
     def __init__(self, sink: AudioSink, *, sample_rate: int, pause_s: float = DEFAULT_PAUSE_SECONDS) -> None:
         self.sink = sink
-        self.sample_rate = sample_rate
         self.pause = np.zeros(round(pause_s * sample_rate), dtype=np.float32)
         self.n_fade = fade_samples(sample_rate)
         self.samples = 0  # samples passed on so far

@@ -65,10 +65,8 @@ class SegmentFeed:
 
     def __init__(self) -> None:
         self._queue: queue.Queue[object] = queue.Queue()
-        self.count = 0
 
     def put(self, segment: Segment) -> None:
-        self.count += 1
         self._queue.put(segment)
 
     def close(self) -> None:
