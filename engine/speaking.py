@@ -174,15 +174,7 @@ def speak_segments(
             if writer is not None:
                 start, end = writer.end(more=following is not None)
                 writer.segment(
-                    SegmentSpan(
-                        item.index,
-                        item.segment.text,
-                        start,
-                        end,
-                        item.seed,
-                        (item.segment.start, item.segment.end),
-                        chain.cut_short,
-                    )
+                    SegmentSpan.of(item.index, item.segment, start, end, seed=item.seed, cut_short=chain.cut_short)
                 )
             chains.append((item.segment, chain))
             item = following

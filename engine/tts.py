@@ -341,7 +341,7 @@ class StepAudioEngine:
             cache_misses=misses,
             prompt_cache=list(run.prompt_cache),
             segments=[
-                SegmentSpan(k, seg.text, s, e, chain.seed, (seg.start, seg.end), chain.cut_short)
+                SegmentSpan.of(k, seg, s, e, seed=chain.seed, cut_short=chain.cut_short)
                 for k, ((seg, chain), (s, e)) in enumerate(zip(chains, spans, strict=False))
             ],
             cut_short=any(c.cut_short for c in all_chains),

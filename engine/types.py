@@ -15,6 +15,8 @@ from typing import Literal, Protocol, get_args
 
 import numpy as np
 
+from engine.segments import Segment
+
 # the names of llm.prompts.EDIT_OPTIONS as types (pydantic needs literals; a test keeps the three equal)
 EditMode = Literal["emotion", "style", "speed", "paralinguistic", "denoise", "vad"]
 Mode = Literal["clone", "emotion", "style", "speed", "paralinguistic", "denoise", "vad"]  # one enum in the schema
@@ -117,6 +119,14 @@ class SegmentSpan:
     seed: int
     chars: tuple[int, int] = (0, 0)
     cut_short: bool = False
+
+    @classmethod
+    def of(cls, index: int, segment: Segment, start: int, end: int, *, seed: int, cut_short: bool) -> SegmentSpan:
+        """Segment ``index``'s span, its text and character offsets taken from ``segment``.
+
+        The streamed captions and the result's spans are built here, so they cannot disagree.
+        """
+        return cls(index, segment.text, start, end, seed, (segment.start, segment.end), cut_short)
 
 
 @dataclass
