@@ -344,5 +344,5 @@ class StepAudioEngine:
                 SegmentSpan.of(k, seg, s, e, seed=chain.seed, cut_short=chain.cut_short)
                 for k, ((seg, chain), (s, e)) in enumerate(zip(chains, spans, strict=False))
             ],
-            cut_short=any(c.cut_short for c in all_chains),
+            cut_short=cut > 0,
         )
