@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,7 +44,15 @@ class ChainRun:
     labels: list[IterationLabel] = field(default_factory=list)
     codes: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     cut_short: bool = False
+    heard: np.ndarray | None = None  # the last output as streamed, speed applied (None: it did not stream)
 
     @property
     def generations(self) -> int:
         return len(self.outputs)
+
+    def at_speed(self, stretch: Callable[[np.ndarray], np.ndarray]) -> list[np.ndarray]:
+        """Every output at the request's speed: ``stretch`` applied, except to a streamed last output,
+        which went out stretched already (the stretch is deterministic: the same samples, made once)."""
+        if self.heard is None:
+            return [stretch(wav) for wav in self.outputs]
+        return [stretch(wav) for wav in self.outputs[:-1]] + [self.heard]

@@ -49,11 +49,13 @@ class SamplingOptions:
 @dataclass(frozen=True)
 class Generated:
     """One generation's output: its mixed audio codes, their 24 kHz audio (speed not applied), and
-    what ended it (``Ending.LIMIT``: the length limit cut it short)."""
+    what ended it (``Ending.LIMIT``: the length limit cut it short). ``heard``: a streamed
+    generation's audio as it was sent, speed applied (so the result need not stretch it again)."""
 
     codes: np.ndarray
     audio: np.ndarray
     ending: Ending
+    heard: np.ndarray | None = None
 
 
 def raise_if_cancelled(cancel: CancelToken | None) -> None:
@@ -207,13 +209,14 @@ class Synthesizer:
         finally:
             handle.cancel()  # a no-op when it is done; stops the LLM if the vocoder failed
         wav = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
+        heard = self.apply_speed(wav, speed, timings)  # wav itself at speed 1: its pieces went out above
         if speed != 1.0 and wav.size:
-            sink.put(self.apply_speed(wav, speed, timings))
+            sink.put(heard)
         if timings.first_audio_ids is not None and timings.streamed_ids is None:
             timings.streamed_ids = handle.steps_run
         timings.llm += time.perf_counter() - begin - vocode_s
         timings.vocoder += vocode_s
-        return Generated(np.asarray(result.codes, dtype=np.int64), wav, result.ending)
+        return Generated(np.asarray(result.codes, dtype=np.int64), wav, result.ending, heard)
 
     # --- audio ------------------------------------------------------------------------------
     def vocode(self, codes: np.ndarray, features: PromptFeatures, seed: int, timings: Timings) -> np.ndarray:

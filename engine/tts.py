@@ -299,6 +299,7 @@ class StepAudioEngine:
             chain.cut_short = True
         chain.codes = generated.codes
         chain.outputs.append(generated.audio)
+        chain.heard = generated.heard
         chain.labels.append(label)
 
     def _result(
@@ -313,7 +314,7 @@ class StepAudioEngine:
     ) -> SynthesisResult:
         speed, timings = run.request.speed, run.timings
         all_chains = [edit_chain] if edit_chain is not None else [chain for _, chain in chains]
-        outputs = [[self.synthesizer.apply_speed(wav, speed, timings) for wav in c.outputs] for c in all_chains]
+        outputs = [c.at_speed(lambda wav: self.synthesizer.apply_speed(wav, speed, timings)) for c in all_chains]
         if len(outputs) == 1:
             audio = outputs[0][-1]
             spans = [(0, audio.size)]

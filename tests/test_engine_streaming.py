@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+from engine import synthesizer
 from engine.build import build_engine
+from engine.synthesizer import change_speed
 from engine.tts import StepAudioEngine
 from engine.types import AudioInput, CancelToken, CloneRequest, EditRequest
 from engine.voices import load_default_voice
@@ -126,6 +128,28 @@ def test_only_the_last_edit_iteration_streams(engine, voice) -> None:
     np.testing.assert_array_equal(streamed.iterations[0], whole.iterations[0])  # the first ran whole
     np.testing.assert_array_equal(sink.audio, streamed.audio)
     assert not np.array_equal(streamed.audio, whole.audio)  # the last one is the streaming vocoder's
+
+
+def test_a_streamed_request_at_another_speed_stretches_each_output_once(engine, voice, monkeypatch) -> None:
+    """The streamed last output goes out stretched (a phase vocoder needs the whole signal); the
+    result reuses those samples rather than stretching the same audio a second time."""
+    stretched: list[int] = []
+
+    def counting(wav: np.ndarray, speed: float) -> np.ndarray:
+        stretched.append(wav.size)
+        return change_speed(wav, speed)
+
+    monkeypatch.setattr(synthesizer, "change_speed", counting)
+    audio, text = voice
+    request = EditRequest(
+        audio=audio, audio_text=text, mode="emotion", edit_info="happy", n_edit_iter=2, seed=4, speed=1.5
+    )
+    sink = Collect()
+    result = engine.edit(request, sink=sink)
+    assert len(result.iterations) == 2 and all(wav.size for wav in result.iterations)
+    np.testing.assert_array_equal(sink.audio, result.audio)  # what was heard is what is returned
+    np.testing.assert_array_equal(result.iterations[-1], result.audio)
+    assert len(stretched) == 2, "each of the two outputs is stretched once"
 
 
 def test_cancel_mid_stream_stops_the_work(engine, voice) -> None:
