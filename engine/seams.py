@@ -36,26 +36,35 @@ def fade_samples(sample_rate: int) -> int:
 def join_segments(
     audios: Sequence[np.ndarray], *, sample_rate: int, pause_s: float = DEFAULT_PAUSE_SECONDS
 ) -> tuple[np.ndarray, list[tuple[int, int]]]:
-    """The segments joined with the seam above, and each segment's (start, end) sample in the result."""
-    n_fade, pause = fade_samples(sample_rate), np.zeros(round(pause_s * sample_rate), dtype=np.float32)
-    parts: list[np.ndarray] = []
+    """The segments joined with the seam above, and each segment's (start, end) sample in the result.
+
+    A ``SeamWriter`` fed each segment whole: the joined and the streamed samples are one code path.
+    """
+    kept = _Kept()
+    writer = SeamWriter(kept, sample_rate=sample_rate, pause_s=pause_s)
     spans: list[tuple[int, int]] = []
-    at = 0
     for k, audio in enumerate(audios):
-        piece = np.asarray(audio, dtype=np.float32).copy()
-        if k > 0:
-            parts.append(pause)
-            at += pause.size
-            head = min(n_fade, piece.size)
-            piece[:head] *= _ramp(n_fade, rising=True)[:head]
-        if k < len(audios) - 1:
-            tail = min(n_fade, piece.size)
-            piece[piece.size - tail :] *= _ramp(tail, rising=False)
-        parts.append(piece)
-        spans.append((at, at + piece.size))
-        at += piece.size
-    joined = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+        writer.begin(k)
+        writer.put(audio)
+        spans.append(writer.end(more=k < len(audios) - 1))
+    joined = np.concatenate(kept.pieces) if kept.pieces else np.zeros(0, dtype=np.float32)
     return joined, spans
+
+
+class _Kept:
+    """The ``AudioSink`` that ``join_segments`` writes into: it keeps the pieces."""
+
+    def __init__(self) -> None:
+        self.pieces: list[np.ndarray] = []
+
+    def start(self, info: StreamInfo) -> None:
+        pass
+
+    def put(self, piece: np.ndarray) -> None:
+        self.pieces.append(piece)
+
+    def segment(self, span: SegmentSpan) -> None:
+        pass
 
 
 class SeamWriter:
