@@ -132,15 +132,11 @@ async def run_job(
         return engine.edit(request, sink=sink, cancel=cancel)
 
     work = asyncio.ensure_future(state.service.submit(mode, run, request=request, cancel=cancel))
-    finished = False
     try:
         if sink is not None:
             async for event in sink.events(work):
                 yield event
         result, timing = await work
-        metrics.record_run(mode, result, timing)
-        finished = True
-        yield Finished(result, timing)
     except InvalidInputError as exc:
         exc.param = api_param(exc.param)
         metrics.record_status(mode, exc)
@@ -149,14 +145,16 @@ async def run_job(
         metrics.record_status(mode, exc)
         raise
     except RequestCancelledError:
-        finished = True
         metrics.record_status(mode, 499)
         raise
     except Exception:
-        finished = True
         metrics.record_status(mode, 500)
         raise
-    finally:
-        if not finished and not work.done():  # the consumer went away: stop the job, count a 499
-            work.cancel()
-            metrics.record_status(mode, 499)
+    except BaseException:
+        # CancelledError or GeneratorExit: the consumer went away before the end. Counted here, not
+        # from ``work``'s state: a consumer cancelled while awaiting ``work`` has cancelled it too.
+        work.cancel()
+        metrics.record_status(mode, 499)
+        raise
+    metrics.record_run(mode, result, timing)
+    yield Finished(result, timing)  # a consumer that stops after this has had the whole answer

@@ -7,6 +7,8 @@ real engine on tiny bundles).
 * A stream that fails after its first bytes (here: the engine shuts down under it, a real failure
   of the decode loop) ends with an SSE ``error`` event in OpenAI's envelope, or, as chunked audio,
   without HTTP's terminating chunk, so the client sees a broken transfer, not a short file.
+* A client that hangs up while its whole-audio (or ``return_iterations``) job runs stops the job and
+  is counted as 499.
 * With the cache off, ``X-Step-Audio-Cache`` says ``none``.
 """
 
@@ -14,7 +16,10 @@ from __future__ import annotations
 
 import base64
 import json
+import re
+import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +27,7 @@ import httpx
 import pytest
 
 from bundles import write_bundle
-from tests.api_live import LiveServer, test_settings
+from tests.api_live import LOOPBACK, LiveServer, test_settings
 
 REPO = Path(__file__).resolve().parents[1]
 VOICE_WAV = REPO / "engine" / "default_voice" / "voice.wav"
@@ -43,6 +48,16 @@ def cache_off(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     )
     with LiveServer(settings) as live:
         yield live
+
+
+def _metric(url: str, name: str, **labels: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    total = 0.0
+    for line in text.splitlines():
+        match = re.match(rf"^{name}(?:{{([^}}]*)}})? (\S+)$", line)
+        if match and all(f'{k}="{v}"' in (match.group(1) or "") for k, v in labels.items()):
+            total += float(match.group(2))
+    return total
 
 
 def _sse_events(response: httpx.Response) -> list[dict]:
@@ -89,6 +104,34 @@ def endless(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     settings = test_settings(bundle, tmp_path_factory.mktemp("no-eos-cache"), enable_auto_transcribe=False)
     with LiveServer(settings, max_new_tokens=NEVER_ENDING) as live:
         yield live
+
+
+@pytest.mark.parametrize("step_audio", [{}, {"return_iterations": True}], ids=["whole", "iterations"])
+def test_a_client_that_hangs_up_on_a_whole_answer_stops_its_job_and_is_a_499(
+    endless: LiveServer, step_audio: dict[str, object]
+) -> None:
+    """Runs before the test that shuts ``endless``'s engine down (the module's last)."""
+    service = endless.app.state.step_audio.service
+    gone_before = _metric(endless.url, "step_audio_requests_total", mode="clone", status="499")
+    body = json.dumps({"input": "A sentence that never ends.", "voice": "alloy", "step_audio": step_audio}).encode()
+    raw = (
+        f"POST /v1/audio/speech HTTP/1.1\r\nHost: {LOOPBACK}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    deadline = time.monotonic() + 120
+    with socket.create_connection((LOOPBACK, endless.port)) as sock:  # a client that will hang up
+        sock.sendall(raw)
+        while service.running == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert service.running == 1
+    while service.running and time.monotonic() < deadline:  # a generation that would never end stops
+        time.sleep(0.01)
+    assert service.running == 0
+    gone = gone_before
+    counted_by = time.monotonic() + 10  # counted as the request task ends, a moment after the job may
+    while gone == gone_before and time.monotonic() < counted_by:
+        gone = _metric(endless.url, "step_audio_requests_total", mode="clone", status="499")
+    assert gone == gone_before + 1
 
 
 def test_a_stream_that_fails_after_its_first_bytes_ends_with_an_error(endless: LiveServer) -> None:
