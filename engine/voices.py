@@ -37,7 +37,7 @@ import re
 import threading
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -195,9 +195,12 @@ class VoiceStore:
             meta={k: v for k, v in meta.items() if k not in _OWN_META and isinstance(v, str)},
         )
 
-    def available(self) -> list[str]:
-        """Every name a request may use: registered voices, then the OpenAI names if a default exists."""
-        names = self.names()
+    def available(self, registered: Iterable[str] | None = None) -> list[str]:
+        """Every name a request may use: registered voices, then the OpenAI names if a default exists.
+
+        ``registered``: the registered voices' names already read, in the order to keep (else read now).
+        """
+        names = self.names() if registered is None else list(registered)
         if self.default_voice is not None:
             names += [v for v in (DEFAULT_VOICE_NAME, *OPENAI_VOICES) if v not in names]
         return names

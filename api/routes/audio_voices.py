@@ -38,7 +38,7 @@ from engine.custom_voices import (
     check_language,
     new_voice_id,
 )
-from engine.voices import OPENAI_VOICES, Voice, validate_voice_name
+from engine.voices import Voice, validate_voice_name
 from errors import InvalidInputError, NotFoundError
 
 router = APIRouter(prefix="/v1/audio", tags=["custom voices"], responses=ERROR_RESPONSES)
@@ -258,14 +258,11 @@ async def list_voices(state: State) -> AudioVoiceList:
     store = state.voices
     voices = sorted(await run_in_threadpool(store.voices), key=lambda v: (v.created or 0, v.name))
     data = [_voice(v) for v in voices]
-    available = [*(v.name for v in voices)]
-    if store.default_voice is not None:
-        available += [n for n in ("default", *OPENAI_VOICES) if n not in available]
     return AudioVoiceList(
         data=data,
         first_id=data[0].id if data else None,
         last_id=data[-1].id if data else None,
-        voices=available,
+        voices=store.available(v.name for v in voices),
         uploaded_voices=[UploadedVoice(name=v.name, id=v.id, consent=v.consent, created_at=v.created_at) for v in data],
     )
 
