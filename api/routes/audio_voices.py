@@ -38,7 +38,7 @@ from engine.custom_voices import (
     check_language,
     new_voice_id,
 )
-from engine.voices import Voice, validate_voice_name
+from engine.voices import Voice
 from errors import InvalidInputError, NotFoundError
 
 router = APIRouter(prefix="/v1/audio", tags=["custom voices"], responses=ERROR_RESPONSES)
@@ -269,27 +269,24 @@ async def list_voices(state: State) -> AudioVoiceList:
 
 @router.get("/voices/{voice_id}")
 async def get_voice(state: State, voice_id: VoiceId) -> AudioVoice:
-    name = await run_in_threadpool(_voice_by_id, state, voice_id)
-    return _voice(await run_in_threadpool(state.voices.get, name))
+    return _voice(await run_in_threadpool(_voice_by_id, state, voice_id))
 
 
 @router.delete("/voices/{voice_id}")
 async def delete_voice(state: State, voice_id: VoiceId) -> AudioVoiceDeleted:
     """Delete a voice by id (or by its name when one voice has it, as vLLM-Omni deletes); its consent stays."""
-    name = await run_in_threadpool(_voice_by_id, state, voice_id)
-    await run_in_threadpool(state.voices.delete, name)
-    return AudioVoiceDeleted(id=name)
+    voice = await run_in_threadpool(_voice_by_id, state, voice_id)
+    await run_in_threadpool(state.voices.delete, voice.name)
+    return AudioVoiceDeleted(id=voice.name)
 
 
-def _voice_by_id(state: AppState, voice_id: str) -> str:
-    """The stored name of the voice ``voice_id`` names: its id, else the one voice with that display name."""
+def _voice_by_id(state: AppState, voice_id: str) -> Voice:
+    """The voice ``voice_id`` names: its id, else the one voice with that display name."""
     try:
-        validate_voice_name(voice_id)
-        state.voices.get(voice_id)
-        return voice_id
+        return state.voices.get(voice_id)  # an invalid name is an InvalidInputError: maybe a display name
     except (InvalidInputError, NotFoundError):
         pass
-    named = [v.name for v in state.voices.voices() if v.meta.get("label") == voice_id]
+    named = [v for v in state.voices.voices() if v.meta.get("label") == voice_id]
     if len(named) == 1:
         return named[0]
     if named:
