@@ -31,6 +31,7 @@ from api.openapi import json_body
 from api.routes.voices import add_voice
 from api.state import AppState, ReadyEngine, State
 from engine.custom_voices import (
+    CONSENTS,
     MAX_LABEL_CHARS,
     Consent,
     ConsentStore,
@@ -113,7 +114,7 @@ class AudioVoiceDeleted(BaseModel):
 
 
 def _consents(state: AppState) -> ConsentStore:
-    return ConsentStore(state.voices.store.child("consents"))
+    return ConsentStore(state.voices.store.child(CONSENTS))
 
 
 def _consent(c: Consent) -> VoiceConsent:
