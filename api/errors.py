@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -125,6 +126,16 @@ def error_body(status: int, message: str, *, code: str | None = None, param: str
     return body.model_dump()
 
 
+def error_body_of(exc: Exception, *, name_param: Callable[[str | None], str | None] | None = None) -> dict[str, Any]:
+    """The envelope for ``exc``: a domain error's status, message, code and field (renamed by
+    ``name_param`` where the caller's fields have other names), anything else a 500 that says no more
+    (its details are for the log, not the client)."""
+    if isinstance(exc, StepAudioError):
+        param = getattr(exc, "param", None)
+        return error_body(status_of(exc), str(exc), code=exc.code, param=name_param(param) if name_param else param)
+    return error_body(500, "internal server error", code="server_error")
+
+
 def error_response(
     status: int,
     message: str,
@@ -148,7 +159,7 @@ def response_for(exc: StepAudioError) -> JSONResponse:
         headers["X-Should-Retry"] = "false"
     if status >= 500:
         logger.warning("%s: %s", exc.__class__.__name__, exc)
-    return error_response(status, str(exc), code=exc.code, param=getattr(exc, "param", None), headers=headers or None)
+    return JSONResponse(error_body_of(exc), status_code=status, headers=headers or None)
 
 
 def _loc_to_param(loc: tuple[Any, ...]) -> str | None:

@@ -40,7 +40,7 @@ from api.audio_io import (
     sse_error,
     sse_event,
 )
-from api.errors import error_body, status_of
+from api.errors import error_body_of, status_of
 from api.metrics import Delivery
 from api.pipeline import Audio, Caption, Finished, JobEvent, Started, run_job
 from api.schemas import IterationAudio, IterationsResponse, SegmentCaption
@@ -277,7 +277,7 @@ async def _streamed(answer: _Answer, info: StreamInfo, events: AsyncGenerator[Jo
         _log_failed(answer.mode, exc)
         if not answer.sse:
             raise _StreamAbortedError from exc
-        yield sse_error(_error_envelope(exc))
+        yield sse_error(error_body_of(exc, name_param=api_param))
         return
     answer.answered()
 
@@ -306,12 +306,6 @@ def _log_failed(mode: str, exc: Exception) -> None:
         logger.warning("a %s stream failed after it started (%d): %s", mode, status_of(exc), exc)
     else:
         logger.error("a %s stream failed after it started", mode, exc_info=exc)
-
-
-def _error_envelope(exc: Exception) -> dict[str, object]:
-    if isinstance(exc, StepAudioError):
-        return error_body(status_of(exc), str(exc), code=exc.code, param=api_param(getattr(exc, "param", None)))
-    return error_body(500, "internal server error", code="server_error")
 
 
 async def _iterations(answer: _Answer, result: SynthesisResult, headers: dict[str, str]) -> JSONResponse:

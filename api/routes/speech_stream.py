@@ -40,7 +40,7 @@ from pydantic import ValidationError
 
 from api.admission import has_api_key
 from api.audio_io import AudioFormat
-from api.errors import error_body, status_of, validation_message
+from api.errors import error_body, error_body_of, validation_message
 from api.pipeline import Audio, Caption, Finished, Started, run_job
 from api.responses import SpeechEncoder
 from api.schemas import SpeechRequest
@@ -96,11 +96,10 @@ class _Session:
         if isinstance(exc, ValidationError):
             message, param = validation_message([dict(e) for e in exc.errors()])
             body = error_body(400, message, code="invalid_value", param=param)
-        elif isinstance(exc, StepAudioError):
-            body = error_body(status_of(exc), str(exc), code=exc.code, param=getattr(exc, "param", None))
         else:
-            logger.error("a speech stream failed", exc_info=exc)
-            body = error_body(500, "internal server error", code="server_error")
+            if not isinstance(exc, StepAudioError):
+                logger.error("a speech stream failed", exc_info=exc)
+            body = error_body_of(exc)
         extra = {} if utterance is None else {"utterance_index": utterance}
         await self.send({"type": "error", **body, **extra})
 
