@@ -46,6 +46,7 @@ from api.responses import SpeechEncoder
 from api.schemas import SpeechRequest
 from api.speech_requests import build_request
 from api.state import AppState
+from engine.segments import Segment
 from engine.text_stream import SegmentFeed, TextCutter
 from errors import InvalidInputError, StepAudioError, TooLargeError
 
@@ -65,7 +66,6 @@ class _Utterance:
     config: SpeechRequest
     feed: SegmentFeed = field(default_factory=SegmentFeed)
     texts: list[str] = field(default_factory=list)  # the segments' texts, in order
-    done: bool = False  # input.done came: no more text
     started: asyncio.Event = field(default_factory=asyncio.Event)  # its first segment is known (or it is done)
     task: asyncio.Task[None] | None = None
 
@@ -171,7 +171,7 @@ class _Session:
         if len(utterance.cutter.text) + len(text) > limit:
             raise TooLargeError(f"an utterance holds at most {limit} characters; send input.done first", param="text")
         for segment in utterance.cutter.feed(text):
-            self._segment(utterance, segment.text, segment)
+            self._segment(utterance, segment)
 
     async def finish_open(self) -> None:
         utterance = self.open
@@ -180,8 +180,7 @@ class _Session:
                 raise InvalidInputError("send session.config first", param="type")
             utterance = self._new_utterance(self.config)
         for segment in utterance.cutter.finish():
-            self._segment(utterance, segment.text, segment)
-        utterance.done = True
+            self._segment(utterance, segment)
         utterance.feed.close()
         utterance.started.set()
         self.open = None
@@ -200,8 +199,8 @@ class _Session:
         return utterance
 
     @staticmethod
-    def _segment(utterance: _Utterance, text: str, segment: Any) -> None:
-        utterance.texts.append(text)
+    def _segment(utterance: _Utterance, segment: Segment) -> None:
+        utterance.texts.append(segment.text)
         utterance.feed.put(segment)
         utterance.started.set()
 
@@ -231,13 +230,14 @@ class _Session:
         engine = state.require_engine()
         fmt: AudioFormat = config.response_format or "pcm"
         job = await build_request(state, engine, config.model_copy(update={"input": ""}), {}, text_arrives_later=True)
-        encoder = SpeechEncoder(fmt, 24000, sse=False)
+        encoder: SpeechEncoder | None = None  # made at Started, which comes before any audio
         sentence, sent, started = 0, 0, False
         index = utterance.index
         async for event in run_job(state, engine, job, stream=True, text=utterance.feed):
             if isinstance(event, Started):
                 encoder = SpeechEncoder(fmt, event.info.sample_rate, sse=False)
             elif isinstance(event, Audio):
+                assert encoder is not None
                 if not started:
                     started = True
                     await self.send(
@@ -270,7 +270,7 @@ class _Session:
                 )
                 sentence, sent, started = span.index + 1, 0, False
             elif isinstance(event, Finished):
-                tail = await encoder.finish_audio()
+                tail = await encoder.finish_audio() if encoder is not None else b""
                 if tail:
                     await self.send_bytes(tail)
                 await self.send(
