@@ -97,10 +97,7 @@ def wire(tab: CloneTab, ui: Ui, last_output: gr.State) -> gr.events.Dependency:
             async for update in updates:
                 yield update
 
-    async def transcribe(path: str | None) -> str:
-        return await ui.transcribe_clip(path)
-
-    tab.transcribe.click(guarded(transcribe), inputs=tab.clip, outputs=tab.transcript, **EVENT)
+    tab.transcribe.click(guarded(ui.transcribe_clip), inputs=tab.clip, outputs=tab.transcript, **EVENT)
     return tab.controls.run.click(
         guarded_stream(clone),
         inputs=[tab.clip, tab.voice, tab.transcript, tab.text, *tab.controls.inputs],

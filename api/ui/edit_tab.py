@@ -180,12 +180,9 @@ def wire(tab: EditTab, ui: Ui, last_output: gr.State) -> gr.events.Dependency:
     def edit_controls(mode: str) -> tuple[Any, Any, Any]:
         return mode_controls(ui, mode)
 
-    async def transcribe(path: str | None) -> str:
-        return await ui.transcribe_clip(path)
-
     tab.mode.change(edit_controls, inputs=tab.mode, outputs=tab.mode_extras, **EVENT)
     tab.use_last.click(guarded(use_last), inputs=last_output, outputs=tab.audio, **EVENT)
-    tab.transcribe.click(guarded(transcribe), inputs=tab.audio, outputs=tab.transcript, **EVENT)
+    tab.transcribe.click(guarded(ui.transcribe_clip), inputs=tab.audio, outputs=tab.transcript, **EVENT)
     return tab.controls.run.click(
         guarded_stream(edit),
         inputs=[tab.audio, tab.mode, tab.info, tab.tagged, tab.transcript, tab.iterations, *tab.controls.inputs],
