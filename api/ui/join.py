@@ -29,7 +29,6 @@ class GradioApp(Protocol):
 
     tokens: dict[str, str]
     cookie_id: str
-    uploaded_file_dir: str
     state_holder: Any
 
     def get_blocks(self) -> Any: ...

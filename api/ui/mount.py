@@ -25,7 +25,6 @@ from api.logs import RecentLogHandler
 from api.state import AppState
 from api.ui.guard import UiGuard
 from api.ui.join import GradioApp
-from api.ui.login import LoginThrottle
 from api.ui.page import build_blocks
 from api.ui.session import Ui
 from api.ui.uploads import UploadedFiles
@@ -62,7 +61,6 @@ def mount_ui(app: FastAPI, state: AppState) -> tuple[frozenset[str], tuple[str, 
         files=files,
         max_join_bytes=_JOIN_OVERHEAD_BYTES + _JOIN_BYTES_PER_CHAR * settings.max_input_chars,
         login=key is not None,
-        throttle=LoginThrottle(),
     )
 
     @app.get("/", include_in_schema=False)
