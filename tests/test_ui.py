@@ -134,6 +134,24 @@ def test_voices_register_list_play_delete_share_the_api_store(page: UiPage, serv
         page.run("voice-register", "bad name!", page.upload(VOICE_WAV), VOICE_TEXT)
 
 
+def _requests_total(server: LiveServer, mode: str, status: str) -> float:
+    text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    line = f'step_audio_requests_total{{mode="{mode}",status="{status}"}} '
+    return next((float(row.removeprefix(line)) for row in text.splitlines() if row.startswith(line)), 0.0)
+
+
+def test_a_request_refused_before_the_queue_counts_in_the_metrics_from_both_front_ends(
+    server: LiveServer, page: UiPage
+) -> None:
+    before = _requests_total(server, "denoise", "400")
+    body = {"input": "", "step_audio": {"mode": "denoise"}}  # an edit without its audio
+    assert httpx.post(f"{server.url}/v1/audio/speech", json=body, timeout=60).status_code == 400
+    assert _requests_total(server, "denoise", "400") == before + 1
+    with pytest.raises(PageError, match="input_audio"):
+        page.run("edit-run", None, "denoise", None, "", "", 1, "base", 1.0, "", "wav")
+    assert _requests_total(server, "denoise", "400") == before + 2
+
+
 def test_root_redirects_to_the_ui(server: LiveServer) -> None:
     response = httpx.get(f"{server.url}/", timeout=30)
     assert response.status_code == 307 and response.headers["location"] == "/ui/"
