@@ -24,7 +24,7 @@ from api.state import AppState, Engine
 from engine import chains
 from engine.instructions import map_instructions
 from engine.types import CloneRequest, EditRequest, EditStep
-from errors import InvalidInputError, TooLargeError
+from errors import InvalidInputError, StepAudioError, TooLargeError
 
 # engine-side field names -> HTTP ones (the rest are step_audio.<name> or top-level as they are)
 _HTTP_NAMES = {
@@ -76,6 +76,20 @@ async def build_request(
         assert first is not None
         request = await _edit_request(state, body, uploads, variant, first=first, edits=edits)
     return SpeechJob(request, report)
+
+
+async def build_counted(state: AppState, engine: Engine, body: SpeechRequest, uploads: dict[str, bytes]) -> SpeechJob:
+    """``build_request``, with a refusal counted in the metrics under the request's mode.
+
+    ``run_job`` counts only the jobs it is given, so the speech route and the web UI count a
+    request refused before that here. The WebSocket's utterances do not count theirs, which is why
+    ``build_request`` itself counts nothing.
+    """
+    try:
+        return await build_request(state, engine, body, uploads)
+    except StepAudioError as exc:
+        state.metrics.record_status(body.step_audio.mode, exc)
+        raise
 
 
 def api_param(param: str | None) -> str | None:

@@ -23,9 +23,8 @@ from api.json_body import parse_json, read_json
 from api.openapi import json_body
 from api.responses import respond
 from api.schemas import IterationsResponse, SpeechRequest
-from api.speech_requests import build_request
+from api.speech_requests import build_counted
 from api.state import AppState, Engine, ReadyEngine, State
-from errors import StepAudioError
 
 router = APIRouter(tags=["speech"], responses=ERROR_RESPONSES)  # the API key and body limits: api.admission
 
@@ -84,11 +83,7 @@ async def synthesize(
 ) -> Response:
     """Build the engine request (every check before any decoding or queueing), then answer it."""
     t0 = time.perf_counter()
-    try:
-        job = await build_request(state, engine, body, uploads)
-    except StepAudioError as exc:
-        state.metrics.record_status(body.step_audio.mode, exc)
-        raise
+    job = await build_counted(state, engine, body, uploads)
     return await respond(
         request,
         state,

@@ -27,11 +27,10 @@ from api.inputs import decode_audio_bytes
 from api.logs import RecentLogHandler
 from api.pipeline import Caption, Finished, JobEvent, Started, run_job
 from api.schemas import SpeechRequest
-from api.speech_requests import build_request
+from api.speech_requests import build_counted
 from api.state import AppState, Engine
 from api.ui.uploads import UploadedFiles
 from engine.types import AudioInput, CloneRequest, EditRequest, StreamInfo, SynthesisResult
-from errors import StepAudioError
 
 PROGRESS_POLL_S = 0.25
 
@@ -109,11 +108,7 @@ class Ui:
         mode = request.step_audio.mode
         metrics = self.state.metrics
         t0 = time.perf_counter()
-        try:
-            job = await build_request(self.state, engine, request, uploads)
-        except StepAudioError as exc:
-            metrics.record_status(mode, exc)
-            raise
+        job = await build_counted(self.state, engine, request, uploads)
         started = threading.Event()
         events = run_job(self.state, engine, job, stream=self.live, on_start=started.set)
         async with contextlib.aclosing(events):
