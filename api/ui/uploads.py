@@ -58,18 +58,22 @@ class UploadedFiles:
             self._check_stat(os.fstat(fd), param, refused)
             data = file.read(self.max_bytes + 1)
         if len(data) > self.max_bytes:
-            raise TooLargeError(f"{param}: the upload is larger than {self.max_bytes} bytes", param=param)
+            raise _too_large(param, self.max_bytes)
         return data
 
     def _check_stat(self, info: os.stat_result, param: str, refused: StepAudioError) -> None:
         if not stat.S_ISREG(info.st_mode):
             raise refused
         if info.st_size > self.max_bytes:
-            raise TooLargeError(f"{param}: the upload is larger than {self.max_bytes} bytes", param=param)
+            raise _too_large(param, self.max_bytes)
 
 
 def _refused(param: str) -> InvalidInputError:
     return InvalidInputError(f"{param}: the web UI reads only files uploaded through its page", param=param)
+
+
+def _too_large(param: str, max_bytes: int) -> TooLargeError:
+    return TooLargeError(f"{param}: the upload is larger than {max_bytes} bytes", param=param)
 
 
 def file_references(value: object) -> Iterator[dict[str, Any]]:
