@@ -173,7 +173,7 @@ class CacheIndex:
             layout = json.loads(r[3])
         except (ValueError, TypeError):
             layout = {}  # undecodable metadata: the payload check fails it
-        return Row(key, r[0], int(r[1]), r[2], layout, float(r[4]))
+        return Row(key, r[0], int(r[1]), r[2], layout, _compute_seconds(r[4]))
 
     def totals(self) -> tuple[int, int]:
         """(entries, bytes) of the whole index, across processes."""
@@ -290,6 +290,16 @@ class CacheIndex:
                     raise
                 logger.warning("token cache: removed %d payload files orphaned by the damaged index", removed)
                 return conn
+
+
+def _compute_seconds(text: str) -> float:
+    """The ``compute`` column: a JSON number. An index of an older format holds a list there under
+    the same schema version, so anything else counts as 0 s saved rather than failing the lookup."""
+    try:
+        value = json.loads(text)
+    except (ValueError, TypeError):
+        return 0.0
+    return float(value) if isinstance(value, int | float) else 0.0
 
 
 def _enable_wal(conn: sqlite3.Connection, timeout_s: float) -> None:

@@ -225,6 +225,20 @@ def test_changed_fingerprint_misses_and_is_overwritten(tmp_path: Path) -> None:
     _assert_consistent(tmp_path)
 
 
+@pytest.mark.parametrize("compute", ["[1.0]", "not json", "null", '"2.5"'])
+def test_row_whose_compute_is_not_a_number_is_served_as_costing_nothing(tmp_path: Path, compute: str) -> None:
+    """An index written by an older format (compute stored as a JSON list) is reused by the same schema
+    version: such a row is a hit that saved 0 s, never an error that fails the request."""
+    cache = TokenCache(tmp_path, 10**7, FP)
+    cache.put(_key(7), _arrays(7), compute_seconds=2.0)
+    with sqlite3.connect(tmp_path / token_cache.NAMESPACE / token_cache.INDEX_NAME) as conn:
+        conn.execute("UPDATE entries SET compute = ?", (compute,))
+    _assert_same(cache.get(_key(7)), _arrays(7))
+    assert cache.get(_key(8)) is None
+    s = cache.stats()
+    assert (s.hits, s.misses, s.time_saved_s) == (1, 1, 0.0)
+
+
 # --------------------------------------------------------------------------- damage
 
 
