@@ -142,6 +142,8 @@ class LocalDirStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self._temps = WriterTemps(self.root / TEMP_DIR)
+        self._children: dict[str, LocalDirStore] = {}
+        self._children_lock = threading.Lock()
         with contextlib.suppress(OSError):  # a read-only directory holds no temp files to remove
             self._temps.reap()
 
@@ -192,7 +194,13 @@ class LocalDirStore:
         )
 
     def child(self, name: str) -> LocalDirStore:
-        return LocalDirStore(self._path(name))
+        """The store under ``name/``, made once per name: a store holds a writer lock (an open file)
+        from its first put on, so callers that ask for a child per request must get the same one."""
+        with self._children_lock:
+            found = self._children.get(name)
+            if found is None:
+                found = self._children[name] = LocalDirStore(self._path(name))
+            return found
 
     def _path(self, key: str) -> Path:
         return self.root.joinpath(*check_key(key).split("/"))

@@ -8,6 +8,7 @@ is back, and credentials that never reach a log line or a message.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,6 +53,24 @@ def test_objects_round_trip_and_listings_show_direct_children(store: ObjectStore
     assert child.get("c.npz") == b"deeper" and child.list_keys() == ["c.npz"]
     assert store.delete("a.npz") is True and store.delete("a.npz") is False
     assert store.get("a.npz") is None and store.list_keys() == ["b.npz"]
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open descriptors in /proc")
+def test_a_local_child_asked_for_per_request_holds_one_writer_lock(tmp_path: Path) -> None:
+    """The voices route asks for ``store.child("consents")`` per request: each write must not leave
+    one more open lock descriptor and ``.lock`` file behind."""
+    store = LocalDirStore(tmp_path / "store")
+    assert store.child("consents") is store.child("consents")
+    store.child("consents").put("first.npz", b"warm-up")  # the child's writer lock, taken once
+    before = _open_fds()
+    for i in range(50):
+        store.child("consents").put(f"c{i}.npz", b"consent")
+    assert _open_fds() == before
+    assert len(list((tmp_path / "store" / "consents" / ".tmp").glob("*.lock"))) == 1
 
 
 @pytest.mark.parametrize("key", ["", "../x", "a/../b", ".hidden", "a//b", "a b", "ü"])
