@@ -36,7 +36,7 @@ import numpy as np
 
 from errors import StorageError
 from object_store import Backoff, CorruptObjectError, ObjectStore, StoreError
-from token_cache import TokenCache, count_lookups, tally_lookup
+from token_cache import TokenCache, count_lookups, layout_of, plain_array, read_checked, tally_lookup
 
 logger = logging.getLogger(__name__)
 
@@ -212,16 +212,10 @@ class TwoLevelCache:
 
 def _encode(arrays: Mapping[str, Any], compute_seconds: float) -> bytes:
     """Arrays plus a ``record`` member describing them, as one compressed npz (no pickle)."""
-    plain = {
-        name: np.ascontiguousarray(np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v))
-        for name, v in arrays.items()
-    }
+    plain = {name: plain_array(v) for name, v in arrays.items()}
     if RECORD_MEMBER in plain:
         raise ValueError(f"{RECORD_MEMBER!r} is reserved in a shared record")
-    record = {
-        "layout": {name: [a.dtype.str, list(a.shape)] for name, a in sorted(plain.items())},
-        "compute_seconds": float(compute_seconds),
-    }
+    record = {"layout": layout_of(plain), "compute_seconds": float(compute_seconds)}
     meta = np.frombuffer(json.dumps(record).encode(), dtype=np.uint8)
     buf = io.BytesIO()
     np.savez_compressed(buf, **cast(dict[str, Any], {**plain, RECORD_MEMBER: meta}))
@@ -233,14 +227,7 @@ def _decode(data: bytes) -> tuple[dict[str, np.ndarray], float]:
     with np.load(io.BytesIO(data), allow_pickle=False) as npz:
         record = json.loads(bytes(npz[RECORD_MEMBER]).decode())
         arrays = {name: npz[name] for name in npz.files if name != RECORD_MEMBER}
-    layout = record["layout"]
-    if sorted(arrays) != sorted(layout):
-        raise ValueError(f"array names {sorted(arrays)} != record {sorted(layout)}")
-    for name, a in arrays.items():
-        dtype, shape = layout[name]
-        if a.dtype.str != dtype or list(a.shape) != list(shape) or a.dtype.kind not in "biufc":
-            raise ValueError(f"{name}: {a.dtype.str}{list(a.shape)} != record {dtype}{shape}")
-    return arrays, float(record["compute_seconds"])
+    return read_checked(arrays, record["layout"], "record", numeric=True), float(record["compute_seconds"])
 
 
 def with_shared_level(local: TokenCache | None, store: ObjectStore | None, fingerprint: str) -> RecordCache | None:

@@ -60,6 +60,7 @@ _FAILURES = (sqlite3.Error, OSError)  # what the disk and the index raise when t
 
 _KEY_RE = re.compile(r"^[0-9A-Za-z_-]{8,128}$")
 _NAME_RE = re.compile(r"^[A-Za-z_][0-9A-Za-z_]{0,63}$")
+NUMERIC_KINDS = "biufc"  # the dtype kinds a record may hold: bool, integers, floats, complex
 
 
 # --------------------------------------------------------------------------- payload codec
@@ -69,21 +70,13 @@ def _encode(arrays: Mapping[str, np.ndarray]) -> tuple[bytes, dict[str, list[Any
     """Arrays -> (npz bytes, {name: [dtype, shape]}) without pickle."""
     buf = io.BytesIO()
     np.savez_compressed(buf, **cast(dict[str, Any], arrays))
-    layout = {name: [a.dtype.str, list(a.shape)] for name, a in sorted(arrays.items())}
-    return buf.getvalue(), layout
+    return buf.getvalue(), layout_of(arrays)
 
 
 def _decode(payload: bytes, layout: Mapping[str, list[Any]]) -> dict[str, np.ndarray]:
     """npz bytes -> arrays, checked against the row's layout; raises ValueError when they differ."""
     with np.load(io.BytesIO(payload), allow_pickle=False) as npz:
-        if sorted(npz.files) != sorted(layout):
-            raise ValueError(f"array names {sorted(npz.files)} != index {sorted(layout)}")
-        out = {name: npz[name] for name in npz.files}
-    for name, a in out.items():
-        dtype, shape = layout[name]
-        if a.dtype.str != dtype or list(a.shape) != list(shape):
-            raise ValueError(f"{name}: {a.dtype.str}{list(a.shape)} != index {dtype}{shape}")
-    return out
+        return read_checked(npz, layout, "index")
 
 
 def _checked_arrays(arrays: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -92,10 +85,39 @@ def _checked_arrays(arrays: Mapping[str, Any]) -> dict[str, np.ndarray]:
     for name, value in arrays.items():
         if not isinstance(name, str) or not _NAME_RE.match(name):
             raise ValueError(f"cache array name must be an identifier, got {name!r}")
-        a = np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value)
-        if a.dtype.hasobject or a.dtype.kind not in "biufc":
+        a = plain_array(value)
+        if a.dtype.hasobject or a.dtype.kind not in NUMERIC_KINDS:
             raise ValueError(f"cache array {name!r} has unsupported dtype {a.dtype}")
-        out[name] = np.ascontiguousarray(a)
+        out[name] = a
+    return out
+
+
+def plain_array(value: Any) -> np.ndarray:
+    """``value`` as a contiguous numpy array (a torch tensor is copied to the CPU first)."""
+    return np.ascontiguousarray(np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value))
+
+
+def layout_of(arrays: Mapping[str, np.ndarray]) -> dict[str, list[Any]]:
+    """{name: [dtype, shape]} of a record, sorted by name: what a read is checked against."""
+    return {name: [a.dtype.str, list(a.shape)] for name, a in sorted(arrays.items())}
+
+
+def read_checked(
+    source: Mapping[str, np.ndarray], layout: Mapping[str, list[Any]], against: str, *, numeric: bool = False
+) -> dict[str, np.ndarray]:
+    """The arrays of ``source`` (a dict, or an open npz) when their names, dtypes and shapes are the
+    ones ``layout`` records (and, with ``numeric``, their dtypes plain numbers); otherwise a
+    ValueError saying what differs from ``against`` (the index row, the shared record).
+
+    The names are compared before any array is read, so an npz is not decompressed in vain.
+    """
+    if sorted(source) != sorted(layout):
+        raise ValueError(f"array names {sorted(source)} != {against} {sorted(layout)}")
+    out = {name: source[name] for name in source}
+    for name, a in out.items():
+        dtype, shape = layout[name]
+        if a.dtype.str != dtype or list(a.shape) != list(shape) or (numeric and a.dtype.kind not in NUMERIC_KINDS):
+            raise ValueError(f"{name}: {a.dtype.str}{list(a.shape)} != {against} {dtype}{shape}")
     return out
 
 
