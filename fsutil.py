@@ -7,6 +7,9 @@ its temp files ``<owner>.<tag>.<thread>.tmp``. A writer killed mid-write (``kill
 its temp file behind, and the kernel releases its lock: :meth:`WriterTemps.reap` takes the locks
 it can (only dead writers') and removes their files at once, whatever their age. ``flock`` works
 across processes and containers on one host, where pids alone would not (pid namespaces).
+
+``Throttle`` keeps the caches' logs readable when their storage stays broken: one warning a
+minute instead of one per request.
 """
 
 from __future__ import annotations
@@ -16,11 +19,13 @@ import fcntl
 import os
 import secrets
 import threading
+import time
 from pathlib import Path
 
 TEMP_SUFFIX = ".tmp"
 OWNER_LOCK_SUFFIX = ".lock"
 PROBE_BYTES = 4096  # written by probe_writable: an empty file fits even on a full disk
+WARN_EVERY_S = 60.0  # a disk or store that stays broken is logged once a minute, not per request
 
 
 def fsync_dir(directory: Path) -> None:
@@ -69,6 +74,30 @@ def probe_writable(directory: Path) -> str | None:
     except OSError as exc:
         return exc.strerror or str(exc)
     return None
+
+
+class Throttle:
+    """Says yes at most once per ``every_s`` seconds (thread-safe): the caches log a storage failure
+    that persists as a warning once a minute, and every other occurrence at debug level."""
+
+    def __init__(self, every_s: float = WARN_EVERY_S) -> None:
+        self.every_s = every_s
+        self._last = -every_s  # the first call says yes
+        self._lock = threading.Lock()
+
+    def ready(self) -> bool:
+        """True (and the clock restarts) when ``every_s`` has passed since the last True or ``mark``."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last < self.every_s:
+                return False
+            self._last = now
+            return True
+
+    def mark(self) -> None:
+        """Count now as said: the next ``every_s`` seconds say no (a failure already reported elsewhere)."""
+        with self._lock:
+            self._last = time.monotonic()
 
 
 class WriterTemps:

@@ -25,7 +25,6 @@ import io
 import json
 import logging
 import threading
-import time
 import zipfile
 import zlib
 from collections.abc import Iterable, Mapping
@@ -35,6 +34,7 @@ from typing import Any, Protocol, cast
 import numpy as np
 
 from errors import StorageError
+from fsutil import Throttle
 from object_store import Backoff, CorruptObjectError, ObjectStore, StoreError
 from token_cache import TokenCache, count_lookups, layout_of, plain_array, read_checked, tally_lookup
 
@@ -43,7 +43,6 @@ logger = logging.getLogger(__name__)
 NAMESPACE = "wav2token"
 SUFFIX = ".npz"
 RECORD_MEMBER = "record"  # the JSON member beside the arrays (an array name the engine never uses)
-WARN_EVERY_S = 60.0
 
 
 class StatsView(Protocol):
@@ -102,7 +101,7 @@ class TwoLevelCache:
         self._hits = self._misses = self._stored = self._errors = 0
         self._saved = 0.0
         self._outage = Backoff(10.0)
-        self._warned_at = -WARN_EVERY_S
+        self._warnings = Throttle()
 
     def get(self, key: str, names: Iterable[str] | None = None) -> dict[str, np.ndarray] | None:
         """Local level, then the shared one (a shared hit is copied into the local level)."""
@@ -201,13 +200,10 @@ class TwoLevelCache:
 
     def _failed(self, message: str, exc: StoreError) -> None:
         self._outage.failed()
-        now = time.monotonic()
         with self._lock:
             self._errors += 1
-            quiet = now - self._warned_at < WARN_EVERY_S
-            if not quiet:
-                self._warned_at = now
-        (logger.debug if quiet else logger.warning)("prompt cache: shared level %s: %s", exc.location, message)
+        log = logger.warning if self._warnings.ready() else logger.debug  # a store that stays down: once a minute
+        log("prompt cache: shared level %s: %s", exc.location, message)
 
 
 def _encode(arrays: Mapping[str, Any], compute_seconds: float) -> bytes:

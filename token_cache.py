@@ -20,7 +20,6 @@ import os
 import re
 import sqlite3
 import threading
-import time
 import zipfile
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
@@ -33,7 +32,7 @@ import numpy as np
 from cache_index import CacheIndex, Row, Transaction, is_storage_failure
 from cache_keys import content_key, fingerprint_of
 from errors import StorageError
-from fsutil import TEMP_SUFFIX, WriterTemps, fsync_dir, unlink_quietly
+from fsutil import TEMP_SUFFIX, Throttle, WriterTemps, fsync_dir, unlink_quietly
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +53,6 @@ PAYLOAD_SUFFIX = ".npz"
 TEMP_DIR = "tmp"  # payloads being written, and the lock of each live writer (fsutil.WriterTemps)
 BUSY_TIMEOUT_MS = 30_000  # how long a process waits for another's write transaction
 EVICT_BATCH = 64  # rows fetched per eviction query
-WARN_EVERY_S = 60.0  # a disk that stays full or read-only is logged once a minute, not per request
 
 _FAILURES = (sqlite3.Error, OSError)  # what the disk and the index raise when they refuse
 
@@ -175,7 +173,7 @@ class TokenCache:
         self._misses = 0
         self._time_saved = 0.0
         self._last_totals = (0, 0)
-        self._warned_at = -WARN_EVERY_S
+        self._warnings = Throttle()  # a disk that stays full or read-only is logged once a minute
         try:
             self.reconcile()
         except _FAILURES as exc:
@@ -297,20 +295,16 @@ class TokenCache:
             logger.warning("token cache: start-up check of %s skipped (%s)", self.root, exc)
             return
         # the server's own start-up check has named the directory and its setting: no second warning
-        self._warned_at = time.monotonic()
+        self._warnings.mark()
         logger.info(
             "token cache: %s cannot be written (%s); prompts are computed uncached until it can", self.root, exc
         )
 
     def _warn(self, message: str, exc: BaseException) -> None:
-        """Log a failed operation; a disk that stays full or read-only is logged once per WARN_EVERY_S."""
-        if is_storage_failure(exc):
-            now = time.monotonic()
-            with self._lock:
-                if now - self._warned_at < WARN_EVERY_S:
-                    logger.debug("token cache: %s", message)
-                    return
-                self._warned_at = now
+        """Log a failed operation; a disk that stays full or read-only is logged once a minute."""
+        if is_storage_failure(exc) and not self._warnings.ready():
+            logger.debug("token cache: %s", message)
+            return
         logger.warning("token cache: %s", message)
 
     # ------------------------------------------------------------------ lookups
