@@ -31,14 +31,13 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from ray import serve
 
 from api.loopback import LOOPBACK
 from bench.bench_streaming import max_ids_for, timed_request
 from bench.replica_app import CAP_ENV
 from bundles import write_bundle
 from deploy.options import AppArgs, ReplicaOptions
-from deploy.ray_serve import SPEECH_APP, LocalCluster, speech_app
+from deploy.ray_serve import LocalCluster
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +126,7 @@ def main() -> None:
                 scaled = cluster_args.model_copy(
                     update={"replica": cluster_args.replica.model_copy(update={"replicas": replicas})}
                 )
-                serve.run(speech_app(scaled.model_dump(mode="json")), name=SPEECH_APP, route_prefix="/")
+                cluster.deploy(scaled)
             with httpx.Client(base_url=cluster.url, timeout=3600) as c:
                 for seed in range(2 * replicas):  # warm-up: every replica's prompt cache and lazy inits
                     timed_request(c, body(seed))

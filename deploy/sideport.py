@@ -40,10 +40,7 @@ def side_app(state: AppState, replica: str) -> Starlette:
 
     async def metrics(_: Request) -> Response:
         body = generate_latest(state.metrics.registry)
-        header = b"# HELP step_audio_replica_info The Serve replica these metrics come from.\n"
-        return Response(
-            body + header + b"# TYPE step_audio_replica_info gauge\n" + info, media_type=CONTENT_TYPE_LATEST
-        )
+        return Response(body + INFO_HEADER + info, media_type=CONTENT_TYPE_LATEST)
 
     async def healthz(_: Request) -> JSONResponse:
         return JSONResponse({"status": "ok", "replica": replica})
