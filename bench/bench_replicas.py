@@ -23,17 +23,13 @@ import argparse
 import json
 import logging
 import os
-import statistics
 import tempfile
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import numpy as np
 
 from api.loopback import LOOPBACK
-from bench.bench_streaming import max_ids_for, timed_request
+from bench.bench_streaming import max_ids_for, run_clients, timed_request
 from bench.replica_app import CAP_ENV
 from bundles import write_bundle
 from deploy.options import AppArgs, ReplicaOptions
@@ -43,43 +39,16 @@ logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OUT_DIR = REPO_ROOT / "bench" / "out"
-PCM_BYTES_PER_SECOND = 2 * 24000
 
 
 def _run(url: str, bodies: list[dict], clients: int) -> dict[str, float]:
-    queue = list(bodies)
-    results: list[dict[str, float]] = []
+    row = run_clients(url, bodies, clients)
     replicas: dict[str, int] = {}
-
-    def client_loop(_: int) -> None:
-        with httpx.Client(base_url=url, timeout=3600) as c:
-            while queue:
-                try:
-                    body = queue.pop(0)
-                except IndexError:
-                    return
-                results.append(timed_request(c, body))
-
-    start = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        list(pool.map(client_loop, range(clients)))
-    wall = time.perf_counter() - start
     with httpx.Client(base_url=url, timeout=60) as c:  # which replicas answer now
         for _ in range(8):
             tag = c.get("/readyz").headers["x-step-audio-replica"]
             replicas[tag] = replicas.get(tag, 0) + 1
-    latencies = sorted(r["total_s"] for r in results)
-    audio_s = sum(r["bytes"] for r in results) / PCM_BYTES_PER_SECOND
-    return {
-        "requests": float(len(results)),
-        "wall_s": wall,
-        "audio_s": audio_s,
-        "throughput": audio_s / wall,
-        "requests_per_s": len(results) / wall,
-        "latency_p50_s": statistics.median(latencies),
-        "latency_p99_s": float(np.percentile(latencies, 99)),
-        "replicas_answering": float(len(replicas)),
-    }
+    return {**row, "replicas_answering": float(len(replicas))}
 
 
 def main() -> None:

@@ -23,17 +23,13 @@ import argparse
 import json
 import logging
 import re
-import statistics
-import time
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
 import httpx
-import numpy as np
 
 from api.loopback import LoopbackServer
-from bench.bench_streaming import max_ids_for, prompt_wav_base64, server_setup, timed_request
+from bench.bench_streaming import max_ids_for, prompt_wav_base64, run_clients, server_setup, timed_request
 from bench.bench_wav2token import SENTENCES
 from engine.build import build_engine
 
@@ -41,7 +37,6 @@ logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OUT_DIR = REPO_ROOT / "bench" / "out"
-PCM_BYTES_PER_SECOND = 2 * 24000
 TARGET_THROUGHPUT_GAIN = 3.0
 TARGET_P99_RATIO = 1.5
 
@@ -55,40 +50,15 @@ def _steps(client: httpx.Client) -> tuple[float, float]:
 
 
 def _level(url: str, bodies: list[dict], clients: int) -> dict[str, float]:
-    """The ``bodies`` sent by ``clients`` concurrent clients; each sends its next when answered."""
-    queue = list(bodies)
-    results: list[dict[str, float]] = []
-
-    def client_loop(_: int) -> None:
-        with httpx.Client(base_url=url, timeout=3600) as c:
-            while queue:
-                try:
-                    body = queue.pop(0)
-                except IndexError:
-                    return
-                results.append(timed_request(c, body))
-
+    """The ``bodies`` sent by ``clients`` concurrent clients, and the decode steps they shared."""
     with httpx.Client(base_url=url, timeout=60) as c:
         steps0, alone0 = _steps(c)
-        start = time.perf_counter()
-        with ThreadPoolExecutor(clients) as pool:
-            list(pool.map(client_loop, range(clients)))
-        wall = time.perf_counter() - start
+        row = run_clients(url, bodies, clients)
         steps1, alone1 = _steps(c)
-    latencies = sorted(r["total_s"] for r in results)
-    firsts = sorted(r["first_audio_s"] for r in results)
-    audio_s = sum(r["bytes"] for r in results) / PCM_BYTES_PER_SECOND
     steps = steps1 - steps0
     return {
         "clients": float(clients),
-        "requests": float(len(results)),
-        "wall_s": wall,
-        "audio_s": audio_s,
-        "throughput": audio_s / wall,
-        "latency_p50_s": statistics.median(latencies),
-        "latency_p99_s": float(np.percentile(latencies, 99)),
-        "first_audio_p50_s": statistics.median(firsts),
-        "first_audio_p99_s": float(np.percentile(firsts, 99)),
+        **row,
         "decode_steps": steps,
         "shared_step_share": (steps - (alone1 - alone0)) / steps if steps else 0.0,
     }

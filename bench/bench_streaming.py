@@ -26,11 +26,13 @@ import logging
 import math
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import soundfile as sf
 import torch
 
@@ -45,6 +47,7 @@ logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OUT_DIR = REPO_ROOT / "bench" / "out"
 IDS_PER_SECOND = 5 / 0.12  # five mixed codes per 120 ms group
+PCM_BYTES_PER_SECOND = 2 * 24000  # a pcm answer: 16-bit mono samples at 24 kHz
 TARGET_FIRST_AUDIO_SHARE = 0.25
 TARGET_STREAM_OVERHEAD = 1.3
 TARGET_GPU_FIRST_AUDIO_S = 0.3
@@ -64,6 +67,44 @@ def timed_request(client: httpx.Client, payload: dict) -> dict[str, float]:
             size += len(chunk)
     total = time.perf_counter() - t0
     return {"first_audio_s": first if first is not None else total, "total_s": total, "bytes": size}
+
+
+def run_clients(url: str, bodies: list[dict], clients: int) -> dict[str, float]:
+    """``bodies`` sent by ``clients`` concurrent clients, each sending its next one when answered.
+
+    Throughput = audio seconds delivered / wall seconds; latency = request to last byte, first
+    audio = request to first byte (p50 and p99 of each over the requests).
+    """
+    queue = list(bodies)
+    results: list[dict[str, float]] = []
+
+    def client_loop(_: int) -> None:
+        with httpx.Client(base_url=url, timeout=3600) as c:
+            while queue:
+                try:
+                    body = queue.pop(0)
+                except IndexError:
+                    return
+                results.append(timed_request(c, body))
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client_loop, range(clients)))
+    wall = time.perf_counter() - start
+    latencies = sorted(r["total_s"] for r in results)
+    firsts = sorted(r["first_audio_s"] for r in results)
+    audio_s = sum(r["bytes"] for r in results) / PCM_BYTES_PER_SECOND
+    return {
+        "requests": float(len(results)),
+        "wall_s": wall,
+        "audio_s": audio_s,
+        "throughput": audio_s / wall,
+        "requests_per_s": len(results) / wall,
+        "latency_p50_s": statistics.median(latencies),
+        "latency_p99_s": float(np.percentile(latencies, 99)),
+        "first_audio_p50_s": statistics.median(firsts),
+        "first_audio_p99_s": float(np.percentile(firsts, 99)),
+    }
 
 
 def server_setup(size: str | None, root: Path, threads: int, **settings: Any) -> tuple[str, bool, Settings]:
@@ -137,7 +178,7 @@ def main() -> None:
             runs["whole"].append(_request(c, body, stream=False))
             runs["streamed"].append(_request(c, body, stream=True))
     med = {k: {m: statistics.median(r[m] for r in v) for m in ("first_audio_s", "total_s")} for k, v in runs.items()}
-    audio_s = statistics.median(r["bytes"] for r in runs["whole"]) / 2 / 24000
+    audio_s = statistics.median(r["bytes"] for r in runs["whole"]) / PCM_BYTES_PER_SECOND
     share = med["streamed"]["first_audio_s"] / med["whole"]["total_s"]
     overhead = med["streamed"]["total_s"] / med["whole"]["total_s"]
     result = {
