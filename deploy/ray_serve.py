@@ -98,8 +98,9 @@ def speech_app(args: dict[str, Any]) -> Application:
 def ui_app(args: dict[str, Any]) -> Application:
     """The web UI at ``/ui`` on exactly one replica with its own engine (docs/scale-out.md)."""
     checked = AppArgs.model_validate(args)
-    replica = checked.replica.model_copy(update={"replicas": 1, "min_replicas": None, "max_replicas": None})
-    checked = checked.model_copy(update={"server": {**checked.server, "ui": True}, "replica": replica})
+    checked = checked.model_copy(
+        update={"server": {**checked.server, "ui": True}, "replica": _one_replica(checked.replica)}
+    )
     return _bind(checked, "WebUI")
 
 
@@ -112,10 +113,13 @@ def _bind(args: AppArgs, name: str) -> Application:
 def ui_args(args: AppArgs) -> AppArgs:
     """The UI application's args from the speech application's: one replica, its own side port."""
     port = args.replica.metrics_port + UI_METRICS_OFFSET if args.replica.metrics_port else 0
-    replica = args.replica.model_copy(
-        update={"replicas": 1, "min_replicas": None, "max_replicas": None, "metrics_port": port}
-    )
-    return args.model_copy(update={"replica": replica})
+    return args.model_copy(update={"replica": _one_replica(args.replica, metrics_port=port)})
+
+
+def _one_replica(replica: ReplicaOptions, **update: Any) -> ReplicaOptions:
+    """``replica`` fixed at one, never autoscaled: Gradio keeps a session in the process that served
+    its page, and Serve has no affinity to send the next request there (docs/scale-out.md)."""
+    return replica.model_copy(update={"replicas": 1, "min_replicas": None, "max_replicas": None, **update})
 
 
 def serve_config(args: AppArgs, *, host: str, port: int) -> dict[str, Any]:
